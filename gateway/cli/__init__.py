@@ -1,0 +1,1 @@
+"""The `scopegate` command line: serve, init and token administration (local mode)."""

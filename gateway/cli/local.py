@@ -1,0 +1,37 @@
+"""Local mode: the CLI works on the config's keyring, policy and store directly.
+
+The token registry needs no upstream credential, so token commands work on a machine that
+only administers tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import Config
+from gateway.keyring import Keyring
+from gateway.policy import PolicyEngine
+from gateway.registry import TokenRegistry
+from gateway.store import TokenStore, open_store
+from gateway.tokens import TokenIssuer
+
+
+@dataclass
+class LocalAdmin:
+    config: Config
+    keyring: Keyring
+    store: TokenStore
+    registry: TokenRegistry
+
+    @classmethod
+    def open(cls, config: Config, keyring: Keyring | None = None) -> LocalAdmin:
+        keyring = keyring or Keyring.load(config.tokens_keyring)
+        policy = PolicyEngine(config.policy_model, config.policy_policy)
+        store = open_store(config)
+        issuer = TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience)
+        registry = TokenRegistry(store, issuer, known_roles=policy.roles, default_ttl_s=config.tokens_default_ttl_s,
+                                 max_ttl_s=config.tokens_max_ttl_s)
+        return cls(config, keyring, store, registry)
+
+    async def close(self) -> None:
+        await self.store.close()

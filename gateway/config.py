@@ -1,0 +1,369 @@
+"""Configuration: a YAML file, overridden key by key from `SCOPEGATE_<SECTION>__<KEY>`.
+
+Every key is declared once in `_SCHEMA` with its parser and default; anything else (an unknown
+section or key, a value of the wrong type) stops the start with a ConfigError naming the key.
+Relative paths resolve against the config file's folder (or the working directory when there is
+no file). Secrets never live here: the upstream credential is read from the env var named by
+`upstream.token_env` or the file `upstream.token_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.durations import parse_duration
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "SCOPEGATE_"
+REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+
+@dataclass(frozen=True)
+class EnvironmentRule:
+    app: str
+    env: str
+
+
+@dataclass(frozen=True)
+class Config:
+    base_dir: Path
+    source: str
+    server_host: str = "127.0.0.1"
+    server_port: int = 8080
+    upstream_url: str = "https://api.machines.dev"
+    upstream_token_env: str = "FLY_API_TOKEN"
+    upstream_token_file: Path | None = None
+    upstream_auth_scheme: str = "Bearer"
+    upstream_connect_timeout_s: float = 5.0
+    upstream_read_timeout_s: float = 75.0
+    routes: tuple[Path, ...] = ()
+    policy_model: Path = Path("policies/model.conf")
+    policy_policy: Path = Path("policies/policy.csv")
+    environment_rules: tuple[EnvironmentRule, ...] = (
+        EnvironmentRule("*-prod", "production"), EnvironmentRule("*-staging", "staging"))
+    environment_default: str = "development"
+    tokens_issuer: str = "scopegate"
+    tokens_audience: str = "scopegate"
+    tokens_keyring: Path = Path(".scopegate/keyring.json")
+    tokens_default_ttl_s: int = 30 * 86400
+    tokens_max_ttl_s: int = 90 * 86400
+    store_url: str = "sqlite:///./.scopegate/state.db"
+    audit_sinks: tuple[str, ...] = ("stdout",)
+    limits_max_body_bytes: int = 10 * 1024 * 1024
+    rate_limit_requests_per_second: float = 0.0
+    rate_limit_burst: int = 0
+    oidc_trust: tuple[dict[str, Any], ...] = field(default=())
+
+    def upstream_credential(self) -> str:
+        """The upstream credential, from the file or env var the config names. Never logged."""
+        if self.upstream_token_file is not None:
+            try:
+                value = self.upstream_token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"upstream.token_file {self.upstream_token_file} cannot be read ({exc.strerror})"
+                ) from None
+        else:
+            value = os.environ.get(self.upstream_token_env, "").strip()
+        if not value:
+            where = (f"file {self.upstream_token_file}" if self.upstream_token_file
+                     else f"environment variable {self.upstream_token_env}")
+            raise ConfigError(f"the upstream credential is missing: set {where} (upstream.token_env / token_file)")
+        if any(c in value for c in "\r\n"):
+            raise ConfigError("the upstream credential contains a line break; check upstream.token_env / token_file")
+        return value
+
+    def store_sqlite_path(self) -> Path:
+        parsed = urlsplit(self.store_url)
+        raw = self.store_url[len("sqlite:///"):] if parsed.scheme == "sqlite" else ""
+        return self._path(raw)
+
+    def _path(self, raw: str) -> Path:
+        path = Path(raw).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+# --- value parsers: each raises ValueError with a sentence saying what is expected -------------
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value.strip()
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if not isinstance(value, int):
+        raise ValueError("expected a whole number")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    number = _int(value)
+    if number <= 0:
+        raise ValueError("expected a whole number above 0")
+    return number
+
+
+def _non_negative_int(value: Any) -> int:
+    number = _int(value)
+    if number < 0:
+        raise ValueError("expected a whole number, 0 or more")
+    return number
+
+
+def _port(value: Any) -> int:
+    number = _int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("expected a port number from 0 to 65535")
+    return number
+
+
+def _non_negative_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
+    if number < 0:
+        raise ValueError("expected a number, 0 or more")
+    return number
+
+
+def _positive_float(value: Any) -> float:
+    number = _non_negative_float(value)
+    if number <= 0:
+        raise ValueError("expected a number above 0")
+    return number
+
+
+def _duration(value: Any) -> int:
+    return parse_duration(value)
+
+
+def _http_url(value: Any) -> str:
+    text = _str(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("expected an http:// or https:// URL")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("expected a plain base URL without credentials, query or fragment")
+    return text
+
+
+def _auth_scheme(value: Any) -> str:
+    text = _str(value)
+    if text not in ("Bearer", "FlyV1"):
+        raise ValueError("expected Bearer or FlyV1")
+    return text
+
+
+def _env_var_name(value: Any) -> str:
+    text = _str(value)
+    if not text.replace("_", "").isalnum():
+        raise ValueError("expected the name of an environment variable")
+    return text
+
+
+def _store_url(value: Any) -> str:
+    text = _str(value)
+    scheme = urlsplit(text).scheme
+    if scheme == "sqlite":
+        if not text.startswith("sqlite:///") or len(text) <= len("sqlite:///"):
+            raise ValueError("expected sqlite:///PATH (three slashes, then a path)")
+        return text
+    if scheme in ("redis", "rediss"):
+        return text
+    raise ValueError("expected sqlite:///PATH, redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(value)
+
+
+def _sinks(value: Any) -> tuple[str, ...]:
+    sinks = _string_list(value)
+    for sink in sinks:
+        if sink not in ("stdout", "redis") and not (sink.startswith("file:") and len(sink) > 5):
+            raise ValueError(f"unknown sink {sink!r}; expected stdout, file:PATH or redis")
+    return sinks
+
+
+def _env_rules(value: Any) -> tuple[EnvironmentRule, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of {app: GLOB, env: NAME}")
+    rules = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"app", "env"}:
+            raise ValueError(f"item {index} must be a mapping with exactly the keys app and env")
+        rules.append(EnvironmentRule(_str(item["app"]), _str(item["env"])))
+    return tuple(rules)
+
+
+def _trust_rules(value: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError("expected a list of trust rules (mappings)")
+    return tuple(value)
+
+
+def _path_value(value: Any) -> str:
+    return _str(value)
+
+
+Parser = Callable[[Any], Any]
+
+# section -> key -> (Config field, parser). `routes` is a top-level list.
+_SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
+    "server": {"host": ("server_host", _str), "port": ("server_port", _port)},
+    "upstream": {
+        "url": ("upstream_url", _http_url),
+        "token_env": ("upstream_token_env", _env_var_name),
+        "token_file": ("upstream_token_file", _path_value),
+        "auth_scheme": ("upstream_auth_scheme", _auth_scheme),
+        "connect_timeout_s": ("upstream_connect_timeout_s", _positive_float),
+        "read_timeout_s": ("upstream_read_timeout_s", _positive_float),
+    },
+    "policy": {"model": ("policy_model", _path_value), "policy": ("policy_policy", _path_value)},
+    "environments": {"rules": ("environment_rules", _env_rules), "default": ("environment_default", _str)},
+    "tokens": {
+        "issuer": ("tokens_issuer", _str),
+        "audience": ("tokens_audience", _str),
+        "keyring": ("tokens_keyring", _path_value),
+        "default_ttl": ("tokens_default_ttl_s", _duration),
+        "max_ttl": ("tokens_max_ttl_s", _duration),
+    },
+    "store": {"url": ("store_url", _store_url)},
+    "audit": {"sinks": ("audit_sinks", _sinks)},
+    "limits": {"max_body_bytes": ("limits_max_body_bytes", _positive_int)},
+    "rate_limit": {
+        "requests_per_second": ("rate_limit_requests_per_second", _non_negative_float),
+        "burst": ("rate_limit_burst", _non_negative_int),
+    },
+    "oidc": {"trust": ("oidc_trust", _trust_rules)},
+}
+_PATH_FIELDS = {"upstream_token_file", "policy_model", "policy_policy", "tokens_keyring"}
+_STRUCTURED = {"environment_rules", "oidc_trust", "audit_sinks", "routes"}
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (or $SCOPEGATE_CONFIG, or nothing) and the environment overrides."""
+    environ = os.environ if environ is None else environ
+    chosen = path if path is not None else environ.get("SCOPEGATE_CONFIG") or None
+    raw: dict[str, Any] = {}
+    if chosen is not None:
+        config_path = Path(chosen).expanduser().resolve()
+        try:
+            loaded = yaml.safe_load(config_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_path} does not exist (--config / SCOPEGATE_CONFIG)") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_path} must be a mapping of sections")
+        raw = loaded or {}
+        base_dir, source = config_path.parent, str(config_path)
+    else:
+        base_dir, source = Path.cwd(), "(defaults)"
+    return build_config(raw, base_dir=base_dir, source=source, environ=environ)
+
+
+def build_config(raw: Mapping[str, Any], *, base_dir: Path, source: str,
+                 environ: Mapping[str, str]) -> Config:
+    values: dict[str, Any] = {}
+    for section, body in raw.items():
+        if section == "routes":
+            values["routes"] = _parse("routes", _string_list, body)
+            continue
+        if section not in _SCHEMA:
+            raise ConfigError(f"unknown config section {section!r} in {source}; known: routes, {', '.join(_SCHEMA)}")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of keys")
+        for key, value in body.items():
+            values.update(_parse_key(section, key, value, source))
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):]
+        if rest == "ROUTES":
+            values["routes"] = _parse(name, _string_list, _env_value(name, text, structured=True))
+            continue
+        section, sep, key = rest.partition("__")
+        if not sep:
+            continue  # SCOPEGATE_CONFIG, SCOPEGATE_ADDR, SCOPEGATE_TOKEN are not config keys.
+        section, key = section.lower(), key.lower()
+        if section not in _SCHEMA or key not in _SCHEMA[section]:
+            raise ConfigError(f"environment variable {name} names no config key ({section}.{key})")
+        field_name = _SCHEMA[section][key][0]
+        value = _env_value(name, text, structured=field_name in _STRUCTURED)
+        values.update(_parse_key(section, key, value, f"environment variable {name}"))
+    if "routes" not in values:
+        values["routes"] = ("policies/routes/fly-machines.yaml",)
+    resolved: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in _PATH_FIELDS:
+            resolved[name] = _resolve(base_dir, value)
+        elif name == "routes":
+            resolved[name] = tuple(_resolve(base_dir, v) for v in value)
+        else:
+            resolved[name] = value
+    for name in ("policy_model", "policy_policy", "tokens_keyring"):
+        resolved.setdefault(name, _resolve(base_dir, str(getattr(Config, name))))
+    config = Config(base_dir=base_dir, source=source, **resolved)
+    if config.tokens_default_ttl_s > config.tokens_max_ttl_s:
+        raise ConfigError("tokens.default_ttl is longer than tokens.max_ttl; shorten it or raise max_ttl")
+    return config
+
+
+def _resolve(base_dir: Path, raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        return path
+    candidate = (base_dir / path).resolve()
+    # The shipped policy files live in the repository; a config-less start (defaults, --dev)
+    # from another folder still finds them.
+    if not candidate.exists() and path.parts[:1] == ("policies",) and (REPO_POLICIES.parent / path).exists():
+        return (REPO_POLICIES.parent / path).resolve()
+    return candidate
+
+
+def _env_value(name: str, text: str, *, structured: bool) -> Any:
+    if not structured:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be JSON (a list or mapping)") from None
+
+
+def _parse_key(section: str, key: str, value: Any, source: str) -> dict[str, Any]:
+    known = _SCHEMA[section]
+    if key not in known:
+        raise ConfigError(f"unknown config key {section}.{key} in {source}; known: {', '.join(known)}")
+    field_name, parser = known[key]
+    return {field_name: _parse(f"{section}.{key}", parser, value)}
+
+
+def _parse(label: str, parser: Parser, value: Any) -> Any:
+    try:
+        return parser(value)
+    except ValueError as exc:
+        raise ConfigError(f"bad value for {label}: {exc}") from None

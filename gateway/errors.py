@@ -1,0 +1,83 @@
+"""One error tree for everything that ends a request early.
+
+Each class carries the HTTP status and the stable `error` code of DESIGN section 11; one
+renderer (`error_body`) turns any of them into the JSON body. Messages tell the user what to
+do and never contain a secret: callers build them from names, never from token strings or
+credentials.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+    code = "unauthenticated"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+
+
+class UnknownRoute(GatewayError):
+    status = 403
+    code = "unknown_route"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class TooLarge(GatewayError):
+    status = 413
+    code = "too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    code = "upstream_unavailable"
+
+
+class StateUnavailable(GatewayError):
+    status = 503
+    code = "state_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """A configuration, keyring or policy file that cannot be used; the CLI exits 2."""
+
+
+def error_body(error: GatewayError, request_id: str) -> dict[str, str]:
+    return {"error": error.code, "message": error.message, "request_id": request_id}

@@ -1,0 +1,91 @@
+"""Grant strings `ROLE@SCOPE` and what they cover.
+
+A grant names a role and the targets it applies to: `app:GLOB` (app names, `*` and `?`
+wildcards), `env:NAME` (every app whose environment is NAME) or `gateway` (the gateway's own
+admin API). Whether the role may perform an action is Casbin's business (`policy.py`); a grant
+only says where the role applies. Parsing is strict so that a typo never widens a grant.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+
+ScopeKind = Literal["app", "env", "gateway"]
+
+_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_APP_GLOB = re.compile(r"^[a-z0-9*?][a-z0-9*?-]{0,62}$")
+_ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+# Fly app names: lowercase letters, digits and dashes.
+APP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class GrantError(ValueError):
+    """A grant string that does not parse; the message says what the form is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    role: str
+    kind: ScopeKind
+    pattern: str
+
+    def __str__(self) -> str:
+        return f"{self.role}@gateway" if self.kind == "gateway" else f"{self.role}@{self.kind}:{self.pattern}"
+
+    @property
+    def is_org_wide(self) -> bool:
+        """True for `app:*`, which covers every app of the organization."""
+        return self.kind == "app" and self.pattern == "*"
+
+    def covers_app(self, app: str, env: str) -> bool:
+        if self.kind == "app":
+            return fnmatchcase(app, self.pattern)
+        if self.kind == "env":
+            return env == self.pattern
+        return False
+
+    def within(self, parent: Grant) -> bool:
+        """True when this grant covers no target `parent` does not (used to narrow tokens)."""
+        if self.role != parent.role or self.kind != parent.kind:
+            return False
+        if self.kind == "app":
+            # A literal app inside the parent's glob, or the very same glob.
+            return self.pattern == parent.pattern or (
+                not any(c in self.pattern for c in "*?") and fnmatchcase(self.pattern, parent.pattern)
+            )
+        return self.pattern == parent.pattern
+
+
+def parse_grant(text: str) -> Grant:
+    role, at, scope = text.strip().partition("@")
+    form = "write grants as ROLE@app:GLOB, ROLE@env:NAME or ROLE@gateway (e.g. deployer@app:web-staging)"
+    if not at or not role or not scope:
+        raise GrantError(f"grant {text!r} is not of the form ROLE@SCOPE; {form}")
+    if not _ROLE.match(role):
+        raise GrantError(f"grant {text!r} has an invalid role name {role!r}; {form}")
+    if scope == "gateway":
+        return Grant(role, "gateway", "")
+    kind, colon, value = scope.partition(":")
+    if not colon or kind not in ("app", "env"):
+        raise GrantError(f"grant {text!r} has an unknown scope {scope!r}; {form}")
+    if kind == "app":
+        if not _APP_GLOB.match(value):
+            raise GrantError(
+                f"grant {text!r}: {value!r} is not an app name or glob "
+                "(lowercase letters, digits, '-', and the wildcards * and ?)"
+            )
+        return Grant(role, "app", value)
+    if not _ENV_NAME.match(value):
+        raise GrantError(f"grant {text!r}: {value!r} is not an environment name (lowercase letters, digits, - and _)")
+    return Grant(role, "env", value)
+
+
+def parse_grants(texts: list[str] | tuple[str, ...]) -> tuple[Grant, ...]:
+    if not texts:
+        raise GrantError("a token needs at least one grant, e.g. --grant deployer@app:web-staging")
+    grants = tuple(parse_grant(t) for t in texts)
+    # Keep order, drop duplicates: `grants` is shown back to people.
+    return tuple(dict.fromkeys(grants))

@@ -1,0 +1,138 @@
+"""Casbin policies and the decision: grants ∩ policy (DESIGN section 4).
+
+`PolicyEngine` owns the Casbin enforcer loaded from `policy.model` and `policy.policy`.
+Casbin scans policy lines linearly (~0.4 ms at 20 lines, ~70 ms at 10,000), so verdicts are
+cached by (role, app, environment, action); the cache is bounded and replaced whole when the
+policy is reloaded, so a stale verdict can never outlive the policy that produced it.
+
+`decide` is pure: a request resolved to (app, environment, action) is allowed iff some grant
+covers the app and Casbin allows that grant's role there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import casbin
+
+from gateway.errors import ConfigError
+from gateway.grants import Grant
+
+# Placeholders for requests with no app: org-level operations and the gateway's own API.
+ORG_TARGET = "*"
+GATEWAY_TARGET = "_gateway"
+_CACHE_LIMIT = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    rule: tuple[str, ...]  # the policy line that decided, empty when nothing matched
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+    grant: Grant | None = None
+    rule: tuple[str, ...] = ()
+
+
+class PolicyEngine:
+    def __init__(self, model: Path, policy: Path) -> None:
+        self.model_path = model
+        self.policy_path = policy
+        self.cache_hits = 0
+        self._enforcer = self._load(model, policy)
+        self._cache: dict[tuple[str, str, str, str], Verdict] = {}
+
+    @staticmethod
+    def _load(model: Path, policy: Path) -> Any:
+        for label, path in (("policy.model", model), ("policy.policy", policy)):
+            if not path.is_file():
+                raise ConfigError(f"{label} file {path} does not exist")
+        try:
+            enforcer = casbin.Enforcer(str(model), str(policy))
+        except Exception as exc:  # casbin raises bare Exceptions for bad files
+            raise ConfigError(f"policy files {model} / {policy} cannot be loaded: {exc}") from None
+        return enforcer
+
+    def reload(self) -> None:
+        enforcer = self._load(self.model_path, self.policy_path)
+        self._enforcer, self._cache = enforcer, {}
+
+    def roles(self) -> set[str]:
+        roles = set(self._enforcer.get_all_subjects())
+        for child, parent in ((rule[0], rule[1]) for rule in self._enforcer.get_grouping_policy()):
+            roles.update((child, parent))
+        return roles
+
+    def policy_lines(self) -> list[tuple[str, ...]]:
+        return [tuple(str(x) for x in rule) for rule in self._enforcer.get_policy()]
+
+    def verdict(self, role: str, app: str, env: str, action: str) -> Verdict:
+        key = (role, app, env, action)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            return cached
+        allowed, rule = self._enforcer.enforce_ex(role, app, env, action)
+        verdict = Verdict(bool(allowed), tuple(str(x) for x in rule))
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache = {}
+        self._cache[key] = verdict
+        return verdict
+
+
+def decide(grants: tuple[Grant, ...], policy: PolicyEngine, *, app: str | None, env: str | None,
+           action: str, token_name: str, gateway_target: bool = False, org_filtered: bool = False) -> Decision:
+    """Is `action` on `app` allowed for a token carrying `grants`? Pure apart from the cache."""
+    if gateway_target:
+        target_desc = "the gateway's admin API"
+        candidates = [g for g in grants if g.kind == "gateway"]
+        app_key = env_key = GATEWAY_TARGET
+    elif app is None:
+        # Org-level operations: only grants that cover every app speak for the organization,
+        # except harmless platform reads and listings the gateway filters to the token's apps.
+        target_desc = "the organization (org-level operation)"
+        candidates = [g for g in grants if g.kind != "gateway" and (
+            g.is_org_wide or org_filtered or action == "platform:read")]
+        app_key = env_key = ORG_TARGET
+    else:
+        assert env is not None
+        target_desc = f"app {app} (environment {env})"
+        candidates = [g for g in grants if g.kind != "gateway" and g.covers_app(app, env)]
+        app_key, env_key = app, env
+    if not candidates:
+        return Decision(False, f"token '{token_name}' has no grant that covers {target_desc}")
+    last_rule: tuple[str, ...] = ()
+    for grant in candidates:
+        verdict = policy.verdict(grant.role, app_key, env_key, action)
+        if verdict.allowed:
+            return Decision(True, f"{grant} allows {action} on {target_desc}", grant, verdict.rule)
+        last_rule = verdict.rule or last_rule
+    roles = ", ".join(sorted({g.role for g in candidates}))
+    why = f" (denied by policy line: {', '.join(last_rule)})" if last_rule and last_rule[-1] == "deny" else ""
+    return Decision(False, f"token '{token_name}' does not grant {action} on {target_desc}; "
+                           f"its role(s) there: {roles}{why}", None, last_rule)
+
+
+class EnvironmentResolver:
+    """App name -> environment: the first `environments.rules` glob that matches, else the default."""
+
+    def __init__(self, rules: tuple[tuple[str, str], ...], default: str) -> None:
+        self.rules = rules
+        self.default = default
+        self._cache: dict[str, str] = {}
+
+    def resolve(self, app: str) -> str:
+        env = self._cache.get(app)
+        if env is None:
+            env = next((name for glob, name in self.rules if fnmatchcase(app, glob)), self.default)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache = {}
+            self._cache[app] = env
+        return env

@@ -1,0 +1,231 @@
+"""The request path: canonicalize → authenticate → resolve → decide → rate-limit → forward → audit.
+
+`Proxy.__call__` is the ASGI callable for every request that is not the gateway's own API. It
+reads top to bottom as the checklist of DESIGN section 2. Fail closed: any exception before
+the upstream call becomes an error response and nothing is forwarded; the audit record is
+written in `finally`, allowed or denied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gateway.errors import BadRequest, Forbidden, GatewayError, TooLarge, Unauthenticated, error_body
+from gateway.grants import Grant
+from gateway.paths import Target, canonicalize
+from gateway.policy import decide
+from gateway.routes import Resolved, resolve_request
+from gateway.state import GatewayState
+from gateway.tokens import Claims, bearer_token
+from gateway.upstream import UpstreamResponse
+
+log = logging.getLogger("scopegate")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+_LISTING_LIMIT = 32 * 1024 * 1024
+
+
+class Proxy:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        record: dict[str, Any] = {
+            "request_id": request_id, "jti": None, "sub": None, "token_name": None,
+            "client_ip": (scope.get("client") or ("", 0))[0], "method": scope["method"],
+            "path": _printable(raw_target(scope)), "action": None, "app": None, "env": None,
+            "decision": "deny", "reason": None, "status": 500, "upstream_ms": None,
+        }
+        try:
+            await self.handle(scope, receive, send, record, request_id)
+        except GatewayError as error:
+            record.update(status=error.status, decision="deny", reason=error.code + ": " + error.message)
+            await send_error(send, error, request_id)
+        except Exception as exc:  # fail closed on anything unforeseen, and say nothing of it
+            log.exception("request %s failed: %s", request_id, exc.__class__.__name__)
+            record.update(status=500, decision="deny", reason="internal_error")
+            await send_error(send, GatewayError("the gateway failed on this request; it was not forwarded"),
+                             request_id)
+        finally:
+            record["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            self.state.audit.emit(record)
+
+    async def handle(self, scope: Scope, receive: Any, send: Any, record: dict[str, Any], request_id: str) -> None:
+        state = self.state
+        target = canonicalize(raw_target(scope), scope.get("query_string", b""))
+        record["path"] = target.raw_path.decode("ascii")
+        claims = await self.authenticate(scope, target)
+        record.update(jti=claims.jti, sub=claims.sub, token_name=claims.name)
+        match = state.routes.resolve(scope["method"], target.path)
+        body = await read_body(receive, state.max_body_bytes) if match.route.needs_body else None
+        check_declared_length(scope, state.max_body_bytes)
+        resolved = resolve_request(match, target.raw_query, body)
+        env = state.environments.resolve(resolved.app) if resolved.app is not None else None
+        record.update(action=resolved.action, app=resolved.app, env=env)
+        if resolved.route.answer_gateway:
+            # About the caller's own token, which it already holds: no grant needed, nothing forwarded.
+            record.update(status=200, decision="allow", reason="answered by the gateway about the caller's token")
+            await send_json(send, 200, describe_token(claims), request_id)
+            return
+        decision = decide(claims.grants, state.policy, app=resolved.app, env=env, action=resolved.action,
+                          token_name=claims.name, org_filtered=resolved.route.filter_apps)
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
+        state.limiter.check(claims.jti, claims.name)
+        record.update(decision="allow", reason=decision.reason)
+        record["status"] = await self.forward(scope, receive, send, target, resolved, claims, body, request_id,
+                                              record)
+
+    async def authenticate(self, scope: Scope, target: Target) -> Claims:
+        if b"sgt_" in target.raw_query or b"access_token=" in target.raw_query.lower():
+            raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
+        presented = bearer_token([v for k, v in scope["headers"] if k == b"authorization"])
+        claims = self.state.verifier.verify(presented)
+        await self.state.registry.check(claims)
+        return claims
+
+    async def forward(self, scope: Scope, receive: Any, send: Any, target: Target, resolved: Resolved,
+                      claims: Claims, body: bytes | None, request_id: str, record: dict[str, Any]) -> int:
+        state = self.state
+        headers = state.upstream.build_headers(
+            scope["headers"], client_ip=record["client_ip"], scheme=scope.get("scheme", "http"),
+            request_id=request_id)
+        payload: bytes | AsyncIterator[bytes] | None = body
+        if body is None and _has_body(scope):
+            payload = stream_body(receive, state.max_body_bytes)
+        response = await state.upstream.send(scope["method"], target.forward_target, headers, payload)
+        try:
+            if resolved.route.filter_apps and response.status == 200:
+                listing = await response.read_all(_LISTING_LIMIT)
+                record["upstream_ms"] = _ms_since(response.started)
+                filtered = filter_app_listing(listing, claims.grants, state)
+                await send_json(send, 200, filtered, request_id, extra=_keep_headers(response.headers))
+                return 200
+            await relay(send, response, request_id)
+            record["upstream_ms"] = _ms_since(response.started)
+            return response.status
+        finally:
+            response.release()
+
+
+def filter_app_listing(listing: bytes, grants: tuple[Grant, ...], state: GatewayState) -> dict[str, Any]:
+    """The upstream's app list cut down to the apps the token may read; never the unfiltered list."""
+    try:
+        document = json.loads(listing)
+        apps = document["apps"]
+        if not isinstance(apps, list):
+            raise TypeError("apps is not a list")
+    except (ValueError, KeyError, TypeError):
+        raise GatewayError("the upstream app list has an unexpected shape; it cannot be filtered, so it is withheld") \
+            from None
+    kept = []
+    for item in apps:
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
+            continue
+        env = state.environments.resolve(name)
+        if decide(grants, state.policy, app=name, env=env, action="apps:read", token_name="").allowed:
+            kept.append(item)
+    document["apps"] = kept
+    if "total_apps" in document:
+        document["total_apps"] = len(kept)
+    return dict(document)
+
+
+def describe_token(claims: Claims) -> dict[str, Any]:
+    return {"source": "scopegate", "jti": claims.jti, "sub": claims.sub, "name": claims.name,
+            "grants": claims.grant_strings(), "iat": claims.iat, "exp": claims.exp, "parent": claims.parent}
+
+
+def raw_target(scope: Scope) -> bytes:
+    # The request line's target as received, when the server gives it (server.py); else raw_path.
+    extension = scope.get("extensions", {}).get("scopegate.request_target")
+    if isinstance(extension, bytes):
+        return extension.partition(b"?")[0]
+    raw = scope.get("raw_path")
+    return raw if isinstance(raw, bytes) else scope["path"].encode("utf-8")
+
+
+def check_declared_length(scope: Scope, limit: int) -> None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise BadRequest("Content-Length is not a number")
+            if int(value) > limit:
+                raise TooLarge(f"request body is larger than limits.max_body_bytes ({limit} bytes)")
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
+            return True
+    return False
+
+
+async def read_body(receive: Any, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in stream_body(receive, limit):
+        body += chunk
+    return bytes(body)
+
+
+async def stream_body(receive: Any, limit: int) -> AsyncIterator[bytes]:
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise TooLarge(f"request body is larger than limits.max_body_bytes ({limit} bytes)")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def relay(send: Any, response: UpstreamResponse, request_id: str) -> None:
+    headers = [*response.headers, (b"x-request-id", request_id.encode("ascii"))]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    async for chunk in response.chunks():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _keep_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type", b"content-encoding")]
+
+
+async def send_json(send: Any, status: int, document: Any, request_id: str,
+                    extra: list[tuple[bytes, bytes]] | None = None, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii")),
+           (b"x-request-id", request_id.encode("ascii")), *(extra or [])]
+    out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Any, error: GatewayError, request_id: str) -> None:
+    try:
+        await send_json(send, error.status, error_body(error, request_id), request_id, headers=error.headers)
+    except RuntimeError:
+        # The response had already started (an upstream stream broke midway): nothing to add.
+        log.warning("request %s: error after the response started: %s", request_id, error.code)
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _printable(raw: bytes) -> str:
+    return raw[:512].decode("ascii", errors="backslashreplace")

@@ -1,0 +1,122 @@
+"""Everything a running gateway holds, built once from the configuration.
+
+`GatewayState.build` loads and checks every file the gateway needs (keyring, policy, routes,
+store) so that a bad configuration stops the start with a message instead of failing requests
+later. `start`/`stop` own what needs an event loop: the upstream session and the loop that
+follows the store's change feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from gateway.audit import AuditLog
+from gateway.config import Config
+from gateway.errors import ConfigError
+from gateway.keyring import Keyring
+from gateway.policy import EnvironmentResolver, PolicyEngine
+from gateway.ratelimit import RateLimiter
+from gateway.registry import TokenRegistry
+from gateway.routes import RouteTable
+from gateway.store import TokenStore, open_store
+from gateway.tokens import TokenIssuer, TokenVerifier
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("scopegate")
+SYNC_INTERVAL_S = 0.25
+
+
+@dataclass
+class GatewayState:
+    config: Config
+    keyring: Keyring
+    verifier: TokenVerifier
+    registry: TokenRegistry
+    store: TokenStore
+    policy: PolicyEngine
+    routes: RouteTable
+    environments: EnvironmentResolver
+    audit: AuditLog
+    limiter: RateLimiter
+    upstream: UpstreamClient
+    max_body_bytes: int
+    ready: bool = False
+    _sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, config: Config, *, credential: str | None = None) -> GatewayState:
+        keyring = Keyring.load(config.tokens_keyring)
+        policy = PolicyEngine(config.policy_model, config.policy_policy)
+        routes = RouteTable.load(config.routes)
+        check_cross_references(policy, routes)
+        store = open_store(config)
+        issuer = TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience)
+        registry = TokenRegistry(store, issuer, known_roles=policy.roles, default_ttl_s=config.tokens_default_ttl_s,
+                                 max_ttl_s=config.tokens_max_ttl_s)
+        upstream = UpstreamClient(
+            config.upstream_url, auth_scheme=config.upstream_auth_scheme,
+            credential=credential if credential is not None else config.upstream_credential(),
+            connect_timeout_s=config.upstream_connect_timeout_s, read_timeout_s=config.upstream_read_timeout_s)
+        return cls(
+            config=config, keyring=keyring,
+            verifier=TokenVerifier(keyring, config.tokens_issuer, config.tokens_audience),
+            registry=registry, store=store, policy=policy, routes=routes,
+            environments=EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
+                                             config.environment_default),
+            audit=AuditLog.from_config(config.audit_sinks, config.base_dir),
+            limiter=RateLimiter(config.rate_limit_requests_per_second, config.rate_limit_burst),
+            upstream=upstream, max_body_bytes=config.limits_max_body_bytes,
+        )
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        await self.registry.start()
+        self._sync_task = asyncio.create_task(self._follow_store())
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+        await self.upstream.close()
+        await self.store.close()
+        self.audit.close()
+
+    async def _follow_store(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            try:
+                await self.registry.sync()
+                failing = False
+            except Exception as exc:
+                # Without the change feed the cached records may be stale: drop them, so each
+                # request asks the store itself (and is refused with 503 while it is down).
+                self.registry.forget_all()
+                if not failing:
+                    log.warning("the store's change feed failed (%s); cached token records dropped",
+                                exc.__class__.__name__)
+                failing = True
+
+
+GATEWAY_ACTIONS = frozenset({"gateway:mint", "gateway:list", "gateway:show", "gateway:revoke", "gateway:rotate",
+                             "gateway:explain"})
+
+
+def check_cross_references(policy: PolicyEngine, routes: RouteTable) -> None:
+    """Every action a policy line names must be one a route (or the gateway) can produce.
+
+    A typo in a deny line would otherwise deny nothing, silently.
+    """
+    known = routes.actions() | GATEWAY_ACTIONS
+    for rule in policy.policy_lines():
+        pattern = rule[3]
+        if not any(fnmatchcase(action, pattern) for action in known):
+            raise ConfigError(f"{policy.policy_path}: policy line '{', '.join(rule)}' names action {pattern!r}, "
+                              "which no route produces; check the spelling against policies/routes/")

@@ -1,0 +1,129 @@
+"""The embedded store: one SQLite file, for a single gateway instance and its CLI.
+
+WAL mode lets the server read while the CLI writes. Calls are synchronous under an async
+interface: each is a primary-key lookup or a small write on a local file, cheaper than a
+thread hop, and the hot path reaches the store only on a cache miss.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from gateway.errors import StateUnavailable
+from gateway.store import TokenRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY,
+    sub TEXT NOT NULL,
+    name TEXT NOT NULL,
+    grants TEXT NOT NULL,
+    iat INTEGER NOT NULL,
+    exp INTEGER NOT NULL,
+    parent TEXT,
+    revoked_at INTEGER,
+    revoked_reason TEXT,
+    last_used_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS tokens_parent ON tokens(parent);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    jti TEXT NOT NULL
+);
+"""
+_COLUMNS = "jti, sub, name, grants, iat, exp, parent, revoked_at, revoked_reason, last_used_at"
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StateUnavailable(f"the token store {self.path} cannot be opened ({exc})") from None
+
+    def _run(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"the token store failed ({exc.__class__.__name__}); retry shortly") from None
+
+    async def put(self, record: TokenRecord) -> None:
+        self._run("BEGIN IMMEDIATE")
+        try:
+            self._run(f"INSERT INTO tokens ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", (
+                record.jti, record.sub, record.name, json.dumps(list(record.grants)), record.iat, record.exp,
+                record.parent, record.revoked_at, record.revoked_reason, record.last_used_at))
+            self._run("INSERT INTO changes (jti) VALUES (?)", (record.jti,))
+            self._run("COMMIT")
+        except BaseException:
+            self._db.rollback()
+            raise
+
+    async def get(self, jti: str) -> TokenRecord | None:
+        rows = self._run(f"SELECT {_COLUMNS} FROM tokens WHERE jti = ?", (jti,))
+        return _record(rows[0]) if rows else None
+
+    async def records(self, *, include_revoked: bool = True) -> list[TokenRecord]:
+        where = "" if include_revoked else "WHERE revoked_at IS NULL"
+        return [_record(row) for row in self._run(f"SELECT {_COLUMNS} FROM tokens {where} ORDER BY iat, jti")]
+
+    async def revoke(self, jti: str, *, reason: str | None, at: int) -> list[str]:
+        self._run("BEGIN IMMEDIATE")
+        try:
+            # The token and everything derived from it (rotations, attenuations), transitively.
+            rows = self._run(
+                "WITH RECURSIVE tree(jti) AS "
+                "(SELECT ? UNION SELECT t.jti FROM tokens t JOIN tree ON t.parent = tree.jti) "
+                "SELECT t.jti FROM tokens t JOIN tree USING (jti) WHERE t.revoked_at IS NULL", (jti,))
+            revoked = [str(row[0]) for row in rows]
+            for item in revoked:
+                self._run("UPDATE tokens SET revoked_at = ?, revoked_reason = ? WHERE jti = ?", (at, reason, item))
+                self._run("INSERT INTO changes (jti) VALUES (?)", (item,))
+            self._run("COMMIT")
+        except BaseException:
+            self._db.rollback()
+            raise
+        return revoked
+
+    async def touch(self, last_used: dict[str, int]) -> None:
+        if not last_used:
+            return
+        try:
+            self._db.executemany("UPDATE tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE jti = ?",
+                                 [(at, jti) for jti, at in last_used.items()])
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"the token store failed ({exc.__class__.__name__})") from None
+
+    async def changes_since(self, cursor: int) -> tuple[int, list[str]]:
+        rows = self._run("SELECT seq, jti FROM changes WHERE seq > ? ORDER BY seq LIMIT 10000", (cursor,))
+        if not rows:
+            return cursor, []
+        return int(str(rows[-1][0])), [str(row[1]) for row in rows]
+
+    async def current_cursor(self) -> int:
+        rows = self._run("SELECT COALESCE(MAX(seq), 0) FROM changes")
+        return int(str(rows[0][0]))
+
+    async def ping(self) -> None:
+        self._run("SELECT 1")
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+def _record(row: tuple[object, ...]) -> TokenRecord:
+    jti, sub, name, grants, iat, exp, parent, revoked_at, reason, last_used = row
+    return TokenRecord(
+        jti=str(jti), sub=str(sub), name=str(name), grants=tuple(json.loads(str(grants))), iat=int(str(iat)),
+        exp=int(str(exp)), parent=None if parent is None else str(parent),
+        revoked_at=None if revoked_at is None else int(str(revoked_at)),
+        revoked_reason=None if reason is None else str(reason),
+        last_used_at=None if last_used is None else int(str(last_used)),
+    )
