@@ -99,9 +99,18 @@ class Proxy:
             scope["headers"], client_ip=record["client_ip"], scheme=scope.get("scheme", "http"),
             request_id=request_id)
         payload: bytes | AsyncIterator[bytes] | None = body
+        stream = None
         if body is None and _has_body(scope):
-            payload = stream_body(receive, state.max_body_bytes)
-        response = await state.upstream.send(scope["method"], target.forward_target, headers, payload)
+            stream = BodyStream(receive, state.max_body_bytes)
+            payload = stream.chunks()
+        try:
+            response = await state.upstream.send(scope["method"], target.forward_target, headers, payload)
+        except GatewayError:
+            # The client's body broke the limit or the connection mid-stream; the upstream got a
+            # truncated request it will not act on. Say what happened on the client's side.
+            if stream is not None and stream.error is not None:
+                raise stream.error from None
+            raise
         try:
             if resolved.route.filter_apps and response.status == 200:
                 listing = await response.read_all(_LISTING_LIMIT)
@@ -172,25 +181,35 @@ def _has_body(scope: Scope) -> bool:
 
 async def read_body(receive: Any, limit: int) -> bytes:
     body = bytearray()
-    async for chunk in stream_body(receive, limit):
+    async for chunk in BodyStream(receive, limit).chunks():
         body += chunk
     return bytes(body)
 
 
-async def stream_body(receive: Any, limit: int) -> AsyncIterator[bytes]:
-    seen = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("the client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        seen += len(chunk)
-        if seen > limit:
-            raise TooLarge(f"request body is larger than limits.max_body_bytes ({limit} bytes)")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+class BodyStream:
+    """The client's body as it arrives, cut off (with `error` set) past `limit` bytes."""
+
+    def __init__(self, receive: Any, limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.error: GatewayError | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.error = BadRequest("the client disconnected before sending the whole body")
+                raise self.error
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                self.error = TooLarge(f"request body is larger than limits.max_body_bytes ({self.limit} bytes)")
+                raise self.error
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
 
 
 async def relay(send: Any, response: UpstreamResponse, request_id: str) -> None:

@@ -87,14 +87,15 @@ def write_config(folder: Path, upstream_url: str, **sections: dict[str, Any]) ->
     return path
 
 
-def start_gateway(folder: Path, upstream: RecordingUpstream, upstream_server: ServerThread,
+def start_gateway(folder: Path, recorder: RecordingUpstream, recorder_server: ServerThread,
                   **sections: dict[str, Any]) -> RunningGateway:
-    config = load_config(write_config(folder, upstream_server.url, **sections))
+    """A gateway in front of `recorder`; `sections` override config keys, e.g. limits={...}."""
+    config = load_config(write_config(folder, recorder_server.url, **sections))
     if not config.tokens_keyring.exists():
         Keyring.generate(config.tokens_keyring).save()
     state = GatewayState.build(config)
     server = ServerThread(GatewayApp(state), gateway_stack=True).start()
-    return RunningGateway(config, state, server, upstream, folder / "audit.jsonl")
+    return RunningGateway(config, state, server, recorder, folder / "audit.jsonl")
 
 
 @pytest.fixture

@@ -65,6 +65,7 @@ class Received:
     query: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    complete: bool = True  # False when the client went away before the body ended
 
     def header(self, name: str) -> list[str]:
         key = name.lower().encode()
@@ -91,13 +92,19 @@ class RecordingUpstream:
         if scope["type"] != "http":
             return
         body = b""
+        complete = True
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                complete = False
+                break
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
         self.received.append(Received(scope["method"], scope["raw_path"], scope["query_string"],
-                                      list(scope["headers"]), body))
+                                      list(scope["headers"]), body, complete))
+        if not complete:
+            return
         reply = self.replies.get(scope["raw_path"], self.reply)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
