@@ -79,7 +79,7 @@ class Proxy:
                           token_name=claims.name, org_filtered=resolved.route.filter_apps)
         if not decision.allowed:
             raise Forbidden(decision.reason)
-        state.limiter.check(claims.jti, claims.name)
+        await state.limiter.check(claims.jti, claims.name)
         record.update(decision="allow", reason=decision.reason)
         record["status"] = await self.forward(scope, receive, send, target, resolved, claims, body, request_id,
                                               record)

@@ -1,4 +1,7 @@
-"""Per-token rate limits: a token bucket per jti, in this process.
+"""Per-token rate limits: a token bucket per jti.
+
+`RateLimiter` keeps the buckets in this process (the SQLite deployment: one instance). A shared
+store provides its own limiter with the same `check` so that instances share one bucket.
 
 `rate_limit.requests_per_second` refills, `rate_limit.burst` is the bucket size; 0 disables.
 Buckets of tokens not seen for a minute are dropped, so memory follows active tokens only.
@@ -9,8 +12,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from gateway.errors import RateLimited
+
+
+class Limiter(Protocol):
+    async def check(self, key: str, token_name: str) -> None:
+        """Raises RateLimited when `key` is over its rate."""
+        ...
 
 
 class RateLimiter:
@@ -25,7 +35,7 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    def check(self, key: str, token_name: str) -> None:
+    async def check(self, key: str, token_name: str) -> None:
         if not self.enabled:
             return
         now = self.clock()

@@ -39,7 +39,7 @@ class TokenRegistry:
         self.max_ttl_s = max_ttl_s
         self.clock = clock
         self._revoked: OrderedDict[str, bool] = OrderedDict()  # jti -> revoked?
-        self._cursor = 0
+        self._cursor = "0"
         self._last_used: dict[str, int] = {}
 
     # --- minting and administration ------------------------------------------------------------
@@ -124,8 +124,11 @@ class TokenRegistry:
     async def sync(self) -> None:
         """Drop cached records the change feed names, and record last use."""
         cursor, changed = await self.store.changes_since(self._cursor)
-        for jti in changed:
-            self._revoked.pop(jti, None)
+        if changed is None:
+            self._revoked.clear()
+        else:
+            for jti in changed:
+                self._revoked.pop(jti, None)
         self._cursor = cursor
         if self._last_used:
             pending, self._last_used = self._last_used, {}

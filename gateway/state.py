@@ -19,7 +19,7 @@ from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.keyring import Keyring
 from gateway.policy import EnvironmentResolver, PolicyEngine
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import Limiter, RateLimiter
 from gateway.registry import TokenRegistry
 from gateway.routes import RouteTable
 from gateway.store import TokenStore, open_store
@@ -41,7 +41,7 @@ class GatewayState:
     routes: RouteTable
     environments: EnvironmentResolver
     audit: AuditLog
-    limiter: RateLimiter
+    limiter: Limiter
     upstream: UpstreamClient
     max_body_bytes: int
     ready: bool = False

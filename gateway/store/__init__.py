@@ -51,11 +51,13 @@ class TokenStore(Protocol):
 
     async def touch(self, last_used: dict[str, int]) -> None: ...
 
-    async def changes_since(self, cursor: int) -> tuple[int, list[str]]:
-        """(new cursor, jtis changed after `cursor`)."""
+    async def changes_since(self, cursor: str) -> tuple[str, list[str] | None]:
+        """(new cursor, jtis changed after `cursor`), or None for the jtis when the store cannot
+        tell what changed (it was flushed, or the feed was trimmed past `cursor`): the caller
+        must then forget every cached record."""
         ...
 
-    async def current_cursor(self) -> int: ...
+    async def current_cursor(self) -> str: ...
 
     async def ping(self) -> None: ...
 

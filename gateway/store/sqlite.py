@@ -101,15 +101,15 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StateUnavailable(f"the token store failed ({exc.__class__.__name__})") from None
 
-    async def changes_since(self, cursor: int) -> tuple[int, list[str]]:
-        rows = self._run("SELECT seq, jti FROM changes WHERE seq > ? ORDER BY seq LIMIT 10000", (cursor,))
+    async def changes_since(self, cursor: str) -> tuple[str, list[str] | None]:
+        rows = self._run("SELECT seq, jti FROM changes WHERE seq > ? ORDER BY seq LIMIT 10000", (int(cursor),))
         if not rows:
             return cursor, []
-        return int(str(rows[-1][0])), [str(row[1]) for row in rows]
+        return str(rows[-1][0]), [str(row[1]) for row in rows]
 
-    async def current_cursor(self) -> int:
+    async def current_cursor(self) -> str:
         rows = self._run("SELECT COALESCE(MAX(seq), 0) FROM changes")
-        return int(str(rows[0][0]))
+        return str(rows[0][0])
 
     async def ping(self) -> None:
         self._run("SELECT 1")
