@@ -15,11 +15,12 @@ from typing import Literal
 
 ScopeKind = Literal["app", "env", "gateway"]
 
-_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_APP_GLOB = re.compile(r"^[a-z0-9*?][a-z0-9*?-]{0,62}$")
-_ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-# Fly app names: lowercase letters, digits and dashes.
-APP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_ROLE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_APP_GLOB = re.compile(r"[a-z0-9*?][a-z0-9*?-]{0,62}")
+_ENV_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+# Fly app names: lowercase letters, digits and dashes. Always used with fullmatch: `$` would
+# accept a trailing newline.
+APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 class GrantError(ValueError):
@@ -64,7 +65,7 @@ def parse_grant(text: str) -> Grant:
     form = "write grants as ROLE@app:GLOB, ROLE@env:NAME or ROLE@gateway (e.g. deployer@app:web-staging)"
     if not at or not role or not scope:
         raise GrantError(f"grant {text!r} is not of the form ROLE@SCOPE; {form}")
-    if not _ROLE.match(role):
+    if not _ROLE.fullmatch(role):
         raise GrantError(f"grant {text!r} has an invalid role name {role!r}; {form}")
     if scope == "gateway":
         return Grant(role, "gateway", "")
@@ -72,13 +73,13 @@ def parse_grant(text: str) -> Grant:
     if not colon or kind not in ("app", "env"):
         raise GrantError(f"grant {text!r} has an unknown scope {scope!r}; {form}")
     if kind == "app":
-        if not _APP_GLOB.match(value):
+        if not _APP_GLOB.fullmatch(value):
             raise GrantError(
                 f"grant {text!r}: {value!r} is not an app name or glob "
                 "(lowercase letters, digits, '-', and the wildcards * and ?)"
             )
         return Grant(role, "app", value)
-    if not _ENV_NAME.match(value):
+    if not _ENV_NAME.fullmatch(value):
         raise GrantError(f"grant {text!r}: {value!r} is not an environment name (lowercase letters, digits, - and _)")
     return Grant(role, "env", value)
 

@@ -20,10 +20,10 @@ from gateway.errors import BadRequest
 MAX_PATH_BYTES = 2048
 MAX_QUERY_BYTES = 8192
 # Printable ASCII except space, `\`, `;` and `#`; `%` is checked separately.
-_PATH_CHARS = re.compile(rb"^[!$&'()*+,\-./0-9:=?@A-Z\[\]^_`a-z{|}~%]*$")
-_QUERY_CHARS = re.compile(rb"^[!$&'()*+,\-./0-9:;=?@A-Z\[\]^_`a-z{|}~%]*$")
+_PATH_CHARS = re.compile(rb"[!$&'()*+,\-./0-9:=@A-Z\[\]^_`a-z{|}~%]*")
+_QUERY_CHARS = re.compile(rb"[!$&'()*+,\-./0-9:;=?@A-Z\[\]^_`a-z{|}~%]*")
 _PERCENT = re.compile(rb"%(.{0,2})", re.S)
-_HEX2 = re.compile(rb"^[0-9A-Fa-f]{2}$")
+_HEX2 = re.compile(rb"[0-9A-Fa-f]{2}")
 _UNRESERVED = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_~")
 
 
@@ -52,9 +52,9 @@ def canonicalize(raw_path: bytes, raw_query: bytes) -> Target:
         raise BadRequest("path contains a backslash; use '/' only")
     if b";" in raw_path:
         raise BadRequest("path contains ';' (path parameters are ambiguous); remove it")
-    if not _PATH_CHARS.match(raw_path):
+    if not _PATH_CHARS.fullmatch(raw_path) or b"?" in raw_path:
         raise BadRequest("path contains a space, control, non-ASCII or reserved byte; percent-encode data or remove it")
-    if raw_query and not _QUERY_CHARS.match(raw_query):
+    if raw_query and not _QUERY_CHARS.fullmatch(raw_query):
         raise BadRequest("query string contains a space, control or non-ASCII byte; percent-encode it")
     if b"//" in raw_path:
         raise BadRequest("path contains an empty segment ('//'); remove the extra slash")
@@ -74,7 +74,7 @@ def canonicalize(raw_path: bytes, raw_query: bytes) -> Target:
 def _check_percent_escapes(raw: bytes, *, where: str, strict: bool = True) -> None:
     for match in _PERCENT.finditer(raw):
         digits = match.group(1)
-        if not _HEX2.match(digits):
+        if not _HEX2.fullmatch(digits):
             raise BadRequest(f"{where} has a malformed percent-escape; use %XX with two hex digits")
         byte = int(digits, 16)
         if byte < 0x20 or byte == 0x7F:

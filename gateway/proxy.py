@@ -21,7 +21,7 @@ from gateway.paths import Target, canonicalize
 from gateway.policy import decide
 from gateway.routes import Resolved, resolve_request
 from gateway.state import GatewayState
-from gateway.tokens import Claims, bearer_token
+from gateway.tokens import Claims
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("scopegate")
@@ -41,7 +41,7 @@ class Proxy:
         record: dict[str, Any] = {
             "request_id": request_id, "jti": None, "sub": None, "token_name": None,
             "client_ip": (scope.get("client") or ("", 0))[0], "method": scope["method"],
-            "path": _printable(raw_target(scope)), "action": None, "app": None, "env": None,
+            "path": _printable(request_target(scope)[0]), "action": None, "app": None, "env": None,
             "decision": "deny", "reason": None, "status": 500, "upstream_ms": None,
         }
         try:
@@ -60,7 +60,7 @@ class Proxy:
 
     async def handle(self, scope: Scope, receive: Any, send: Any, record: dict[str, Any], request_id: str) -> None:
         state = self.state
-        target = canonicalize(raw_target(scope), scope.get("query_string", b""))
+        target = canonicalize(*request_target(scope))
         record["path"] = target.raw_path.decode("ascii")
         claims = await self.authenticate(scope, target)
         record.update(jti=claims.jti, sub=claims.sub, token_name=claims.name)
@@ -87,10 +87,7 @@ class Proxy:
     async def authenticate(self, scope: Scope, target: Target) -> Claims:
         if b"sgt_" in target.raw_query or b"access_token=" in target.raw_query.lower():
             raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
-        presented = bearer_token([v for k, v in scope["headers"] if k == b"authorization"])
-        claims = self.state.verifier.verify(presented)
-        await self.state.registry.check(claims)
-        return claims
+        return await self.state.authenticate([v for k, v in scope["headers"] if k == b"authorization"])
 
     async def forward(self, scope: Scope, receive: Any, send: Any, target: Target, resolved: Resolved,
                       claims: Claims, body: bytes | None, request_id: str, record: dict[str, Any]) -> int:
@@ -154,13 +151,16 @@ def describe_token(claims: Claims) -> dict[str, Any]:
             "grants": claims.grant_strings(), "iat": claims.iat, "exp": claims.exp, "parent": claims.parent}
 
 
-def raw_target(scope: Scope) -> bytes:
-    # The request line's target as received, when the server gives it (server.py); else raw_path.
+def request_target(scope: Scope) -> tuple[bytes, bytes]:
+    """(raw path, raw query) as received. The request line's own target when the server gives it
+    (server.py), which keeps what uvicorn would drop (absolute form, a fragment after the query)."""
     extension = scope.get("extensions", {}).get("scopegate.request_target")
     if isinstance(extension, bytes):
-        return extension.partition(b"?")[0]
+        path, _, query = extension.partition(b"?")
+        return path, query
     raw = scope.get("raw_path")
-    return raw if isinstance(raw, bytes) else scope["path"].encode("utf-8")
+    path = raw if isinstance(raw, bytes) else scope["path"].encode("utf-8")
+    return path, scope.get("query_string", b"")
 
 
 def check_declared_length(scope: Scope, limit: int) -> None:

@@ -127,7 +127,7 @@ def resolve_request(match: RouteMatch, query: bytes, body: bytes | None) -> Reso
         app = match.params[route.app_fields[0]]
     elif route.app_source == "body":
         app = _app_from_body(route, body)
-    if app is not None and not APP_NAME.match(app):
+    if app is not None and not APP_NAME.fullmatch(app):
         raise BadRequest(f"{app!r} is not a valid app name (lowercase letters, digits and '-')")
     action = route.action
     if route.refine is not None and _query_flag_set(query, route.refine.query):
@@ -151,15 +151,14 @@ def _app_from_body(route: Route, body: bytes | None) -> str:
         raise BadRequest(f"{route.method} {route.path} needs a JSON body with the app name in {fields}") from None
     if not isinstance(document, dict):
         raise BadRequest(f"{route.method} {route.path} needs a JSON object body with {fields}")
-    names = {document[f] for f in route.app_fields if f in document}
-    if not names:
+    given = [document[f] for f in route.app_fields if f in document]
+    if not given:
         raise BadRequest(f"{route.method} {route.path} needs the app name in the body field {fields}")
-    if len(names) > 1:
-        raise BadRequest(f"the body gives different app names in {fields}; send one")
-    name = names.pop()
-    if not isinstance(name, str):
+    if not all(isinstance(name, str) for name in given):
         raise BadRequest(f"the app name in {fields} must be a string")
-    return name
+    if len(set(given)) > 1:
+        raise BadRequest(f"the body gives different app names in {fields}; send one")
+    return str(given[0])
 
 
 def _load_file(file: Path) -> list[Route]:

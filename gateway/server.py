@@ -3,7 +3,7 @@
 uvicorn's httptools protocol parses absolute-form targets (`GET http://host/path`) and drops
 fragments before the application sees them, so the gateway could not refuse them. `TargetProtocol`
 keeps the request line's target as received in the scope extension `scopegate.request_target`,
-which `proxy.raw_target` prefers over `raw_path`.
+which `proxy.request_target` prefers over `raw_path` and `query_string`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def test_allowed_and_denied_requests_are_audited_field_by_field(gateway: Running
     assert first["method"] == "POST" and first["path"] == "/v1/apps/web-staging/machines/m1/start"
     assert first["action"] == "machines:control" and first["app"] == "web-staging" and first["env"] == "staging"
     assert first["decision"] == "allow" and first["status"] == 200
-    assert first["reason"] == "deployer@app:web-staging allows machines:control on app web-staging (environment staging)"
+    assert first["reason"] == ("deployer@app:web-staging allows machines:control on app web-staging "
+                               "(environment staging)")
     assert isinstance(first["upstream_ms"], float)
 
     assert second["request_id"] == denied.json()["request_id"]
