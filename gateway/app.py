@@ -10,55 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-
+from gateway.admin import create_admin_app
 from gateway.config import load_config
-from gateway.errors import GatewayError, error_body
 from gateway.proxy import Proxy
 from gateway.state import GatewayState
 
 OWN_PREFIXES = ("/_gateway/", "/.well-known/")
-
-
-def create_admin_app(state: GatewayState) -> Starlette:
-    async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    async def readyz(request: Request) -> JSONResponse:
-        checks = {"keys": bool(state.keyring.verifying_keys()), "policy": bool(state.policy.roles()),
-                  "routes": bool(state.routes.routes), "started": state.ready}
-        try:
-            await state.store.ping()
-            checks["store"] = True
-        except GatewayError:
-            checks["store"] = False
-        ready = all(checks.values())
-        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
-                            status_code=200 if ready else 503)
-
-    async def jwks(request: Request) -> JSONResponse:
-        return JSONResponse(state.keyring.jwks(), headers={"Cache-Control": "max-age=300"})
-
-    async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        error = GatewayError(f"{request.method} {request.url.path} is not an endpoint of the gateway")
-        error.status, error.code = 404, "not_found"
-        return JSONResponse(error_body(error, ""), status_code=404)
-
-    async def gateway_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, GatewayError)
-        return JSONResponse(error_body(exc, ""), status_code=exc.status, headers=exc.headers)
-
-    return Starlette(
-        routes=[
-            Route("/_gateway/healthz", healthz, methods=["GET"]),
-            Route("/_gateway/readyz", readyz, methods=["GET"]),
-            Route("/.well-known/jwks.json", jwks, methods=["GET"]),
-        ],
-        exception_handlers={404: not_found, 405: not_found, GatewayError: gateway_error},
-    )
 
 
 class GatewayApp:

@@ -8,21 +8,21 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 
 
-def parse_duration(text: str | int | float) -> int:
+def parse_duration(text: str | int | float, *, allow_zero: bool = False) -> int:
     """Seconds in `text`; a bare number is seconds. Raises ValueError naming the input."""
     if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a duration; write it like 90s, 15m, 1h or 30d")
     if isinstance(text, int | float):
-        if text <= 0:
-            raise ValueError(f"{text!r} is not a positive duration")
-        return int(text)
-    match = _DURATION.match(text)
-    if match is None:
-        if text.strip().isdigit() and int(text) > 0:
-            return int(text)
-        raise ValueError(f"{text!r} is not a duration; write it like 90s, 15m, 1h or 30d")
-    value = int(match.group(1)) * _UNITS[match.group(2)]
-    if value <= 0:
+        value = int(text)
+    else:
+        match = _DURATION.match(text)
+        if match is not None:
+            value = int(match.group(1)) * _UNITS[match.group(2)]
+        elif text.strip().isdigit():
+            value = int(text)
+        else:
+            raise ValueError(f"{text!r} is not a duration; write it like 90s, 15m, 1h or 30d")
+    if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{text!r} is not a positive duration")
     return value
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.durations import format_duration
-from gateway.errors import BadRequest, NotFound, Unauthenticated
+from gateway.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from gateway.grants import Grant, GrantError, parse_grants
 from gateway.store import TokenRecord, TokenStore
 from gateway.tokens import Claims, TokenIssuer
@@ -38,7 +38,7 @@ class TokenRegistry:
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
         self.clock = clock
-        self._revoked: OrderedDict[str, bool] = OrderedDict()  # jti -> revoked?
+        self._status: OrderedDict[str, tuple[bool, int]] = OrderedDict()  # jti -> (revoked, record exp)
         self._cursor = "0"
         self._last_used: dict[str, int] = {}
 
@@ -91,32 +91,70 @@ class TokenRegistry:
         await self.show(jti)
         revoked = await self.store.revoke(jti, reason=reason, at=int(self.clock()))
         for item in revoked:
-            self._remember(item, True)
+            self._status.pop(item, None)
         return revoked
+
+    async def rotate(self, jti: str, *, grace_s: int) -> MintedToken:
+        """A new token with the same grants, subject, name and lifetime; the old one dies after `grace_s`."""
+        old = await self.show(jti)
+        now = int(self.clock())
+        if old.revoked_at is not None:
+            raise BadRequest(f"token {jti} is revoked; mint a new one instead of rotating it")
+        if old.exp <= now:
+            raise BadRequest(f"token {jti} has expired; mint a new one instead of rotating it")
+        if grace_s < 0 or grace_s > self.max_ttl_s:
+            raise BadRequest("grace must be between 0s and tokens.max_ttl")
+        lifetime = min(old.exp - old.iat, self.max_ttl_s)
+        minted = await self.mint(grants=list(old.grants), ttl_s=lifetime, name=old.name, subject=old.sub, parent=jti)
+        await self.store.shorten(jti, exp=now + grace_s)
+        self._status.pop(jti, None)
+        return minted
+
+    async def attenuate(self, parent: Claims, *, grants: list[str], ttl_s: int | None, name: str | None,
+                        env_of: Callable[[str], str]) -> MintedToken:
+        """A child of `parent` with a subset of its grants and a life that ends no later than the parent's."""
+        requested = self.validate_grants(grants)
+        for grant in requested:
+            if not any(_narrows(grant, held, env_of) for held in parent.grants):
+                raise Forbidden(f"grant {grant} is not within the token's own grants "
+                                f"({', '.join(parent.grant_strings())}); a child can only narrow them")
+        record = await self.show(parent.jti)
+        now = int(self.clock())
+        remaining = min(parent.exp, record.exp) - now
+        ttl = ttl_s if ttl_s is not None else min(self.default_ttl_s, remaining)
+        if ttl > remaining:
+            raise Forbidden(f"a child token cannot outlive its parent ({format_duration(max(remaining, 1))} left)")
+        return await self.mint(grants=[str(g) for g in requested], ttl_s=ttl, name=name or f"{parent.name}/child",
+                               subject=parent.sub, parent=parent.jti)
 
     # --- the hot path --------------------------------------------------------------------------
 
     async def check(self, claims: Claims) -> None:
-        """Raises Unauthenticated unless the token's record exists and is not revoked."""
-        revoked = self._revoked.get(claims.jti)
-        if revoked is None:
+        """Raises Unauthenticated unless the token's record exists, is not revoked and not cut short."""
+        status = self._status.get(claims.jti)
+        if status is None:
             record = await self.store.get(claims.jti)
             if record is None:
                 raise Unauthenticated(f"token '{claims.name}' is not registered with this gateway "
                                       "(was it minted for another store?); ask for a new one")
-            revoked = record.revoked_at is not None
-            self._remember(claims.jti, revoked)
+            status = (record.revoked_at is not None, record.exp)
+            self._remember(claims.jti, status)
+        revoked, not_after = status
         if revoked:
             raise Unauthenticated(f"token '{claims.name}' has been revoked; ask for a new one")
-        self._last_used[claims.jti] = int(self.clock())
+        now = int(self.clock())
+        if now >= not_after:
+            raise Unauthenticated(f"token '{claims.name}' has expired (rotated, or past its lifetime); "
+                                  "use its replacement")
+        self._last_used[claims.jti] = now
 
-    def _remember(self, jti: str, revoked: bool) -> None:
-        self._revoked[jti] = revoked
-        if len(self._revoked) > _CACHE_LIMIT:
-            self._revoked.popitem(last=False)
+    def _remember(self, jti: str, status: tuple[bool, int]) -> None:
+        self._status[jti] = status
+        if len(self._status) > _CACHE_LIMIT:
+            self._status.popitem(last=False)
 
     def forget_all(self) -> None:
-        self._revoked.clear()
+        self._status.clear()
 
     async def start(self) -> None:
         self._cursor = await self.store.current_cursor()
@@ -125,11 +163,20 @@ class TokenRegistry:
         """Drop cached records the change feed names, and record last use."""
         cursor, changed = await self.store.changes_since(self._cursor)
         if changed is None:
-            self._revoked.clear()
+            self._status.clear()
         else:
             for jti in changed:
-                self._revoked.pop(jti, None)
+                self._status.pop(jti, None)
         self._cursor = cursor
         if self._last_used:
             pending, self._last_used = self._last_used, {}
             await self.store.touch(pending)
+
+
+def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str]) -> bool:
+    # Same role only: a "lesser" role may carry deny lines its parent role lacks, so a role
+    # change is not guaranteed to narrow. A literal app inside an env grant narrows it.
+    if child.within(held):
+        return True
+    return (child.role == held.role and child.kind == "app" and held.kind == "env"
+            and not any(c in child.pattern for c in "*?") and env_of(child.pattern) == held.pattern)

@@ -23,7 +23,7 @@ from gateway.ratelimit import Limiter, RateLimiter
 from gateway.registry import TokenRegistry
 from gateway.routes import RouteTable
 from gateway.store import TokenStore, open_store
-from gateway.tokens import TokenIssuer, TokenVerifier
+from gateway.tokens import Claims, TokenIssuer, TokenVerifier, bearer_token
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("scopegate")
@@ -71,6 +71,12 @@ class GatewayState:
             limiter=RateLimiter(config.rate_limit_requests_per_second, config.rate_limit_burst),
             upstream=upstream, max_body_bytes=config.limits_max_body_bytes,
         )
+
+    async def authenticate(self, authorization: list[bytes]) -> Claims:
+        """The caller's verified, registered, unrevoked token claims; raises Unauthenticated."""
+        claims = self.verifier.verify(bearer_token(authorization))
+        await self.registry.check(claims)
+        return claims
 
     async def start(self) -> None:
         await self.upstream.start()

@@ -49,6 +49,10 @@ class TokenStore(Protocol):
         """Revoke `jti` and every token derived from it; returns the jtis newly revoked."""
         ...
 
+    async def shorten(self, jti: str, *, exp: int) -> None:
+        """Move the record's expiry earlier (never later), e.g. at the end of a rotation's grace."""
+        ...
+
     async def touch(self, last_used: dict[str, int]) -> None: ...
 
     async def changes_since(self, cursor: str) -> tuple[str, list[str] | None]:

@@ -92,6 +92,16 @@ class SqliteStore:
             raise
         return revoked
 
+    async def shorten(self, jti: str, *, exp: int) -> None:
+        self._run("BEGIN IMMEDIATE")
+        try:
+            self._run("UPDATE tokens SET exp = MIN(exp, ?) WHERE jti = ?", (exp, jti))
+            self._run("INSERT INTO changes (jti) VALUES (?)", (jti,))
+            self._run("COMMIT")
+        except BaseException:
+            self._db.rollback()
+            raise
+
     async def touch(self, last_used: dict[str, int]) -> None:
         if not last_used:
             return

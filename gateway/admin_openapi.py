@@ -1,0 +1,123 @@
+"""The OpenAPI 3.0 document of the gateway's admin API (`GET /_gateway/v1/openapi.json`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_ERRORS = {"400": _error("Malformed request; the message names the field"),
+           "401": _error("Missing, malformed, expired or revoked token"),
+           "403": _error("The token may not do this"),
+           "503": _error("The token store is unreachable")}
+
+
+def _json(ref: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def _body(ref: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+_JTI = {"name": "jti", "in": "path", "required": True, "schema": {"type": "string"}}
+_DURATION = {"oneOf": [{"type": "string", "example": "1h", "pattern": "^[0-9]+[smhdw]?$"},
+                       {"type": "integer", "minimum": 1}]}
+
+
+def admin_openapi() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Scopegate admin API", "version": __version__,
+                 "description": "Token administration for the Scopegate gateway. Authorize with "
+                                "`Authorization: Bearer sgt_...` carrying token-admin@gateway."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": {
+            "/_gateway/v1/tokens": {
+                "post": {"operationId": "mintToken", "summary": "Mint a token", "requestBody": _body("MintRequest"),
+                         "responses": {"201": _json("MintedToken", "The token (shown once) and its record"),
+                                       **_ERRORS}},
+                "get": {"operationId": "listTokens", "summary": "List token records (never token strings)",
+                        "parameters": [{"name": "active", "in": "query", "schema": {"type": "boolean"}}],
+                        "responses": {"200": _json("TokenList", "Records"), **_ERRORS}},
+            },
+            "/_gateway/v1/tokens/{jti}": {
+                "get": {"operationId": "showToken", "parameters": [_JTI],
+                        "responses": {"200": _json("TokenRecord", "The record"),
+                                      "404": _error("No such token"), **_ERRORS}},
+                "delete": {"operationId": "revokeToken", "summary": "Revoke a token and its descendants",
+                           "parameters": [_JTI, {"name": "reason", "in": "query", "schema": {"type": "string"}}],
+                           "responses": {"204": {"description": "Revoked"}, "404": _error("No such token"),
+                                         **_ERRORS}},
+            },
+            "/_gateway/v1/tokens/{jti}/rotate": {
+                "post": {"operationId": "rotateToken", "parameters": [_JTI],
+                         "requestBody": {"required": False, "content": {"application/json": {
+                             "schema": {"$ref": "#/components/schemas/RotateRequest"}}}},
+                         "responses": {"201": _json("MintedToken", "The replacement token"),
+                                       "404": _error("No such token"), **_ERRORS}},
+            },
+            "/_gateway/v1/token/attenuate": {
+                "post": {"operationId": "attenuateToken", "summary": "Narrow the caller's own token",
+                         "requestBody": _body("AttenuateRequest"),
+                         "responses": {"201": _json("MintedToken", "The child token"), **_ERRORS}},
+            },
+            "/_gateway/v1/explain": {
+                "post": {"operationId": "explain", "summary": "Dry-run a request",
+                         "requestBody": _body("ExplainRequest"),
+                         "responses": {"200": _json("Explanation", "The decision and why"), **_ERRORS}},
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "message"], "properties": {
+                    "error": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"}}},
+                "MintRequest": {"type": "object", "required": ["grants"], "additionalProperties": False,
+                                "properties": {"grants": {"type": "array", "minItems": 1,
+                                                          "items": {"type": "string", "example": "viewer@app:web"}},
+                                               "ttl": _DURATION, "name": {"type": "string"},
+                                               "subject": {"type": "string"}}},
+                "RotateRequest": {"type": "object", "additionalProperties": False,
+                                  "properties": {"grace": _DURATION}},
+                "AttenuateRequest": {"type": "object", "required": ["grants"], "additionalProperties": False,
+                                     "properties": {"grants": {"type": "array", "minItems": 1,
+                                                               "items": {"type": "string"}},
+                                                    "ttl": _DURATION, "name": {"type": "string"}}},
+                "ExplainRequest": {"type": "object", "required": ["method", "path"], "additionalProperties": False,
+                                   "properties": {"method": {"type": "string"}, "path": {"type": "string"},
+                                                  "body": {}, "grants": {"type": "array", "items": {"type": "string"}},
+                                                  "token": {"type": "string"}}},
+                "TokenRecord": {"type": "object", "required": ["jti", "sub", "name", "grants", "iat", "exp"],
+                                "properties": {
+                                    "jti": {"type": "string"}, "sub": {"type": "string"}, "name": {"type": "string"},
+                                    "grants": {"type": "array", "items": {"type": "string"}},
+                                    "iat": {"type": "integer"}, "exp": {"type": "integer"},
+                                    "parent": {"type": "string", "nullable": True},
+                                    "revoked_at": {"type": "integer", "nullable": True},
+                                    "revoked_reason": {"type": "string", "nullable": True},
+                                    "last_used_at": {"type": "integer", "nullable": True}}},
+                "MintedToken": {"allOf": [{"$ref": "#/components/schemas/TokenRecord"},
+                                          {"type": "object", "required": ["token"],
+                                           "properties": {"token": {"type": "string"}}}]},
+                "TokenList": {"type": "object", "required": ["tokens"], "properties": {
+                    "tokens": {"type": "array", "items": {"$ref": "#/components/schemas/TokenRecord"}}}},
+                "Explanation": {"type": "object", "required": ["allowed", "reason"], "properties": {
+                    "allowed": {"type": "boolean"}, "status": {"type": "integer"},
+                    "error": {"type": "string", "nullable": True}, "reason": {"type": "string"},
+                    "method": {"type": "string"}, "path": {"type": "string"},
+                    "operation": {"type": "string", "nullable": True}, "action": {"type": "string", "nullable": True},
+                    "app": {"type": "string", "nullable": True}, "env": {"type": "string", "nullable": True},
+                    "grant": {"type": "string", "nullable": True},
+                    "rule": {"type": "array", "items": {"type": "string"}}}},
+            },
+        },
+    }
