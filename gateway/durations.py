@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -13,6 +14,8 @@ def parse_duration(text: str | int | float, *, allow_zero: bool = False) -> int:
     if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a duration; write it like 90s, 15m, 1h or 30d")
     if isinstance(text, int | float):
+        if not math.isfinite(text):
+            raise ValueError(f"{text!r} is not a duration; write it like 90s, 15m, 1h or 30d")
         value = int(text)
     else:
         match = _DURATION.match(text)

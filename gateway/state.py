@@ -116,13 +116,23 @@ GATEWAY_ACTIONS = frozenset({"gateway:mint", "gateway:list", "gateway:show", "ga
 
 
 def check_cross_references(policy: PolicyEngine, routes: RouteTable) -> None:
-    """Every action a policy line names must be one a route (or the gateway) can produce.
+    """Policy and routes must name the same actions, both ways.
 
-    A typo in a deny line would otherwise deny nothing, silently.
+    A policy line whose action no route produces (a typo in a deny line would deny nothing,
+    silently), and a route whose action no policy line mentions (an operation nobody can be
+    granted, or forgot), both stop the load naming the offending line.
     """
     known = routes.actions() | GATEWAY_ACTIONS
-    for rule in policy.policy_lines():
+    lines = policy.policy_lines()
+    for rule in lines:
         pattern = rule[3]
         if not any(fnmatchcase(action, pattern) for action in known):
-            raise ConfigError(f"{policy.policy_path}: policy line '{', '.join(rule)}' names action {pattern!r}, "
-                              "which no route produces; check the spelling against policies/routes/")
+            raise ConfigError(f"{policy.policy_path}: policy line 'p, {', '.join(rule)}' names action {pattern!r}, "
+                              "which no route produces; check the spelling against the route files")
+    for route in routes.routes:
+        if route.deny_always or route.answer_gateway:
+            continue
+        for action in (route.action, *([route.refine.action] if route.refine else [])):
+            if not any(fnmatchcase(action, rule[3]) for rule in lines):
+                raise ConfigError(f"{route.source}: action {action!r} appears in no line of {policy.policy_path}; "
+                                  "grant it to a role (or deny it explicitly)")

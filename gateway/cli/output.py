@@ -1,4 +1,4 @@
-"""Printing records for people (aligned tables) and scripts (`--json`)."""
+"""Printing for people (Rich tables) and for scripts (`--json`, stable keys)."""
 
 from __future__ import annotations
 
@@ -7,38 +7,47 @@ import sys
 import time
 from typing import Any
 
-from gateway.store import TokenRecord
+from rich.console import Console
+from rich.table import Table
 
-COLUMNS = ("jti", "sub", "name", "grants", "iat", "exp", "parent", "revoked_at", "last_used_at")
+RECORD_COLUMNS = ("jti", "sub", "name", "grants", "iat", "exp", "parent", "revoked_at", "last_used_at")
+_TIMES = {"iat", "exp", "revoked_at", "last_used_at", "created_at"}
+
+
+def console() -> Console:
+    # Wide enough off a terminal that jtis and grants are never cut.
+    return Console(width=None if sys.stdout.isatty() else 240, highlight=False, soft_wrap=False)
 
 
 def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
-def _when(value: int | None) -> str:
-    return "-" if value is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+def cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key in _TIMES and isinstance(value, int):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value) or "-"
+    return str(value)
 
 
-def record_row(record: TokenRecord) -> dict[str, str]:
-    return {
-        "jti": record.jti, "sub": record.sub, "name": record.name, "grants": " ".join(record.grants),
-        "iat": _when(record.iat), "exp": _when(record.exp), "parent": record.parent or "-",
-        "revoked_at": _when(record.revoked_at), "last_used_at": _when(record.last_used_at),
-    }
+def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], *, title: str | None = None) -> None:
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column.upper(), overflow="fold")
+    for row in rows:
+        table.add_row(*(cell(c, row.get(c)) for c in columns))
+    console().print(table)
 
 
-def print_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS) -> None:
-    widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in columns}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns) for r in rows]
-    sys.stdout.write("\n".join(line.rstrip() for line in lines) + "\n")
-
-
-def print_record(record: TokenRecord) -> None:
-    row = record_row(record)
-    width = max(len(k) for k in row)
-    for key, value in row.items():
-        sys.stdout.write(f"{key.ljust(width)}  {value}\n")
-    if record.revoked_reason:
-        sys.stdout.write(f"{'reason'.ljust(width)}  {record.revoked_reason}\n")
+def print_mapping(row: dict[str, Any], keys: tuple[str, ...]) -> None:
+    table = Table(show_header=False, show_edge=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key in keys:
+        table.add_row(key, cell(key, row.get(key)))
+    if row.get("revoked_reason"):
+        table.add_row("reason", str(row["revoked_reason"]))
+    console().print(table)

@@ -1,0 +1,198 @@
+"""Where token commands are carried out: the local store, or a running gateway's admin API.
+
+With SCOPEGATE_ADDR and SCOPEGATE_TOKEN set, every token command and `policy explain` go
+through the admin API (`RemoteBackend`); otherwise they work on the config's keyring and store
+directly (`LocalBackend`). Both return the admin API's JSON shapes, so the output is the same
+whichever way a command went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Protocol
+
+import httpx
+
+from gateway.cli.common import config_from
+from gateway.cli.local import LocalAdmin
+from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, StateUnavailable, Unauthenticated
+from gateway.explain import explain
+from gateway.grants import GrantError, parse_grants
+from gateway.policy import EnvironmentResolver, PolicyEngine
+from gateway.routes import RouteTable
+from gateway.tokens import TokenVerifier
+
+Json = dict[str, Any]
+
+
+class Backend(Protocol):
+    async def mint(self, grants: list[str], ttl_s: int | None, name: str, subject: str) -> Json: ...
+    async def records(self, *, active: bool) -> list[Json]: ...
+    async def show(self, jti: str) -> Json: ...
+    async def revoke(self, jti: str, reason: str | None) -> None: ...
+    async def rotate(self, jti: str, grace_s: int | None) -> Json: ...
+    async def attenuate(self, parent_token: str, grants: list[str], ttl_s: int | None, name: str | None) -> Json: ...
+    async def explain(self, method: str, path: str, body: Any, *, token: str | None,
+                      grants: list[str] | None) -> Json: ...
+    async def close(self) -> None: ...
+
+
+def remote_settings() -> tuple[str, str] | None:
+    addr, token = os.environ.get("SCOPEGATE_ADDR", ""), os.environ.get("SCOPEGATE_TOKEN", "")
+    return (addr.rstrip("/"), token) if addr and token else None
+
+
+def open_backend(args: argparse.Namespace) -> Backend:
+    remote = remote_settings()
+    if remote is not None:
+        return RemoteBackend(*remote)
+    return LocalBackend(args)
+
+
+class LocalBackend:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.config = config_from(args)
+        self.admin = LocalAdmin.open(self.config)
+
+    async def mint(self, grants: list[str], ttl_s: int | None, name: str, subject: str) -> Json:
+        minted = await self.admin.registry.mint(grants=grants, ttl_s=ttl_s, name=name, subject=subject)
+        return {"token": minted.token, **minted.record.to_json()}
+
+    async def records(self, *, active: bool) -> list[Json]:
+        now = int(time.time())
+        return [r.to_json() for r in await self.admin.store.records()
+                if not active or (r.revoked_at is None and r.exp > now)]
+
+    async def show(self, jti: str) -> Json:
+        return (await self.admin.registry.show(jti)).to_json()
+
+    async def revoke(self, jti: str, reason: str | None) -> None:
+        await self.admin.registry.revoke(jti, reason=reason)
+
+    async def rotate(self, jti: str, grace_s: int | None) -> Json:
+        minted = await self.admin.registry.rotate(jti, grace_s=3600 if grace_s is None else grace_s)
+        return {"token": minted.token, **minted.record.to_json()}
+
+    async def attenuate(self, parent_token: str, grants: list[str], ttl_s: int | None, name: str | None) -> Json:
+        parent = self._verifier().verify(parent_token)
+        await self.admin.registry.check(parent)
+        minted = await self.admin.registry.attenuate(parent, grants=grants, ttl_s=ttl_s, name=name,
+                                                     env_of=self._environments().resolve)
+        return {"token": minted.token, **minted.record.to_json()}
+
+    async def explain(self, method: str, path: str, body: Any, *, token: str | None,
+                      grants: list[str] | None) -> Json:
+        if token is not None:
+            claims = self._verifier().verify(token)
+            await self.admin.registry.check(claims)
+            parsed, name = claims.grants, claims.name
+        else:
+            try:
+                parsed, name = parse_grants(grants or []), "explain"
+            except GrantError as exc:
+                raise BadRequest(str(exc)) from None
+        raw = None if body is None else json.dumps(body).encode()
+        config = self.config
+        result = explain(parsed, method, path, raw, routes=RouteTable.load(config.routes),
+                         policy=PolicyEngine(config.policy_model, config.policy_policy),
+                         environments=self._environments(), token_name=name)
+        return result.to_json()
+
+    def _verifier(self) -> TokenVerifier:
+        return TokenVerifier(self.admin.keyring, self.config.tokens_issuer, self.config.tokens_audience)
+
+    def _environments(self) -> EnvironmentResolver:
+        return EnvironmentResolver(tuple((r.app, r.env) for r in self.config.environment_rules),
+                                   self.config.environment_default)
+
+    async def close(self) -> None:
+        await self.admin.close()
+
+
+_ERRORS: dict[int, type[GatewayError]] = {400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound}
+
+
+class RemoteBackend:
+    def __init__(self, addr: str, token: str) -> None:
+        self.addr = addr
+        self.client = httpx.AsyncClient(base_url=addr + "/_gateway/v1", timeout=30,
+                                        headers={"Authorization": f"Bearer {token}"})
+
+    async def _call(self, method: str, path: str, *, json_body: Any = None, params: dict[str, str] | None = None,
+                    bearer: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else None
+        try:
+            response = await self.client.request(method, path, json=json_body, params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise StateUnavailable(f"cannot reach the gateway at {self.addr} ({exc.__class__.__name__}); "
+                                   "check SCOPEGATE_ADDR") from None
+        if response.status_code >= 400:
+            try:
+                message = str(response.json().get("message", response.text))
+            except ValueError:
+                message = response.text or f"HTTP {response.status_code}"
+            error_class = _ERRORS.get(response.status_code)
+            if error_class is Unauthenticated:
+                raise Unauthenticated(f"{message} (SCOPEGATE_TOKEN)")
+            if error_class is not None:
+                raise error_class(message)
+            error = GatewayError(message)
+            error.status = response.status_code
+            raise error
+        return response
+
+    async def mint(self, grants: list[str], ttl_s: int | None, name: str, subject: str) -> Json:
+        body = {"grants": grants, "name": name, "subject": subject, **({"ttl": ttl_s} if ttl_s else {})}
+        result: Json = (await self._call("POST", "/tokens", json_body=body)).json()
+        return result
+
+    async def records(self, *, active: bool) -> list[Json]:
+        params = {"active": "true"} if active else None
+        result: list[Json] = (await self._call("GET", "/tokens", params=params)).json()["tokens"]
+        return result
+
+    async def show(self, jti: str) -> Json:
+        result: Json = (await self._call("GET", f"/tokens/{_segment(jti)}")).json()
+        return result
+
+    async def revoke(self, jti: str, reason: str | None) -> None:
+        await self._call("DELETE", f"/tokens/{_segment(jti)}", params={"reason": reason} if reason else None)
+
+    async def rotate(self, jti: str, grace_s: int | None) -> Json:
+        body = {} if grace_s is None else {"grace": grace_s if grace_s else "0s"}
+        result: Json = (await self._call("POST", f"/tokens/{_segment(jti)}/rotate", json_body=body)).json()
+        return result
+
+    async def attenuate(self, parent_token: str, grants: list[str], ttl_s: int | None, name: str | None) -> Json:
+        body: Json = {"grants": grants}
+        if ttl_s:
+            body["ttl"] = ttl_s
+        if name:
+            body["name"] = name
+        result: Json = (await self._call("POST", "/token/attenuate", json_body=body, bearer=parent_token)).json()
+        return result
+
+    async def explain(self, method: str, path: str, body: Any, *, token: str | None,
+                      grants: list[str] | None) -> Json:
+        request: Json = {"method": method, "path": path}
+        if body is not None:
+            request["body"] = body
+        if token is not None:
+            request["token"] = token
+        if grants:
+            request["grants"] = grants
+        result: Json = (await self._call("POST", "/explain", json_body=request)).json()
+        return result
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _segment(jti: str) -> str:
+    # jtis are URL-safe base64; anything else cannot name a token and must not reshape the path.
+    if not jti or not all(c.isalnum() or c in "-_" for c in jti):
+        raise NotFound(f"no token with jti {jti!r}")
+    return jti

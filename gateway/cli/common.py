@@ -1,0 +1,40 @@
+"""Helpers shared by the CLI's command modules."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+
+from gateway.config import Config, load_config
+from gateway.durations import parse_duration
+from gateway.errors import ConfigError
+
+
+def add_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="config file (default: $SCOPEGATE_CONFIG, else built-in defaults)")
+    return parser
+
+
+def add_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def duration_arg(text: str | None, flag: str, *, allow_zero: bool = False) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text, allow_zero=allow_zero)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
