@@ -70,8 +70,11 @@ class AdminContext:
                 return JSONResponse(error_body(error, request_id), status_code=error.status,
                                     headers={**error.headers, "x-request-id": request_id})
             finally:
-                record["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+                duration = time.perf_counter() - started
+                record["duration_ms"] = round(duration * 1000, 3)
                 self.state.audit.emit(record)
+                self.state.metrics.observe(record["decision"], action or "gateway:self", record["status"],
+                                           duration, None)
 
         return run
 
@@ -151,6 +154,11 @@ def create_admin_app(state: GatewayState) -> Starlette:
 
     async def jwks(request: Request) -> JSONResponse:
         return JSONResponse(state.keyring.jwks(), headers={"Cache-Control": "max-age=300"})
+
+    async def metrics(request: Request) -> Response:
+        state.metrics.decision_cache_hits.set(state.policy.cache_hits)
+        state.metrics.token_cache_hits.set(state.verifier.cache_hits)
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(admin_openapi())
@@ -239,6 +247,7 @@ def create_admin_app(state: GatewayState) -> Starlette:
         routes=[
             Route("/_gateway/healthz", healthz, methods=["GET"]),
             Route("/_gateway/readyz", readyz, methods=["GET"]),
+            Route("/_gateway/metrics", metrics, methods=["GET"]),
             Route("/.well-known/jwks.json", jwks, methods=["GET"]),
             Route(f"{v1}/openapi.json", openapi, methods=["GET"]),
             Route(f"{v1}/tokens", ctx.endpoint("gateway:mint", mint), methods=["POST"]),

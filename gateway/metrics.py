@@ -23,7 +23,8 @@ class GatewayMetrics:
                                           "Upstream time to response headers", buckets=_BUCKETS,
                                           registry=self.registry)
         self.decision_cache_hits = Gauge("scopegate_decision_cache_hits",
-                                         "Policy verdicts served from the cache (since start)", registry=self.registry)
+                                         "Policy verdicts served from the cache since the last policy load",
+                                         registry=self.registry)
         self.token_cache_hits = Gauge("scopegate_token_cache_hits",
                                       "Token verifications served from the cache (since start)",
                                       registry=self.registry)

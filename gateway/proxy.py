@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.errors import BadRequest, Forbidden, GatewayError, TooLarge, Unauthenticated, error_body
+from gateway.errors import BadRequest, Forbidden, GatewayError, StateUnavailable, TooLarge, Unauthenticated, error_body
 from gateway.grants import Grant
 from gateway.paths import Target, canonicalize
 from gateway.policy import decide
@@ -48,6 +48,8 @@ class Proxy:
             await self.handle(scope, receive, send, record, request_id)
         except GatewayError as error:
             record.update(status=error.status, decision="deny", reason=error.code + ": " + error.message)
+            if isinstance(error, StateUnavailable):
+                self.state.metrics.store_errors.inc()
             await send_error(send, error, request_id)
         except Exception as exc:  # fail closed on anything unforeseen, and say nothing of it
             log.exception("request %s failed: %s", request_id, exc.__class__.__name__)
@@ -55,8 +57,12 @@ class Proxy:
             await send_error(send, GatewayError("the gateway failed on this request; it was not forwarded"),
                              request_id)
         finally:
-            record["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            duration = time.perf_counter() - started
+            record["duration_ms"] = round(duration * 1000, 3)
             self.state.audit.emit(record)
+            upstream_ms = record["upstream_ms"]
+            self.state.metrics.observe(record["decision"], record["action"], record["status"], duration,
+                                       None if upstream_ms is None else upstream_ms / 1000)
 
     async def handle(self, scope: Scope, receive: Any, send: Any, record: dict[str, Any], request_id: str) -> None:
         state = self.state

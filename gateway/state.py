@@ -13,11 +13,13 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.keyring import Keyring
+from gateway.metrics import GatewayMetrics
 from gateway.policy import EnvironmentResolver, PolicyEngine
 from gateway.ratelimit import Limiter, RateLimiter
 from gateway.registry import TokenRegistry
@@ -28,6 +30,7 @@ from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("scopegate")
 SYNC_INTERVAL_S = 0.25
+RELOAD_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -44,8 +47,10 @@ class GatewayState:
     limiter: Limiter
     upstream: UpstreamClient
     max_body_bytes: int
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    watcher: FileWatcher = field(default_factory=lambda: FileWatcher([]))
     ready: bool = False
-    _sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     @classmethod
     def build(cls, config: Config, *, credential: str | None = None) -> GatewayState:
@@ -70,6 +75,7 @@ class GatewayState:
             audit=AuditLog.from_config(config.audit_sinks, config.base_dir),
             limiter=RateLimiter(config.rate_limit_requests_per_second, config.rate_limit_burst),
             upstream=upstream, max_body_bytes=config.limits_max_body_bytes,
+            watcher=FileWatcher([config.policy_model, config.policy_policy, *config.routes, config.tokens_keyring]),
         )
 
     async def authenticate(self, authorization: list[bytes]) -> Claims:
@@ -81,18 +87,60 @@ class GatewayState:
     async def start(self) -> None:
         await self.upstream.start()
         await self.registry.start()
-        self._sync_task = asyncio.create_task(self._follow_store())
+        self._tasks = [asyncio.create_task(self._follow_store()), asyncio.create_task(self._follow_files())]
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
-        if self._sync_task is not None:
-            self._sync_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+                await task
         await self.upstream.close()
         await self.store.close()
         self.audit.close()
+
+    def reload_policy(self) -> bool:
+        """Load model, policy and routes anew; on any error keep serving the last good ones."""
+        config = self.config
+        try:
+            policy = PolicyEngine(config.policy_model, config.policy_policy)
+            routes = RouteTable.load(config.routes)
+            check_cross_references(policy, routes)
+        except ConfigError as exc:
+            self.metrics.policy_reloads.labels("failed").inc()
+            log.error("policy reload refused, the last good policy keeps serving: %s", exc)
+            return False
+        self.policy, self.routes = policy, routes
+        self.registry.known_roles = policy.roles
+        self.metrics.policy_reloads.labels("ok").inc()
+        log.warning("policy reloaded: %d routes, %d policy lines", len(routes.routes), len(policy.policy_lines()))
+        return True
+
+    def reload_keyring(self) -> bool:
+        try:
+            keyring = Keyring.load(self.config.tokens_keyring)
+        except ConfigError as exc:
+            self.metrics.policy_reloads.labels("failed").inc()
+            log.error("keyring reload refused, the last good keyring keeps serving: %s", exc)
+            return False
+        # A retired key must stop verifying at once: forget every cached verification.
+        self.keyring = self.verifier.keyring = self.registry.issuer.keyring = keyring
+        self.verifier.clear_cache()
+        self.metrics.policy_reloads.labels("ok").inc()
+        log.warning("keyring reloaded: active key %s, %d verifying", keyring.active.kid, len(keyring.verifying_keys()))
+        return True
+
+    async def _follow_files(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+            changed = self.watcher.changed()
+            if not changed:
+                continue
+            if self.config.tokens_keyring in changed:
+                self.reload_keyring()
+            if changed - {self.config.tokens_keyring}:
+                self.reload_policy()
 
     async def _follow_store(self) -> None:
         failing = False
@@ -102,6 +150,7 @@ class GatewayState:
                 await self.registry.sync()
                 failing = False
             except Exception as exc:
+                self.metrics.store_errors.inc()
                 # Without the change feed the cached records may be stale: drop them, so each
                 # request asks the store itself (and is refused with 503 while it is down).
                 self.registry.forget_all()
@@ -113,6 +162,31 @@ class GatewayState:
 
 GATEWAY_ACTIONS = frozenset({"gateway:mint", "gateway:list", "gateway:show", "gateway:revoke", "gateway:rotate",
                              "gateway:explain"})
+
+
+class FileWatcher:
+    """Notices when files change (mtime, size or inode), so edits apply without a restart."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = list(paths)
+        self._seen = {path: self._signature(path) for path in self.paths}
+
+    @staticmethod
+    def _signature(path: Path) -> tuple[int, int, int] | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def changed(self) -> set[Path]:
+        changed = set()
+        for path in self.paths:
+            signature = self._signature(path)
+            if signature != self._seen[path]:
+                self._seen[path] = signature
+                changed.add(path)
+        return changed
 
 
 def check_cross_references(policy: PolicyEngine, routes: RouteTable) -> None:
