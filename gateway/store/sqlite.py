@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 from gateway.errors import StateUnavailable
@@ -28,6 +29,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     last_used_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS tokens_parent ON tokens(parent);
+CREATE TABLE IF NOT EXISTS once (
+    key TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     jti TEXT NOT NULL
@@ -120,6 +125,19 @@ class SqliteStore:
     async def current_cursor(self) -> str:
         rows = self._run("SELECT COALESCE(MAX(seq), 0) FROM changes")
         return str(rows[0][0])
+
+    async def claim_once(self, key: str, *, expires_at: int) -> bool:
+        now = int(time.time())
+        self._run("BEGIN IMMEDIATE")
+        try:
+            self._run("DELETE FROM once WHERE expires_at < ?", (now,))
+            claimed = self._run("INSERT OR IGNORE INTO once (key, expires_at) VALUES (?, ?) RETURNING key",
+                                (key, expires_at))
+            self._run("COMMIT")
+        except BaseException:
+            self._db.rollback()
+            raise
+        return bool(claimed)
 
     async def ping(self) -> None:
         self._run("SELECT 1")
