@@ -14,13 +14,16 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
 
 from gateway.durations import parse_duration
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.oidc import TrustRule
 
 ENV_PREFIX = "SCOPEGATE_"
 REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -47,6 +50,7 @@ class Config:
     routes: tuple[Path, ...] = ()
     policy_model: Path = Path("policies/model.conf")
     policy_policy: Path = Path("policies/policy.csv")
+    policy_constraints: Path | None = Path("policies/constraints.yaml")
     environment_rules: tuple[EnvironmentRule, ...] = (
         EnvironmentRule("*-prod", "production"), EnvironmentRule("*-staging", "staging"))
     environment_default: str = "development"
@@ -60,7 +64,7 @@ class Config:
     limits_max_body_bytes: int = 10 * 1024 * 1024
     rate_limit_requests_per_second: float = 0.0
     rate_limit_burst: int = 0
-    oidc_trust: tuple[dict[str, Any], ...] = field(default=())
+    oidc_trust: tuple[TrustRule, ...] = field(default=())
 
     def upstream_credential(self) -> str:
         """The upstream credential, from the file or env var the config names. Never logged."""
@@ -216,13 +220,21 @@ def _env_rules(value: Any) -> tuple[EnvironmentRule, ...]:
     return tuple(rules)
 
 
-def _trust_rules(value: Any) -> tuple[dict[str, Any], ...]:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise ValueError("expected a list of trust rules (mappings)")
-    return tuple(value)
+def _trust_rules(value: Any) -> tuple[TrustRule, ...]:
+    # Strict per-rule validation (ConfigError naming `oidc.trust[i].key`) lives with the exchange.
+    from gateway.oidc import parse_trust_rules
+
+    return parse_trust_rules(value)
 
 
 def _path_value(value: Any) -> str:
+    return _str(value)
+
+
+def _optional_path(value: Any) -> str | None:
+    # `none` (or an empty value) switches the feature off.
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
     return _str(value)
 
 
@@ -239,7 +251,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "connect_timeout_s": ("upstream_connect_timeout_s", _positive_float),
         "read_timeout_s": ("upstream_read_timeout_s", _positive_float),
     },
-    "policy": {"model": ("policy_model", _path_value), "policy": ("policy_policy", _path_value)},
+    "policy": {"model": ("policy_model", _path_value), "policy": ("policy_policy", _path_value),
+               "constraints": ("policy_constraints", _optional_path)},
     "environments": {"rules": ("environment_rules", _env_rules), "default": ("environment_default", _str)},
     "tokens": {
         "issuer": ("tokens_issuer", _str),
@@ -257,7 +270,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
     },
     "oidc": {"trust": ("oidc_trust", _trust_rules)},
 }
-_PATH_FIELDS = {"upstream_token_file", "policy_model", "policy_policy", "tokens_keyring"}
+_PATH_FIELDS = {"upstream_token_file", "policy_model", "policy_policy", "policy_constraints", "tokens_keyring"}
 _STRUCTURED = {"environment_rules", "oidc_trust", "audit_sinks", "routes"}
 
 
@@ -320,12 +333,12 @@ def build_config(raw: Mapping[str, Any], *, base_dir: Path, source: str,
     resolved: dict[str, Any] = {}
     for name, value in values.items():
         if name in _PATH_FIELDS:
-            resolved[name] = _resolve(base_dir, value)
+            resolved[name] = None if value is None else _resolve(base_dir, value)
         elif name == "routes":
             resolved[name] = tuple(_resolve(base_dir, v) for v in value)
         else:
             resolved[name] = value
-    for name in ("policy_model", "policy_policy", "tokens_keyring"):
+    for name in ("policy_model", "policy_policy", "policy_constraints", "tokens_keyring"):
         resolved.setdefault(name, _resolve(base_dir, str(getattr(Config, name))))
     config = Config(base_dir=base_dir, source=source, **resolved)
     if config.tokens_default_ttl_s > config.tokens_max_ttl_s:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from gateway.constraints import VolumeOwnership, enforce
 from gateway.errors import BadRequest, Forbidden, GatewayError, StateUnavailable, TooLarge, Unauthenticated, error_body
 from gateway.grants import Grant
 from gateway.paths import Target, canonicalize
@@ -29,6 +31,7 @@ log = logging.getLogger("scopegate")
 Scope = dict[str, Any]
 Message = dict[str, Any]
 _LISTING_LIMIT = 32 * 1024 * 1024
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class Proxy:
@@ -85,10 +88,45 @@ class Proxy:
                           token_name=claims.name, org_filtered=resolved.route.filter_apps)
         if not decision.allowed:
             raise Forbidden(decision.reason)
+        if decision.grant is not None and resolved.app is not None and env is not None:
+            constraints = state.constraints.applicable(decision.grant.role, env, resolved.action)
+            if constraints:
+                if body is None:
+                    body = await read_body(receive, state.max_body_bytes)
+                await enforce(constraints, app=resolved.app, body=body, ownership=self.ownership(request_id))
         await state.limiter.check(claims.jti, claims.name)
         record.update(decision="allow", reason=decision.reason)
         record["status"] = await self.forward(scope, receive, send, target, resolved, claims, body, request_id,
                                               record)
+
+    def ownership(self, request_id: str) -> VolumeOwnership:
+        """Asks the upstream whether a volume or snapshot belongs to an app (for constraints)."""
+        upstream = self.state.upstream
+
+        async def volume_of(app: str, volume: str) -> bool:
+            if not _SAFE_ID.fullmatch(volume):
+                return False
+            status, document = await upstream.get_json(f"/v1/apps/{app}/volumes/{volume}", request_id)
+            return status == 200 and isinstance(document, dict) and document.get("id") == volume
+
+        async def snapshot_of(app: str, snapshot: str) -> bool:
+            if not _SAFE_ID.fullmatch(snapshot):
+                return False
+            status, volumes = await upstream.get_json(f"/v1/apps/{app}/volumes", request_id)
+            if status != 200 or not isinstance(volumes, list):
+                return False
+            for volume in volumes:
+                volume_id = volume.get("id") if isinstance(volume, dict) else None
+                if not isinstance(volume_id, str) or not _SAFE_ID.fullmatch(volume_id):
+                    continue
+                status, snapshots = await upstream.get_json(f"/v1/apps/{app}/volumes/{volume_id}/snapshots",
+                                                            request_id)
+                if status == 200 and isinstance(snapshots, list) and any(
+                        isinstance(item, dict) and item.get("id") == snapshot for item in snapshots):
+                    return True
+            return False
+
+        return VolumeOwnership(volume_of, snapshot_of)
 
     async def authenticate(self, scope: Scope, target: Target) -> Claims:
         if b"sgt_" in target.raw_query or b"access_token=" in target.raw_query.lower():

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.config import Config
+from gateway.constraints import ConstraintSet
 from gateway.errors import ConfigError
 from gateway.keyring import Keyring
 from gateway.metrics import GatewayMetrics
+from gateway.oidc import TokenExchanger
 from gateway.policy import EnvironmentResolver, PolicyEngine
 from gateway.ratelimit import Limiter, RateLimiter
 from gateway.registry import TokenRegistry
@@ -42,6 +44,7 @@ class GatewayState:
     store: TokenStore
     policy: PolicyEngine
     routes: RouteTable
+    constraints: ConstraintSet
     environments: EnvironmentResolver
     audit: AuditLog
     limiter: Limiter
@@ -50,6 +53,7 @@ class GatewayState:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     watcher: FileWatcher = field(default_factory=lambda: FileWatcher([]))
     ready: bool = False
+    oidc: TokenExchanger | None = None  # CI token exchange (oidc.trust); None: nothing trusted
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -58,6 +62,7 @@ class GatewayState:
         policy = PolicyEngine(config.policy_model, config.policy_policy)
         routes = RouteTable.load(config.routes)
         check_cross_references(policy, routes)
+        constraints = load_constraints(config, routes)
         store = open_store(config)
         issuer = TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience)
         registry = TokenRegistry(store, issuer, known_roles=policy.roles, default_ttl_s=config.tokens_default_ttl_s,
@@ -66,16 +71,21 @@ class GatewayState:
             config.upstream_url, auth_scheme=config.upstream_auth_scheme,
             credential=credential if credential is not None else config.upstream_credential(),
             connect_timeout_s=config.upstream_connect_timeout_s, read_timeout_s=config.upstream_read_timeout_s)
+        oidc = TokenExchanger(config.oidc_trust, registry=registry, store=store,
+                              gateway_audience=config.tokens_audience,
+                              known_roles=policy.roles()) if config.oidc_trust else None
         return cls(
+            oidc=oidc,
             config=config, keyring=keyring,
             verifier=TokenVerifier(keyring, config.tokens_issuer, config.tokens_audience),
-            registry=registry, store=store, policy=policy, routes=routes,
+            registry=registry, store=store, policy=policy, routes=routes, constraints=constraints,
             environments=EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                              config.environment_default),
             audit=AuditLog.from_config(config.audit_sinks, config.base_dir),
             limiter=RateLimiter(config.rate_limit_requests_per_second, config.rate_limit_burst),
             upstream=upstream, max_body_bytes=config.limits_max_body_bytes,
-            watcher=FileWatcher([config.policy_model, config.policy_policy, *config.routes, config.tokens_keyring]),
+            watcher=FileWatcher([config.policy_model, config.policy_policy, *config.routes, config.tokens_keyring,
+                                 *([config.policy_constraints] if config.policy_constraints else [])]),
         )
 
     async def authenticate(self, authorization: list[bytes]) -> Claims:
@@ -87,6 +97,8 @@ class GatewayState:
     async def start(self) -> None:
         await self.upstream.start()
         await self.registry.start()
+        if self.oidc is not None:
+            await self.oidc.start()  # the HTTP client for issuers' discovery documents and JWKS
         self._tasks = [asyncio.create_task(self._follow_store()), asyncio.create_task(self._follow_files())]
         self.ready = True
 
@@ -97,6 +109,8 @@ class GatewayState:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.upstream.close()
+        if self.oidc is not None:
+            await self.oidc.close()
         await self.store.close()
         self.audit.close()
 
@@ -107,11 +121,12 @@ class GatewayState:
             policy = PolicyEngine(config.policy_model, config.policy_policy)
             routes = RouteTable.load(config.routes)
             check_cross_references(policy, routes)
+            constraints = load_constraints(config, routes)
         except ConfigError as exc:
             self.metrics.policy_reloads.labels("failed").inc()
             log.error("policy reload refused, the last good policy keeps serving: %s", exc)
             return False
-        self.policy, self.routes = policy, routes
+        self.policy, self.routes, self.constraints = policy, routes, constraints
         self.registry.known_roles = policy.roles
         self.metrics.policy_reloads.labels("ok").inc()
         log.warning("policy reloaded: %d routes, %d policy lines", len(routes.routes), len(policy.policy_lines()))
@@ -187,6 +202,17 @@ class FileWatcher:
                 self._seen[path] = signature
                 changed.add(path)
         return changed
+
+
+def load_constraints(config: Config, routes: RouteTable) -> ConstraintSet:
+    constraints = ConstraintSet.load(config.policy_constraints)
+    known = routes.actions()
+    for constraint in constraints.constraints:
+        for pattern in constraint.actions:
+            if not any(fnmatchcase(action, pattern) for action in known):
+                raise ConfigError(f"{constraints.source}: constraint '{constraint.name}' names action {pattern!r}, "
+                                  "which no route produces")
+    return constraints
 
 
 def check_cross_references(policy: PolicyEngine, routes: RouteTable) -> None:

@@ -11,9 +11,11 @@ dropped; the upstream credential and the gateway's own X-Forwarded-* / X-Request
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
@@ -101,6 +103,20 @@ class UpstreamClient:
             headers["X-Forwarded-Host"] = host
         headers["X-Request-Id"] = request_id
         return headers
+
+    async def get_json(self, path: str, request_id: str) -> tuple[int, Any]:
+        """GET a gateway-built path (never a client's) for the gateway's own checks."""
+        headers: CIMultiDict[str] = CIMultiDict({"Authorization": self._authorization, "Accept": "application/json",
+                                                  "X-Request-Id": request_id})
+        response = await self.send("GET", path.encode("ascii"), headers, None)
+        try:
+            body = await response.read_all(4 * 1024 * 1024)
+        finally:
+            response.release()
+        try:
+            return response.status, json.loads(body) if body else None
+        except ValueError:
+            return response.status, None
 
     async def send(self, method: str, target: bytes, headers: CIMultiDict[str],
                    body: bytes | AsyncIterator[bytes] | None) -> UpstreamResponse:

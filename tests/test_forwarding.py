@@ -130,10 +130,13 @@ def test_declared_body_over_the_limit_is_413_and_not_forwarded(
             body_route = client.post("/v1/apps", content=json.dumps({"name": "web-pr-1", "pad": "z" * 2000}),
                                      headers=auth(token))
             assert body_route.status_code == 413
-            ok = client.post("/v1/apps/web/machines", content=b"x" * 1000, headers=auth(token))
-            assert ok.status_code == 200
-        complete = [r for r in running.upstream.received if r.complete]
-        assert len(complete) == 1 and complete[0].body == b"x" * 1000
+            # Exactly at the limit passes (a JSON body: constraints read machine bodies).
+            prefix = b'{"config":{},"pad":"'
+            at_limit = prefix + b"x" * (1000 - len(prefix) - 2) + b'"}'
+            ok = client.post("/v1/apps/web/machines", content=at_limit, headers=auth(token))
+            assert ok.status_code == 200, ok.text
+        complete = [r for r in running.upstream.received if r.complete and r.method == "POST"]
+        assert len(complete) == 1 and complete[0].body == at_limit
     finally:
         running.server.stop()
 
