@@ -70,10 +70,26 @@ def admin_openapi() -> dict[str, Any]:
                          "requestBody": _body("AttenuateRequest"),
                          "responses": {"201": _json("MintedToken", "The child token"), **_ERRORS}},
             },
+            "/_gateway/v1/token/exchange": {
+                "post": {"operationId": "exchangeToken", "security": [],
+                         "summary": "RFC 8693: a CI OIDC id token -> a short-lived scoped token (per oidc.trust)",
+                         "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
+                             "schema": {"$ref": "#/components/schemas/TokenExchangeRequest"}}}},
+                         "responses": {
+                             "200": _json("TokenExchangeResponse", "The gateway token (Cache-Control: no-store)"),
+                             "400": _json("OAuthError", "invalid_request, unsupported_grant_type, invalid_target "
+                                                        "or invalid_scope"),
+                             "401": _json("OAuthError", "invalid_grant: the id token is refused (signature, "
+                                                        "issuer, audience, times, claims, replay)"),
+                             "503": _json("OAuthError", "temporarily_unavailable: the issuer's keys or the "
+                                                        "store cannot be reached (Retry-After)")}},
+            },
             "/_gateway/v1/explain": {
                 "post": {"operationId": "explain", "summary": "Dry-run a request",
                          "requestBody": _body("ExplainRequest"),
-                         "responses": {"200": _json("Explanation", "The decision and why"), **_ERRORS}},
+                         "responses": {"200": _json("Explanation", "The decision and why"),
+                                       "422": _error("The token to explain is malformed, expired or revoked"),
+                                       **_ERRORS}},
             },
         },
         "components": {
@@ -92,6 +108,32 @@ def admin_openapi() -> dict[str, Any]:
                                      "properties": {"grants": {"type": "array", "minItems": 1,
                                                                "items": {"type": "string"}},
                                                     "ttl": _DURATION, "name": {"type": "string"}}},
+                "TokenExchangeRequest": {
+                    "type": "object", "required": ["grant_type", "subject_token", "subject_token_type"],
+                    "properties": {
+                        "grant_type": {"type": "string",
+                                       "enum": ["urn:ietf:params:oauth:grant-type:token-exchange"]},
+                        "subject_token": {"type": "string", "description": "the CI platform's OIDC id token"},
+                        "subject_token_type": {"type": "string",
+                                               "enum": ["urn:ietf:params:oauth:token-type:id_token",
+                                                        "urn:ietf:params:oauth:token-type:jwt"]},
+                        "requested_token_type": {"type": "string",
+                                                 "enum": ["urn:ietf:params:oauth:token-type:access_token"]},
+                        "audience": {"type": "string", "description": "if given, the gateway's tokens.audience"},
+                        "scope": {"type": "string",
+                                  "description": "space-separated grants: a subset of what the rules allow"}}},
+                "TokenExchangeResponse": {
+                    "type": "object", "required": ["access_token", "issued_token_type", "token_type", "expires_in"],
+                    "properties": {"access_token": {"type": "string", "example": "sgt_eyJhbGci..."},
+                                   "issued_token_type": {"type": "string",
+                                                         "enum": ["urn:ietf:params:oauth:token-type:access_token"]},
+                                   "token_type": {"type": "string", "enum": ["Bearer"]},
+                                   "expires_in": {"type": "integer"}, "scope": {"type": "string"}}},
+                "OAuthError": {"type": "object", "required": ["error"], "properties": {
+                    "error": {"type": "string", "enum": ["invalid_request", "invalid_grant", "invalid_target",
+                                                         "invalid_scope", "unsupported_grant_type",
+                                                         "temporarily_unavailable", "server_error"]},
+                    "error_description": {"type": "string"}}},
                 "ExplainRequest": {"type": "object", "required": ["method", "path"], "additionalProperties": False,
                                    "properties": {"method": {"type": "string"}, "path": {"type": "string"},
                                                   "body": {}, "grants": {"type": "array", "items": {"type": "string"}},
