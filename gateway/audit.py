@@ -1,20 +1,29 @@
 """Audit records: one JSON object per line for every request and admin operation.
 
 Records are built from names, never from token strings or the upstream credential: the only
-token identifiers that appear are `jti`, `sub` and `token_name`. Sinks: `stdout` and
-`file:PATH` (JSON lines, appended and flushed per record so a crash loses nothing written).
+token identifiers that appear are `jti`, `sub` and `token_name`. Sinks: `stdout`,
+`file:PATH` (JSON lines, appended and flushed per record so a crash loses nothing written) and
+`redis` (a stream in the store's Redis shared by every instance, shipped in the background).
 A sink that fails to write is reported on stderr once and does not stop the request: the
 decision has been taken, and denying traffic because a disk filled up is an outage, not safety.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from gateway.errors import ConfigError, redact
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 FIELDS = ("ts", "request_id", "jti", "sub", "token_name", "client_ip", "method", "path", "action", "app",
           "env", "decision", "reason", "status", "duration_ms", "upstream_ms")
@@ -52,13 +61,82 @@ class FileSink:
         self.handle.close()
 
 
+class RedisSink:
+    """The `redis` sink: records appended to a stream every instance shares (`XADD KEY MAXLEN ~ N *
+    record LINE`, read with XRANGE/XREAD). `write` never waits for Redis: lines go to a bounded
+    queue that a task on the running loop ships in pipelined batches. While Redis is down the
+    queue keeps the newest `queue_limit` lines and retries each second; older ones are dropped
+    and counted (reported on stderr once per outage)."""
+
+    def __init__(self, client: Redis, key: str, maxlen: int, *, queue_limit: int = 10_000,
+                 timeout_s: float = 1.0) -> None:
+        self.client = client
+        self.key = key
+        self.maxlen = maxlen
+        self.queue_limit = queue_limit
+        self.timeout_s = timeout_s
+        self.dropped = 0
+        self._queue: deque[str] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    def write(self, line: str) -> None:
+        if len(self._queue) >= self.queue_limit:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append(line)
+        if self._task is None or self._task.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: shipped by `drain`
+                self._task = asyncio.get_running_loop().create_task(self._ship())
+
+    async def _ship(self) -> None:
+        from redis.exceptions import RedisError
+
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    pipe = self.client.pipeline(transaction=False)
+                    for line in batch:
+                        pipe.xadd(self.key, {"record": line.rstrip("\n")}, maxlen=self.maxlen, approximate=True)
+                    await pipe.execute()
+                self._failing = False
+            except (RedisError, OSError, TimeoutError) as exc:
+                room = max(self.queue_limit - len(self._queue), 0)
+                self.dropped += max(len(batch) - room, 0)
+                self._queue.extendleft(reversed(batch[len(batch) - room:]))  # the newest that fit
+                if not self._failing:
+                    self._failing = True
+                    print(f"scopegate: audit sink redis failed ({exc.__class__.__name__}); records are kept "
+                          f"in memory (up to {self.queue_limit}) and retried", file=sys.stderr)
+                await asyncio.sleep(1.0)
+
+    async def drain(self, timeout_s: float = 2.0) -> None:
+        """Ship what is queued (at most `timeout_s`), e.g. before the store's connection closes."""
+        if self._queue and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._ship())
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            self.close()
+
+    def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
 class AuditLog:
     def __init__(self, sinks: Iterable[Sink]) -> None:
         self.sinks = list(sinks)
         self._failed: set[int] = set()
 
     @classmethod
-    def from_config(cls, specs: Iterable[str], base_dir: Path) -> AuditLog:
+    def from_config(cls, specs: Iterable[str], base_dir: Path, *,
+                    redis_sink: Callable[[], Sink] | None = None) -> AuditLog:
+        specs = list(specs)
+        if "redis" in specs and redis_sink is None:
+            raise ConfigError("audit.sinks: the redis sink writes to the Redis of store.url, which is not "
+                              "a redis:// store; use stdout or file:PATH, or move the store to Redis")
         sinks: list[Sink] = []
         for spec in specs:
             if spec == "stdout":
@@ -66,11 +144,24 @@ class AuditLog:
             elif spec.startswith("file:"):
                 raw = Path(spec[5:]).expanduser()
                 sinks.append(FileSink(raw if raw.is_absolute() else base_dir / raw))
+            elif spec == "redis" and redis_sink is not None:
+                sinks.append(redis_sink())
         return cls(sinks)
+
+    async def drain(self) -> None:
+        """Let sinks that write in the background (redis) finish what they hold."""
+        for sink in self.sinks:
+            if isinstance(sink, RedisSink):
+                await sink.drain()
 
     def emit(self, record: dict[str, Any]) -> None:
         record.setdefault("ts", _now_rfc3339())
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        line = json.dumps(record, separators=(",", ":"), default=str)
+        if "sgt_" in line:
+            # A token sent where a name belongs (path, body field) is kept out of the log.
+            line = json.dumps({k: redact(v) if isinstance(v, str) else v for k, v in record.items()},
+                              separators=(",", ":"), default=str)
+        line += "\n"
         for index, sink in enumerate(self.sinks):
             try:
                 sink.write(line)

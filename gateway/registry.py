@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.durations import format_duration
-from gateway.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from gateway.errors import BadRequest, Forbidden, NotFound, StateUnavailable, Unauthenticated
 from gateway.grants import Grant, GrantError, parse_grants
 from gateway.store import TokenRecord, TokenStore
 from gateway.tokens import Claims, TokenIssuer
@@ -41,6 +41,13 @@ class TokenRegistry:
         self._status: OrderedDict[str, tuple[bool, int]] = OrderedDict()  # jti -> (revoked, record exp)
         self._cursor = "0"
         self._last_used: dict[str, int] = {}
+        # Fail closed while the store is known to be down (set by the sync loop), and trust
+        # cached records only for `lease_s` after the change feed was last read (None: always,
+        # for a registry nobody syncs, e.g. the CLI's).
+        self.unavailable: str | None = None
+        self.lease_s: float | None = None
+        self._fresh_until = 0.0
+        self._generation = 0  # bumped whenever cached records are dropped
 
     # --- minting and administration ------------------------------------------------------------
 
@@ -90,6 +97,7 @@ class TokenRegistry:
     async def revoke(self, jti: str, *, reason: str | None) -> list[str]:
         await self.show(jti)
         revoked = await self.store.revoke(jti, reason=reason, at=int(self.clock()))
+        self._generation += 1
         for item in revoked:
             self._status.pop(item, None)
         return revoked
@@ -107,6 +115,7 @@ class TokenRegistry:
         lifetime = min(old.exp - old.iat, self.max_ttl_s)
         minted = await self.mint(grants=list(old.grants), ttl_s=lifetime, name=old.name, subject=old.sub, parent=jti)
         await self.store.shorten(jti, exp=now + grace_s)
+        self._generation += 1
         self._status.pop(jti, None)
         return minted
 
@@ -130,15 +139,22 @@ class TokenRegistry:
     # --- the hot path --------------------------------------------------------------------------
 
     async def check(self, claims: Claims) -> None:
-        """Raises Unauthenticated unless the token's record exists, is not revoked and not cut short."""
+        """Raises Unauthenticated unless the token's record exists, is not revoked and not cut short;
+        StateUnavailable while the store is down, even for a record in the cache."""
+        if self.unavailable is not None:
+            raise StateUnavailable(self.unavailable)
         status = self._status.get(claims.jti)
-        if status is None:
+        if status is None or (self.lease_s is not None and time.monotonic() > self._fresh_until):
+            generation = self._generation
             record = await self.store.get(claims.jti)
             if record is None:
                 raise Unauthenticated(f"token '{claims.name}' is not registered with this gateway "
                                       "(was it minted for another store?); ask for a new one")
             status = (record.revoked_at is not None, record.exp)
-            self._remember(claims.jti, status)
+            # A change that arrived while the store was being read may postdate what was read:
+            # then the answer serves this request but is not cached.
+            if generation == self._generation:
+                self._remember(claims.jti, status)
         revoked, not_after = status
         if revoked:
             raise Unauthenticated(f"token '{claims.name}' has been revoked; ask for a new one")
@@ -154,20 +170,35 @@ class TokenRegistry:
             self._status.popitem(last=False)
 
     def forget_all(self) -> None:
+        self._generation += 1
         self._status.clear()
+
+    @property
+    def cursor(self) -> str:
+        """Where in the store's change feed the last `sync` stopped."""
+        return self._cursor
+
+    def mark_unavailable(self, reason: str) -> None:
+        """The store failed: refuse (503) every check until a `sync` succeeds again."""
+        self.unavailable = reason
+        self.forget_all()
 
     async def start(self) -> None:
         self._cursor = await self.store.current_cursor()
+        self._fresh_until = time.monotonic() + (self.lease_s or 0.0)
 
     async def sync(self) -> None:
         """Drop cached records the change feed names, and record last use."""
         cursor, changed = await self.store.changes_since(self._cursor)
         if changed is None:
-            self._status.clear()
-        else:
+            self.forget_all()
+        elif changed:
+            self._generation += 1
             for jti in changed:
                 self._status.pop(jti, None)
         self._cursor = cursor
+        self.unavailable = None
+        self._fresh_until = time.monotonic() + (self.lease_s or 0.0)
         if self._last_used:
             pending, self._last_used = self._last_used, {}
             await self.store.touch(pending)

@@ -5,7 +5,8 @@ rejected even when its signature is good, so wiping the store fails closed. Ever
 appends to a change feed (`changes_since`) that other gateway processes poll to drop stale
 cache entries; that is how a revocation made by the CLI reaches a running server.
 
-Backends: `sqlite:///PATH` (this package's `sqlite.py`). `open_store` picks one by URL.
+Backends: `sqlite:///PATH` (this package's `sqlite.py`) and `redis://`, `rediss://`, `unix://`,
+`redis+sentinel://` (`redis.py`, shared by several instances). `open_store` picks one by URL.
 """
 
 from __future__ import annotations
@@ -79,4 +80,8 @@ def open_store(config: Config) -> TokenStore:
         from gateway.store.sqlite import SqliteStore
 
         return SqliteStore(config.store_sqlite_path())
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+        from gateway.store.redis import RedisStore
+
+        return RedisStore(config.store_url, prefix=config.store_prefix, timeout_ms=config.store_timeout_ms)
     raise ConfigError(f"store.url scheme {scheme!r} is not supported yet; use sqlite:///PATH")

@@ -1,0 +1,533 @@
+"""The shared store: Redis, for several gateway instances behind one load balancer.
+
+Keys (all under `store.prefix`, default `scopegate:`):
+
+    tok:{jti}        hash   one token record (sub, name, grants as JSON, iat, exp, parent, revoked_at, ...)
+    tokens           zset   every jti, scored by iat (the listing order)
+    children:{jti}   set    jtis derived from {jti} (rotations, attenuations): the revocation cascade
+    changes          stream the change feed: one entry {jti, n} per write, trimmed with MAXLEN ~
+    changes:n        string the feed's entry counter (`n` of the newest entry)
+    epoch            string a random id written when the feed starts; gone after FLUSHALL or a restart
+                            without persistence, which tells every instance to forget its cache
+    once:{key}       string the replay cache of `claim_once`, expiring at the claim's expiry
+    rl:{jti}         hash   a shared token bucket (`RedisRateLimiter`)
+    audit            stream the `redis` audit sink (gateway/audit.py)
+
+Every write that changes what a token may do (put, revoke with its cascade, shorten) is one Lua
+script, so it and its change-feed entry land together. Cursors of the feed are
+`EPOCH:STREAM-ID:N`; `changes_since` answers None (forget everything) when the epoch changed
+(flushed, or restarted empty), when the entry after the cursor is not N + 1 (trimmed away, or
+the stream was recreated), or when the stream went back behind the cursor (restored from an
+older snapshot).
+
+Fail closed: every call runs under the `store.timeout_ms` budget (socket connect and read
+timeouts, one immediate retry on a dropped connection, and an overall deadline); any Redis or
+socket error becomes StateUnavailable, i.e. 503 `state_unavailable`, never an allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from gateway.errors import ConfigError, RateLimited, StateUnavailable
+from gateway.store import TokenRecord
+
+DEFAULT_PREFIX = "scopegate:"
+DEFAULT_TIMEOUT_MS = 500
+FEED_MAXLEN = 100_000
+_FEED_BATCH = 10_000
+_CHUNK = 1_000
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+# Every feed entry carries `n`, a counter incremented with it, so a reader can tell whether it
+# saw every entry after its cursor: the next entry must be n + 1, else some were trimmed away.
+_APPEND = """
+local function append(stream, seq, maxlen, jti)
+  local n = redis.call('INCR', seq)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'jti', jti, 'n', n)
+end
+"""
+
+_PUT = _APPEND + """
+-- KEYS: record, tokens zset, changes stream, feed counter[, children set of the parent]
+-- ARGV: jti, iat, feed maxlen, field, value, ...
+-- A record put again (a repeated migration) never comes back to life and never gets longer:
+-- an existing revocation, an earlier expiry and a later last use are kept.
+local old = redis.call('HMGET', KEYS[1], 'revoked_at', 'revoked_reason', 'exp', 'last_used_at')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if old[1] then
+  redis.call('HSET', KEYS[1], 'revoked_at', old[1])
+  if old[2] then
+    redis.call('HSET', KEYS[1], 'revoked_reason', old[2])
+  else
+    redis.call('HDEL', KEYS[1], 'revoked_reason')
+  end
+end
+if old[3] and tonumber(old[3]) < tonumber(redis.call('HGET', KEYS[1], 'exp')) then
+  redis.call('HSET', KEYS[1], 'exp', old[3])
+end
+if old[4] then
+  local used = redis.call('HGET', KEYS[1], 'last_used_at')
+  if not used or tonumber(used) < tonumber(old[4]) then
+    redis.call('HSET', KEYS[1], 'last_used_at', old[4])
+  end
+end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if KEYS[5] then
+  redis.call('SADD', KEYS[5], ARGV[1])
+end
+append(KEYS[3], KEYS[4], ARGV[3], ARGV[1])
+return 1
+"""
+
+_REVOKE = _APPEND + """
+-- KEYS: changes stream, feed counter, the root record.
+-- ARGV: prefix, root jti, at, feed maxlen, has reason, reason
+-- Walks children:{jti} from the root (through what is already revoked), revokes what is live.
+local prefix, at, maxlen = ARGV[1], ARGV[3], ARGV[4]
+local queue, seen, revoked = {ARGV[2]}, {}, {}
+local i = 1
+while i <= #queue do
+  local jti = queue[i]
+  i = i + 1
+  if not seen[jti] then
+    seen[jti] = true
+    local key = prefix .. 'tok:' .. jti
+    if redis.call('EXISTS', key) == 1 and not redis.call('HGET', key, 'revoked_at') then
+      redis.call('HSET', key, 'revoked_at', at)
+      if ARGV[5] == '1' then
+        redis.call('HSET', key, 'revoked_reason', ARGV[6])
+      else
+        redis.call('HDEL', key, 'revoked_reason')
+      end
+      append(KEYS[1], KEYS[2], maxlen, jti)
+      revoked[#revoked + 1] = jti
+    end
+    local children = redis.call('SMEMBERS', prefix .. 'children:' .. jti)
+    for _, child in ipairs(children) do
+      queue[#queue + 1] = child
+    end
+  end
+end
+return revoked
+"""
+
+_SHORTEN = _APPEND + """
+-- KEYS: record, changes stream, feed counter.  ARGV: exp, jti, feed maxlen
+local current = redis.call('HGET', KEYS[1], 'exp')
+if current and tonumber(ARGV[1]) < tonumber(current) then
+  redis.call('HSET', KEYS[1], 'exp', ARGV[1])
+end
+append(KEYS[2], KEYS[3], ARGV[3], ARGV[2])
+return 1
+"""
+
+_TOUCH = """
+-- KEYS: records.  ARGV: last use per record, same order
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local used = redis.call('HGET', key, 'last_used_at')
+    if not used or tonumber(used) < tonumber(ARGV[i]) then
+      redis.call('HSET', key, 'last_used_at', ARGV[i])
+    end
+  end
+end
+return 1
+"""
+
+_FEED = """
+-- KEYS: epoch, changes stream, feed counter.
+-- ARGV: mode (since|current), cursor epoch, cursor id, cursor n, count, fresh epoch
+-- Returns {epoch, id, n, 'ok'|'reset', jti...}; 'reset': the feed cannot say what changed since
+-- the cursor (new epoch, entries trimmed away, stream rewound or gone), forget every cached record.
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('SET', KEYS[1], epoch)
+end
+local function field(fields, name)
+  for j = 1, #fields, 2 do
+    if fields[j] == name then
+      return fields[j + 1]
+    end
+  end
+  return nil
+end
+local function current(status)
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+    if top[1] then
+      return {epoch, top[1][1], tonumber(field(top[1][2], 'n')) or 0, status}
+    end
+  end
+  return {epoch, '0-0', tonumber(redis.call('GET', KEYS[3])) or 0, status}
+end
+if ARGV[1] == 'current' then
+  return current('ok')
+end
+if ARGV[2] ~= epoch then
+  return current('reset')
+end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if not ms then
+    return nil
+  end
+  return tonumber(ms), tonumber(seq)
+end
+local cursor, expect = ARGV[3], tonumber(ARGV[4])
+if not parse(cursor) or not expect then
+  return current('reset')
+end
+local last = '0-0'
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  last = field(info, 'last-generated-id')
+end
+local lm, ls = parse(last)
+local cm, cs = parse(cursor)
+if lm < cm or (lm == cm and ls < cs) then
+  return current('reset')
+end
+local out = {epoch, cursor, expect, 'ok'}
+local entries = redis.call('XRANGE', KEYS[2], '(' .. cursor, '+', 'COUNT', ARGV[5])
+for _, entry in ipairs(entries) do
+  local n = tonumber(field(entry[2], 'n'))
+  if n ~= expect + 1 then
+    return current('reset')
+  end
+  expect = n
+  out[2], out[3] = entry[1], n
+  out[#out + 1] = field(entry[2], 'jti')
+end
+return out
+"""
+
+_BUCKET = """
+-- KEYS: bucket.  ARGV: rate per second, burst, ttl ms.  Returns {allowed 0|1, wait ms}.
+-- Redis's own clock, so instances with skewed clocks share one bucket correctly.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens, ts = tonumber(state[1]), tonumber(state[2])
+if not tokens or not ts then
+  tokens, ts = burst, now
+end
+if now > ts then
+  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+else
+  now = ts
+end
+local allowed, wait = 0, 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = math.ceil((1 - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {allowed, wait}
+"""
+
+
+def is_redis_url(url: str) -> bool:
+    return url.partition(":")[0] in REDIS_SCHEMES
+
+
+def connect(url: str, *, timeout_s: float, extra_read_s: float = 0.0) -> tuple[Redis, list[Redis]]:
+    """A client whose every call gives up after the budget: connect and read timeouts of
+    `timeout_s` (plus `extra_read_s` for blocking reads), one immediate retry when a pooled
+    connection turns out dropped (a Redis restart), none on timeouts. Also the helper clients
+    to close with it (a Sentinel URL's connections to the sentinels)."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s + extra_read_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "decode_responses": True,
+        "client_name": "scopegate",
+    }
+    scheme = url.partition(":")[0]
+    if scheme.endswith("+sentinel"):
+        return _sentinel_client(url, options)
+    try:
+        return Redis.from_url(url, **options), []
+    except ValueError as exc:
+        raise ConfigError(f"store.url {redact(url)} is not a usable Redis URL ({exc})") from None
+
+
+def _sentinel_client(url: str, options: dict[str, Any]) -> tuple[Redis, list[Redis]]:
+    """`redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` (also `rediss+sentinel`):
+    the master of SERVICE as the sentinels report it, followed across failovers."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"store.url {redact(url)}: sentinel addresses are HOST:PORT, comma-separated")
+        hosts.append((host.strip("[]"), int(port)))
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigError(f"store.url {redact(url)}: expected .../SERVICE or .../SERVICE/DB after the sentinels")
+    service = path[0]
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        user, _, password = userinfo.partition(":")
+        if user:
+            options["username"] = unquote(user)
+        if password:
+            options["password"] = unquote(password)
+    options["db"] = int(path[1]) if len(path) == 2 else 0
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+    sentinel_options = {"socket_timeout": options["socket_connect_timeout"],
+                        "socket_connect_timeout": options["socket_connect_timeout"]}
+    for key, value in parse_qsl(parts.query):
+        if key == "sentinel_password":
+            sentinel_options["password"] = value
+        else:
+            raise ConfigError(f"store.url {redact(url)}: unknown option {key!r} (only sentinel_password)")
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
+    client: Redis = sentinel.master_for(service, redis_class=Redis)
+    return client, list(sentinel.sentinels)
+
+
+def redact(url: str) -> str:
+    """The URL without its passwords (user info, `*password*` query options), for messages."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{hosts}" if user else f":***@{hosts}")
+    if "password" in parts.query.lower():
+        parts = parts._replace(query="&".join(
+            f"{key}=***" if "password" in key.lower() else f"{key}={value}"
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)))
+    return parts.geturl()
+
+
+class RedisStore:
+    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout_ms: int = DEFAULT_TIMEOUT_MS,
+                 feed_maxlen: int = FEED_MAXLEN) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout_s = timeout_ms / 1000
+        self.feed_maxlen = feed_maxlen
+        self.client, self._helpers = connect(url, timeout_s=self.timeout_s)
+        # Connect, read, one retry after a dropped connection, plus slack: never much longer.
+        self._deadline_s = 3 * self.timeout_s + 0.05
+        self._put = self.client.register_script(_PUT)
+        self._revoke = self.client.register_script(_REVOKE)
+        self._shorten = self.client.register_script(_SHORTEN)
+        self._touch = self.client.register_script(_TOUCH)
+        self._feed = self.client.register_script(_FEED)
+        self._bucket = self.client.register_script(_BUCKET)
+        self._k_tokens = prefix + "tokens"
+        self._k_changes = prefix + "changes"
+        self._k_epoch = prefix + "epoch"
+        self._k_seq = prefix + "changes:n"
+        self._feed_keys = [self._k_epoch, self._k_changes, self._k_seq]
+        self._watcher: Redis | None = None  # its own connection, blocked in XREAD (wait_for_change)
+        self._watch_failed = False
+
+    def _record_key(self, jti: str) -> str:
+        return f"{self.prefix}tok:{jti}"
+
+    @asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        """Every Redis failure, and every call over the budget, is StateUnavailable (503)."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                yield
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Clients see this message: it names no host (the URL is in the operator's config).
+            raise StateUnavailable(
+                f"the shared token store (Redis) is unavailable or slower than store.timeout_ms "
+                f"({what}: {exc.__class__.__name__}); the request was not forwarded, retry shortly"
+            ) from None
+
+    # --- token records -------------------------------------------------------------------------
+
+    async def put(self, record: TokenRecord) -> None:
+        fields: list[str | int] = []
+        for name, value in _fields(record).items():
+            fields += [name, value]
+        keys = [self._record_key(record.jti), self._k_tokens, self._k_changes, self._k_seq]
+        if record.parent is not None:
+            keys.append(f"{self.prefix}children:{record.parent}")
+        async with self._guard("put"):
+            await self._put(keys=keys, args=[record.jti, record.iat, self.feed_maxlen, *fields])
+
+    async def get(self, jti: str) -> TokenRecord | None:
+        async with self._guard("get"):
+            data = await self.client.hgetall(self._record_key(jti))
+        return _record(jti, data) if data else None
+
+    async def records(self, *, include_revoked: bool = True) -> list[TokenRecord]:
+        out: list[TokenRecord] = []
+        async with self._guard("records"):
+            jtis = [str(j) for j in await self.client.zrange(self._k_tokens, 0, -1)]
+        for start in range(0, len(jtis), _CHUNK):
+            chunk = jtis[start:start + _CHUNK]
+            async with self._guard("records"):
+                pipe = self.client.pipeline(transaction=False)
+                for jti in chunk:
+                    pipe.hgetall(self._record_key(jti))
+                rows = await pipe.execute()
+            for jti, data in zip(chunk, rows, strict=True):
+                if data:
+                    record = _record(jti, data)
+                    if include_revoked or record.revoked_at is None:
+                        out.append(record)
+        return out
+
+    async def revoke(self, jti: str, *, reason: str | None, at: int) -> list[str]:
+        async with self._guard("revoke"):
+            revoked = await self._revoke(
+                keys=[self._k_changes, self._k_seq, self._record_key(jti)],
+                args=[self.prefix, jti, at, self.feed_maxlen, "0" if reason is None else "1", reason or ""])
+        return [str(item) for item in revoked]
+
+    async def shorten(self, jti: str, *, exp: int) -> None:
+        async with self._guard("shorten"):
+            await self._shorten(keys=[self._record_key(jti), self._k_changes, self._k_seq],
+                                args=[exp, jti, self.feed_maxlen])
+
+    async def touch(self, last_used: dict[str, int]) -> None:
+        items = list(last_used.items())
+        for start in range(0, len(items), _CHUNK):
+            chunk = items[start:start + _CHUNK]
+            async with self._guard("touch"):
+                await self._touch(keys=[self._record_key(jti) for jti, _ in chunk], args=[at for _, at in chunk])
+
+    # --- the change feed -----------------------------------------------------------------------
+
+    async def changes_since(self, cursor: str) -> tuple[str, list[str] | None]:
+        epoch, _, rest = cursor.partition(":")
+        position, _, count = rest.partition(":")
+        async with self._guard("changes"):
+            reply = await self._feed(keys=self._feed_keys, args=[
+                "since", epoch, position or "-", count or "-", _FEED_BATCH, secrets.token_hex(8)])
+        new_cursor = f"{reply[0]}:{reply[1]}:{reply[2]}"
+        if reply[3] == "reset":
+            return new_cursor, None
+        return new_cursor, [str(jti) for jti in reply[4:]]
+
+    async def current_cursor(self) -> str:
+        async with self._guard("cursor"):
+            reply = await self._feed(keys=self._feed_keys, args=["current", "", "", "", 0, secrets.token_hex(8)])
+        return f"{reply[0]}:{reply[1]}:{reply[2]}"
+
+    # --- the rest ------------------------------------------------------------------------------
+
+    async def claim_once(self, key: str, *, expires_at: int) -> bool:
+        # A claim is held at least a second, so that an already-expired one still cannot be
+        # replayed within the same second (the SQLite store behaves the same way).
+        until = max(expires_at, int(time.time()) + 1)
+        async with self._guard("claim"):
+            claimed = await self.client.set(f"{self.prefix}once:{key}", "1", nx=True, exat=until)
+        return bool(claimed)
+
+    async def take(self, key: str, *, rate: float, burst: int) -> int:
+        """One request from the shared bucket `key`: 0 when allowed, else the ms to wait."""
+        ttl_ms = math.ceil(burst / rate * 1000) + 1000
+        async with self._guard("rate limit"):
+            allowed, wait = await self._bucket(keys=[f"{self.prefix}rl:{key}"], args=[rate, burst, ttl_ms])
+        return 0 if int(allowed) == 1 else max(1, int(wait))
+
+    async def ping(self) -> None:
+        async with self._guard("ping"):
+            await self.client.ping()
+
+    async def wait_for_change(self, cursor: str, timeout_s: float) -> None:
+        """Return as soon as the feed has an entry after `cursor`, after `timeout_s`, or at once
+        when the connection breaks (Redis stopped or restarted): the caller syncs next, so a
+        revocation or an outage is seen within milliseconds rather than at the next poll. After
+        a second failure in a row it just waits `timeout_s` (the caller is polling a dead store)."""
+        position = cursor.partition(":")[2].partition(":")[0] or "0-0"
+        if self._watcher is None:
+            self._watcher, helpers = connect(self.url, timeout_s=self.timeout_s, extra_read_s=timeout_s)
+            self._helpers += helpers
+        try:
+            await self._watcher.xread({self._k_changes: position}, count=1, block=max(1, int(timeout_s * 1000)))
+            self._watch_failed = False
+        except (RedisError, OSError, TimeoutError):
+            if self._watch_failed:
+                await asyncio.sleep(timeout_s)
+            self._watch_failed = True
+
+    async def close(self) -> None:
+        # Closing never fails a shutdown, even when Redis is already gone.
+        for client in (self.client, self._watcher, *self._helpers):
+            if client is None:
+                continue
+            try:
+                async with asyncio.timeout(self._deadline_s):
+                    await client.aclose()
+            except (RedisError, OSError, TimeoutError):
+                pass
+
+
+class RedisRateLimiter:
+    """The token bucket of `gateway.ratelimit.RateLimiter`, kept in Redis and shared by every
+    instance: one atomic script per request refills and takes (`RedisStore.take`)."""
+
+    def __init__(self, store: RedisStore, rate: float, burst: int) -> None:
+        self.store = store
+        self.rate = rate
+        self.burst = max(burst, 1) if rate > 0 else 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    async def check(self, key: str, token_name: str) -> None:
+        if not self.enabled:
+            return
+        wait_ms = await self.store.take(key, rate=self.rate, burst=self.burst)
+        if wait_ms:
+            retry = math.ceil(wait_ms / 1000)
+            raise RateLimited(f"token '{token_name}' is over its rate of {self.rate:g} requests/s "
+                              f"(burst {self.burst}); retry after {retry}s", retry_after_s=retry)
+
+
+def _fields(record: TokenRecord) -> dict[str, str | int]:
+    fields: dict[str, str | int] = {"sub": record.sub, "name": record.name, "grants": json.dumps(list(record.grants)),
+                                    "iat": record.iat, "exp": record.exp}
+    optional: dict[str, str | int | None] = {"parent": record.parent, "revoked_at": record.revoked_at,
+                                             "revoked_reason": record.revoked_reason,
+                                             "last_used_at": record.last_used_at}
+    fields.update({name: value for name, value in optional.items() if value is not None})
+    return fields
+
+
+def _record(jti: str, data: dict[Any, Any]) -> TokenRecord:
+    def number(name: str) -> int | None:
+        value = data.get(name)
+        return None if value is None else int(value)
+
+    parent, reason = data.get("parent"), data.get("revoked_reason")
+    return TokenRecord(
+        jti=jti, sub=str(data["sub"]), name=str(data["name"]), grants=tuple(json.loads(data["grants"])),
+        iat=int(data["iat"]), exp=int(data["exp"]), parent=None if parent is None else str(parent),
+        revoked_at=number("revoked_at"), revoked_reason=None if reason is None else str(reason),
+        last_used_at=number("last_used_at"),
+    )
