@@ -18,7 +18,6 @@ is refused too: a constraint that cannot be checked does not pass.
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import yaml
 
 from gateway.errors import BadRequest, ConfigError, Forbidden
+from gateway.jsonbody import load_strict
 
 # (app, volume id) -> does the volume belong to the app? / (app, snapshot id) -> same for snapshots.
 OwnershipCheck = Callable[[str, str], Awaitable[bool]]
@@ -150,10 +150,8 @@ async def enforce(constraints: tuple[Constraint, ...], *, app: str, body: bytes 
     """Raises Forbidden naming the field that breaks a constraint."""
     if not constraints:
         return
-    try:
-        document = json.loads(body or b"{}")
-    except ValueError:
-        raise BadRequest("the request body must be JSON: a constraint applies to it") from None
+    # Keys come back case folded and unique (see jsonbody.py), so `Image` cannot hide an image.
+    document = load_strict(body or b"{}", "the request body (a constraint applies to it)")
     if not isinstance(document, dict):
         raise BadRequest("the request body must be a JSON object: a constraint applies to it")
     config = document.get("config") or {}

@@ -8,6 +8,8 @@ credentials.
 
 from __future__ import annotations
 
+import re
+
 
 class GatewayError(Exception):
     status: int = 500
@@ -47,6 +49,18 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class Unprocessable(GatewayError):
+    """Well-formed request naming something unusable, e.g. a revoked token to explain."""
+
+    status = 422
+    code = "unprocessable"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    code = "request_timeout"
+
+
 class TooLarge(GatewayError):
     status = 413
     code = "too_large"
@@ -79,5 +93,14 @@ class ConfigError(Exception):
     """A configuration, keyring or policy file that cannot be used; the CLI exits 2."""
 
 
+# A token the client put where a name belongs (a path segment, a field) must not be echoed back
+# or written to the audit log: it stays recognisable (`sgt_`) but its body is cut.
+TOKEN_TEXT = re.compile(r"sgt_[A-Za-z0-9_\-.=%~+/]+")
+
+
+def redact(text: str) -> str:
+    return TOKEN_TEXT.sub("sgt_[redacted]", text) if "sgt_" in text else text
+
+
 def error_body(error: GatewayError, request_id: str) -> dict[str, str]:
-    return {"error": error.code, "message": error.message, "request_id": request_id}
+    return {"error": error.code, "message": redact(error.message), "request_id": request_id}

@@ -8,6 +8,7 @@ written in `finally`, allowed or denied.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -15,9 +16,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from gateway.constraints import VolumeOwnership, enforce
-from gateway.errors import BadRequest, Forbidden, GatewayError, StateUnavailable, TooLarge, Unauthenticated, error_body
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    RequestTimeout,
+    StateUnavailable,
+    TooLarge,
+    Unauthenticated,
+    error_body,
+)
 from gateway.grants import Grant
 from gateway.paths import Target, canonicalize
 from gateway.policy import decide
@@ -31,6 +42,7 @@ log = logging.getLogger("scopegate")
 Scope = dict[str, Any]
 Message = dict[str, Any]
 _LISTING_LIMIT = 32 * 1024 * 1024
+BODY_IDLE_TIMEOUT_S = 5.0
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
@@ -70,6 +82,7 @@ class Proxy:
     async def handle(self, scope: Scope, receive: Any, send: Any, record: dict[str, Any], request_id: str) -> None:
         state = self.state
         target = canonicalize(*request_target(scope))
+        check_headers(scope)
         record["path"] = target.raw_path.decode("ascii")
         claims = await self.authenticate(scope, target)
         record.update(jti=claims.jti, sub=claims.sub, token_name=claims.name)
@@ -129,8 +142,10 @@ class Proxy:
         return VolumeOwnership(volume_of, snapshot_of)
 
     async def authenticate(self, scope: Scope, target: Target) -> Claims:
-        if b"sgt_" in target.raw_query or b"access_token=" in target.raw_query.lower():
-            raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
+        if target.raw_query:
+            query = unquote_to_bytes(target.raw_query).lower()
+            if b"sgt_" in query or b"access_token" in query:
+                raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
         return await self.state.authenticate([v for k, v in scope["headers"] if k == b"authorization"])
 
     async def forward(self, scope: Scope, receive: Any, send: Any, target: Target, resolved: Resolved,
@@ -153,7 +168,7 @@ class Proxy:
                 raise stream.error from None
             raise
         try:
-            if resolved.route.filter_apps and response.status == 200:
+            if resolved.route.filter_apps and 200 <= response.status < 300:
                 listing = await response.read_all(_LISTING_LIMIT)
                 record["upstream_ms"] = _ms_since(response.started)
                 filtered = filter_app_listing(listing, claims.grants, state)
@@ -207,6 +222,12 @@ def request_target(scope: Scope) -> tuple[bytes, bytes]:
     return path, scope.get("query_string", b"")
 
 
+def check_headers(scope: Scope) -> None:
+    hosts = sum(1 for name, _ in scope["headers"] if name == b"host")
+    if hosts > 1:
+        raise BadRequest("more than one Host header; send exactly one")
+
+
 def check_declared_length(scope: Scope, limit: int) -> None:
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -241,7 +262,11 @@ class BodyStream:
     async def chunks(self) -> AsyncIterator[bytes]:
         seen = 0
         while True:
-            message = await self.receive()
+            try:
+                message = await asyncio.wait_for(self.receive(), BODY_IDLE_TIMEOUT_S)
+            except TimeoutError:
+                self.error = RequestTimeout(f"the request body stalled for {BODY_IDLE_TIMEOUT_S:g}s; send it promptly")
+                raise self.error from None
             if message["type"] == "http.disconnect":
                 self.error = BadRequest("the client disconnected before sending the whole body")
                 raise self.error

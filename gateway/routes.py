@@ -9,7 +9,6 @@ query and body into the (app, action) the decision needs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 
 from gateway.errors import BadRequest, ConfigError, Forbidden, UnknownRoute
 from gateway.grants import APP_NAME
+from gateway.jsonbody import load_strict
 
 AppSource = Literal["path", "body", "none"]
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -145,13 +145,13 @@ def _query_flag_set(query: bytes, name: str) -> bool:
 
 def _app_from_body(route: Route, body: bytes | None) -> str:
     fields = " or ".join(repr(f) for f in route.app_fields)
-    try:
-        document = json.loads(body or b"")
-    except ValueError:
-        raise BadRequest(f"{route.method} {route.path} needs a JSON body with the app name in {fields}") from None
+    if not body:
+        raise BadRequest(f"{route.method} {route.path} needs a JSON body with the app name in {fields}")
+    document = load_strict(body)
     if not isinstance(document, dict):
         raise BadRequest(f"{route.method} {route.path} needs a JSON object body with {fields}")
-    given = [document[f] for f in route.app_fields if f in document]
+    # Keys come back case folded: `Name` and `NAME` are `name` to the upstream too.
+    given = [document[f.casefold()] for f in route.app_fields if f.casefold() in document]
     if not given:
         raise BadRequest(f"{route.method} {route.path} needs the app name in the body field {fields}")
     if not all(isinstance(name, str) for name in given):

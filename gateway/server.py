@@ -1,9 +1,16 @@
-"""Running the gateway under uvicorn.
+"""Running the gateway under uvicorn, with the limits a front door needs.
 
-uvicorn's httptools protocol parses absolute-form targets (`GET http://host/path`) and drops
-fragments before the application sees them, so the gateway could not refuse them. `TargetProtocol`
-keeps the request line's target as received in the scope extension `scopegate.request_target`,
-which `proxy.request_target` prefers over `raw_path` and `query_string`.
+`TargetProtocol` extends uvicorn's httptools protocol in three ways:
+- it keeps the request line's target as received in the scope extension
+  `scopegate.request_target` (httptools parses absolute-form targets and drops fragments before
+  the application sees them, so the gateway could not refuse them); `proxy.request_target`
+  prefers it over `raw_path`;
+- a client must finish its request line and headers within `HEADER_TIMEOUT_S` of connecting (or
+  of starting the next request on a kept-alive connection), else 408 and the connection closes:
+  idle or slow clients cannot hold the connection cap;
+- chunked trailers never join the request's headers (the scope gets its own copy);
+- the request line and headers together may not exceed `MAX_HEADER_BYTES` nor `MAX_HEADERS`
+  fields (httptools ignores uvicorn's h11 size setting), else 431.
 """
 
 from __future__ import annotations
@@ -16,9 +23,46 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import GatewayApp
 
+HEADER_TIMEOUT_S = 5.0
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 100
+
+
+class HeaderSectionTooLarge(Exception):
+    pass
+
 
 class TargetProtocol(HttpToolsProtocol):
+    _header_timer: asyncio.TimerHandle | None = None
+    _header_bytes = 0
+    _header_count = 0
+    _too_large = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = self._header_count = 0
+        if self._header_timer is None:
+            self._start_header_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        self._stop_header_timer()
         target = bytes(self.url)
         super().on_headers_complete()
         # super() created the scope and scheduled (not yet ran) the ASGI task: adding to the
@@ -26,6 +70,43 @@ class TargetProtocol(HttpToolsProtocol):
         if getattr(self, "scope", None) is not None:
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions["scopegate.request_target"] = target
+            # httptools reports chunked trailers through on_header, which appends to the list the
+            # scope shares: give the application its own copy, so trailers never become headers.
+            self.scope["headers"] = list(self.scope["headers"])
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            self._send_and_close(b"431 Request Header Fields Too Large",
+                                 b"request line and headers are too large; send less than 64 KiB in at most 100 fields")
+        else:
+            super().send_400_response(msg)
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_HEADER_BYTES or self._header_count > MAX_HEADERS:
+            self._too_large = True
+            raise HeaderSectionTooLarge  # httptools turns this into a parser error: send_400_response
+
+    def _start_header_timer(self) -> None:
+        self._stop_header_timer()
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self._send_and_close(b"408 Request Timeout",
+                                 b"the request line and headers did not arrive in time")
+
+    def _send_and_close(self, status: bytes, message: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                             b"content-length: " + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n"
+                             + message)
+        self.transport.close()
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, workers: int = 1, factory: bool = False,
@@ -33,7 +114,7 @@ def uvicorn_config(app: Any, *, host: str, port: int, workers: int = 1, factory:
     return uvicorn.Config(
         app, host=host, port=port, workers=workers, factory=factory, http=TargetProtocol, loop="auto",
         lifespan="on", access_log=False, log_level=log_level, server_header=False, date_header=False,
-        proxy_headers=False, h11_max_incomplete_event_size=64 * 1024, timeout_keep_alive=30,
+        proxy_headers=False, h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=30,
         limit_concurrency=2048,
     )
 

@@ -13,6 +13,7 @@ costs ~0.2 ms and every request would pay it.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -31,6 +32,7 @@ ALGORITHMS = ["EdDSA"]
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "jti", "iat", "nbf", "exp", "name", "grants")
 _FORBIDDEN_HEADERS = ("jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "crit")
 MAX_TOKEN_BYTES = 8192
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 LEEWAY_S = 5
 
 
@@ -52,8 +54,12 @@ class Claims:
 
 
 def new_jti() -> str:
-    # 160 random bits, URL-safe: above the 128 DESIGN asks for.
-    return secrets.token_urlsafe(20)
+    # 160 random bits, URL-safe: above the 128 DESIGN asks for. Never a leading '-', which a
+    # command line would read as an option (`scopegate token show -abc...`).
+    while True:
+        jti = secrets.token_urlsafe(20)
+        if not jti.startswith("-"):
+            return jti
 
 
 class TokenIssuer:
@@ -115,6 +121,9 @@ class TokenVerifier:
         if not presented.startswith(PREFIX):
             raise Unauthenticated("token must start with 'sgt_'; present the token exactly as it was minted")
         raw = presented[len(PREFIX):]
+        if not _COMPACT_JWS.fullmatch(raw):
+            # One spelling per token: no padding, no standard-base64 alphabet, no whitespace.
+            raise Unauthenticated("token is malformed; present the token exactly as it was minted")
         try:
             header = jwt.get_unverified_header(raw)
         except jwt.InvalidTokenError:

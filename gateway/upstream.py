@@ -93,7 +93,7 @@ class UpstreamClient:
                 host = value.decode("latin-1")
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in client_headers:
-            if name in DROP_REQUEST or name in named_by_connection:
+            if name in DROP_REQUEST or name in named_by_connection or name.startswith(b"x-forwarded-"):
                 continue
             headers.add(name.decode("latin-1"), value.decode("latin-1"))
         headers["Authorization"] = self._authorization
