@@ -133,6 +133,8 @@ def raw_request(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, d
                 length = _content_length(head)
                 if length is not None and len(rest) >= length:
                     break
+                if b"transfer-encoding: chunked" in head.lower() and rest.endswith(b"0\r\n\r\n"):
+                    break
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
