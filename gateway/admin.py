@@ -21,9 +21,18 @@ from starlette.routing import Route
 
 from gateway.admin_openapi import admin_openapi
 from gateway.durations import parse_duration
-from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, error_body
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    Unauthenticated,
+    Unprocessable,
+    error_body,
+)
 from gateway.explain import explain
 from gateway.grants import GrantError, parse_grants
+from gateway.oidc import exchange_endpoint
 from gateway.policy import decide
 from gateway.registry import MintedToken
 from gateway.state import GatewayState
@@ -37,7 +46,8 @@ class AdminContext:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
 
-    def endpoint(self, action: str | None, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(self, action: str | None, handler: Handler, *,
+                 audit_as: str | None = None) -> Callable[[Request], Awaitable[Response]]:
         """Authenticate, authorize `action` on the gateway (None: any valid token), run, audit."""
 
         async def run(request: Request) -> Response:
@@ -46,7 +56,7 @@ class AdminContext:
             record: dict[str, Any] = {
                 "request_id": request_id, "jti": None, "sub": None, "token_name": None,
                 "client_ip": request.client.host if request.client else "", "method": request.method,
-                "path": request.url.path, "action": action, "app": None, "env": None, "decision": "deny",
+                "path": request.url.path, "action": action or audit_as, "app": None, "env": None, "decision": "deny",
                 "reason": None, "status": 500, "upstream_ms": None,
             }
             try:
@@ -91,7 +101,25 @@ async def json_object(request: Request) -> dict[str, Any]:
         raise BadRequest("request body is not valid JSON; send a JSON object") from None
     if not isinstance(document, dict):
         raise BadRequest("request body must be a JSON object")
+    for key, value in document.items():
+        _check_text(value, key)
     return document
+
+
+def _check_text(value: Any, where: str) -> None:
+    # JSON can spell lone surrogates (\ud800) that no store, log or upstream can encode.
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"field '{where}' contains text that is not valid Unicode") from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_text(item, f"{where}.{key}")
 
 
 def field(document: dict[str, Any], name: str, kind: type, *, required: bool = False) -> Any:
@@ -222,7 +250,12 @@ def create_admin_app(state: GatewayState) -> Starlette:
                 raise Forbidden("explaining another token or grant set needs token-admin@gateway; "
                                 "omit 'grants' and 'token' to explain for your own token")
             if body.get("token") is not None:
-                other = state.verifier.verify(field(body, "token", str))
+                try:
+                    other = state.verifier.verify(field(body, "token", str))
+                    await state.registry.check(other)
+                except Unauthenticated as exc:
+                    # The token asked about is the request's data, not the caller's credential.
+                    raise Unprocessable(f"field 'token': {exc.message}") from None
                 grants, name = other.grants, other.name
             else:
                 try:
@@ -255,8 +288,11 @@ def create_admin_app(state: GatewayState) -> Starlette:
             Route(f"{v1}/tokens/{{jti}}", ctx.endpoint("gateway:show", show), methods=["GET"]),
             Route(f"{v1}/tokens/{{jti}}", ctx.endpoint("gateway:revoke", revoke), methods=["DELETE"]),
             Route(f"{v1}/tokens/{{jti}}/rotate", ctx.endpoint("gateway:rotate", rotate), methods=["POST"]),
-            Route(f"{v1}/token/attenuate", ctx.endpoint(None, attenuate), methods=["POST"]),
-            Route(f"{v1}/explain", ctx.endpoint(None, explain_endpoint), methods=["POST"]),
+            Route(f"{v1}/token/attenuate", ctx.endpoint(None, attenuate, audit_as="gateway:attenuate"),
+                  methods=["POST"]),
+            # RFC 8693, form-encoded; the subject token is the credential, so no bearer auth (audited inside).
+            Route(f"{v1}/token/exchange", exchange_endpoint(state), methods=["POST"]),
+            Route(f"{v1}/explain", ctx.endpoint(None, explain_endpoint, audit_as="gateway:explain"), methods=["POST"]),
         ],
         exception_handlers={404: not_found, 405: not_allowed},
     )

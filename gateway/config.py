@@ -10,6 +10,7 @@ no file). Secrets never live here: the upstream credential is read from the env 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,13 @@ REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 class EnvironmentRule:
     app: str
     env: str
+
+
+@dataclass(frozen=True)
+class RoleRateLimit:
+    role: str
+    requests_per_second: float
+    burst: int
 
 
 @dataclass(frozen=True)
@@ -60,10 +68,14 @@ class Config:
     tokens_default_ttl_s: int = 30 * 86400
     tokens_max_ttl_s: int = 90 * 86400
     store_url: str = "sqlite:///./.scopegate/state.db"
+    store_timeout_ms: int = 500
+    store_prefix: str = "scopegate:"
     audit_sinks: tuple[str, ...] = ("stdout",)
+    audit_redis_maxlen: int = 100_000
     limits_max_body_bytes: int = 10 * 1024 * 1024
     rate_limit_requests_per_second: float = 0.0
     rate_limit_burst: int = 0
+    rate_limit_roles: tuple[RoleRateLimit, ...] = ()
     oidc_trust: tuple[TrustRule, ...] = field(default=())
 
     def upstream_credential(self) -> str:
@@ -141,8 +153,8 @@ def _non_negative_float(value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError("expected a number") from None
-    if number < 0:
-        raise ValueError("expected a number, 0 or more")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("expected a finite number, 0 or more")
     return number
 
 
@@ -188,9 +200,33 @@ def _store_url(value: Any) -> str:
         if not text.startswith("sqlite:///") or len(text) <= len("sqlite:///"):
             raise ValueError("expected sqlite:///PATH (three slashes, then a path)")
         return text
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
         return text
-    raise ValueError("expected sqlite:///PATH, redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
+    raise ValueError("expected sqlite:///PATH, redis://HOST:PORT/DB or rediss://HOST:PORT/DB "
+                     "(also unix:///PATH?db=N, redis+sentinel://HOST:PORT,.../SERVICE/DB)")
+
+
+def _key_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value) or len(value) > 64:
+        raise ValueError("expected 1 to 64 characters without spaces, e.g. 'scopegate:'")
+    return value
+
+
+def _role_rate_limits(value: Any) -> tuple[RoleRateLimit, ...]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of role -> {requests_per_second: N, burst: N}")
+    limits = []
+    for role, body in value.items():
+        if not isinstance(role, str) or not role or not isinstance(body, dict) \
+                or not set(body) <= {"requests_per_second", "burst"} or "requests_per_second" not in body:
+            raise ValueError(f"role {role!r} needs a mapping with requests_per_second and optionally burst")
+        try:
+            rate = _non_negative_float(body["requests_per_second"])
+            burst = _non_negative_int(body.get("burst", 0))
+        except ValueError as exc:
+            raise ValueError(f"role {role!r}: {exc}") from None
+        limits.append(RoleRateLimit(role, rate, burst))
+    return tuple(limits)
 
 
 def _string_list(value: Any) -> tuple[str, ...]:
@@ -261,17 +297,19 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "default_ttl": ("tokens_default_ttl_s", _duration),
         "max_ttl": ("tokens_max_ttl_s", _duration),
     },
-    "store": {"url": ("store_url", _store_url)},
-    "audit": {"sinks": ("audit_sinks", _sinks)},
+    "store": {"url": ("store_url", _store_url), "timeout_ms": ("store_timeout_ms", _positive_int),
+              "prefix": ("store_prefix", _key_prefix)},
+    "audit": {"sinks": ("audit_sinks", _sinks), "redis_maxlen": ("audit_redis_maxlen", _positive_int)},
     "limits": {"max_body_bytes": ("limits_max_body_bytes", _positive_int)},
     "rate_limit": {
         "requests_per_second": ("rate_limit_requests_per_second", _non_negative_float),
         "burst": ("rate_limit_burst", _non_negative_int),
+        "roles": ("rate_limit_roles", _role_rate_limits),
     },
     "oidc": {"trust": ("oidc_trust", _trust_rules)},
 }
 _PATH_FIELDS = {"upstream_token_file", "policy_model", "policy_policy", "policy_constraints", "tokens_keyring"}
-_STRUCTURED = {"environment_rules", "oidc_trust", "audit_sinks", "routes"}
+_STRUCTURED = {"environment_rules", "oidc_trust", "audit_sinks", "routes", "rate_limit_roles"}
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *,

@@ -6,7 +6,7 @@ import math
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION = re.compile(r"\s*([0-9]+)\s*([smhdw])\s*")
 
 
 def parse_duration(text: str | int | float, *, allow_zero: bool = False) -> int:
@@ -18,10 +18,10 @@ def parse_duration(text: str | int | float, *, allow_zero: bool = False) -> int:
             raise ValueError(f"{text!r} is not a duration; write it like 90s, 15m, 1h or 30d")
         value = int(text)
     else:
-        match = _DURATION.match(text)
+        match = _DURATION.fullmatch(text)
         if match is not None:
             value = int(match.group(1)) * _UNITS[match.group(2)]
-        elif text.strip().isdigit():
+        elif text.strip().isascii() and text.strip().isdigit():
             value = int(text)
         else:
             raise ValueError(f"{text!r} is not a duration; write it like 90s, 15m, 1h or 30d")

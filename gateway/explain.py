@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import GatewayError
+from gateway.errors import BadRequest, GatewayError
 from gateway.grants import Grant
 from gateway.paths import canonicalize
 from gateway.policy import EnvironmentResolver, PolicyEngine, decide
@@ -45,7 +45,11 @@ def explain(grants: tuple[Grant, ...], method: str, target: str, body: bytes | N
     raw_path, _, raw_query = target.partition("?")
     operation = action = app = env = None
     try:
-        canonical = canonicalize(raw_path.encode("utf-8", "surrogateescape"), raw_query.encode("utf-8"))
+        try:
+            encoded_path, encoded_query = raw_path.encode("utf-8"), raw_query.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("path is not valid Unicode text") from None
+        canonical = canonicalize(encoded_path, encoded_query)
         match = routes.resolve(method, canonical.path)
         operation = match.route.operation
         action = match.route.action

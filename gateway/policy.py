@@ -58,6 +58,15 @@ class PolicyEngine:
             enforcer = casbin.Enforcer(str(model), str(policy))
         except Exception as exc:  # casbin raises bare Exceptions for bad files
             raise ConfigError(f"policy files {model} / {policy} cannot be loaded: {exc}") from None
+        _check_model(enforcer, model)
+        _check_policy_lines(policy)
+        try:
+            # Casbin compiles the matcher on first use: decide once now, so a broken matcher is a
+            # load error rather than a 500 on every request after a reload.
+            enforcer.enforce_ex("_probe_role", "_probe_app", "_probe_env", "_probe:action")
+        except Exception as exc:
+            raise ConfigError(f"policy model {model}: the matcher cannot be evaluated ({exc.__class__.__name__}: "
+                              f"{exc})") from None
         return enforcer
 
     def reload(self) -> None:
@@ -85,6 +94,41 @@ class PolicyEngine:
             self._cache = {}
         self._cache[key] = verdict
         return verdict
+
+
+_REQUEST_TOKENS = ["r_sub", "r_app", "r_env", "r_act"]
+_POLICY_TOKENS = ["p_sub", "p_app", "p_env", "p_act", "p_eft"]
+
+
+def _check_model(enforcer: Any, model: Path) -> None:
+    """The gateway asks (role, app, env, action) and reads policy lines in that order."""
+    definitions = enforcer.get_model().model
+    request = list(definitions["r"]["r"].tokens) if "r" in definitions and "r" in definitions["r"] else []
+    policy = list(definitions["p"]["p"].tokens) if "p" in definitions and "p" in definitions["p"] else []
+    if request != _REQUEST_TOKENS:
+        raise ConfigError(f"policy model {model}: request_definition must be `r = sub, app, env, act`")
+    if policy != _POLICY_TOKENS:
+        raise ConfigError(f"policy model {model}: policy_definition must be `p = sub, app, env, act, eft`")
+
+
+def _check_policy_lines(policy: Path) -> None:
+    """Casbin skips lines it cannot use; a skipped deny would silently allow. Refuse them instead."""
+    for number, raw in enumerate(policy.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        where = f"{policy}:{number}: '{line}'"
+        if fields[0] == "p":
+            if len(fields) != 6 or not all(fields[1:]):
+                raise ConfigError(f"{where}: a policy line is `p, ROLE, APP_GLOB, ENV_GLOB, ACTION_GLOB, allow|deny`")
+            if fields[5] not in ("allow", "deny"):
+                raise ConfigError(f"{where}: the effect must be allow or deny, not {fields[5]!r}")
+        elif fields[0] == "g":
+            if len(fields) != 3 or not all(fields[1:]):
+                raise ConfigError(f"{where}: a role line is `g, CHILD_ROLE, PARENT_ROLE`")
+        else:
+            raise ConfigError(f"{where}: lines start with `p,` (a permission) or `g,` (role inheritance)")
 
 
 def decide(grants: tuple[Grant, ...], policy: PolicyEngine, *, app: str | None, env: str | None,

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, RedisSink
 from gateway.config import Config
 from gateway.constraints import ConstraintSet
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StateUnavailable
 from gateway.keyring import Keyring
 from gateway.metrics import GatewayMetrics
 from gateway.oidc import TokenExchanger
@@ -33,6 +35,9 @@ from gateway.upstream import UpstreamClient
 log = logging.getLogger("scopegate")
 SYNC_INTERVAL_S = 0.25
 RELOAD_INTERVAL_S = 0.5
+CACHE_LEASE_S = 2 * SYNC_INTERVAL_S  # a cached record is used only this long after the last good sync
+# The claims `authenticate` verified for the request running in this task (per-role rate limits).
+REQUEST_CLAIMS: ContextVar[Claims | None] = ContextVar("scopegate_request_claims", default=None)
 
 
 @dataclass
@@ -81,8 +86,8 @@ class GatewayState:
             registry=registry, store=store, policy=policy, routes=routes, constraints=constraints,
             environments=EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                              config.environment_default),
-            audit=AuditLog.from_config(config.audit_sinks, config.base_dir),
-            limiter=RateLimiter(config.rate_limit_requests_per_second, config.rate_limit_burst),
+            limiter=build_limiter(config, store, policy.roles()),  # before audit: a bad key opens no file
+            audit=build_audit(config, store),
             upstream=upstream, max_body_bytes=config.limits_max_body_bytes,
             watcher=FileWatcher([config.policy_model, config.policy_policy, *config.routes, config.tokens_keyring,
                                  *([config.policy_constraints] if config.policy_constraints else [])]),
@@ -92,11 +97,19 @@ class GatewayState:
         """The caller's verified, registered, unrevoked token claims; raises Unauthenticated."""
         claims = self.verifier.verify(bearer_token(authorization))
         await self.registry.check(claims)
+        REQUEST_CLAIMS.set(claims)  # this request's task only: the per-role rate limit reads it
         return claims
 
     async def start(self) -> None:
         await self.upstream.start()
-        await self.registry.start()
+        # Cached token records are trusted only while the change feed keeps being read.
+        self.registry.lease_s = CACHE_LEASE_S
+        try:
+            await self.registry.start()
+        except StateUnavailable as exc:
+            # Start anyway, refusing with 503 until the store answers (the sync loop retries).
+            self.registry.mark_unavailable(exc.message)
+            log.warning("the token store is unavailable at start; requests get 503 until it answers")
         if self.oidc is not None:
             await self.oidc.start()  # the HTTP client for issuers' discovery documents and JWKS
         self._tasks = [asyncio.create_task(self._follow_store()), asyncio.create_task(self._follow_files())]
@@ -111,6 +124,7 @@ class GatewayState:
         await self.upstream.close()
         if self.oidc is not None:
             await self.oidc.close()
+        await self.audit.drain()  # the redis sink ships over the store's connection
         await self.store.close()
         self.audit.close()
 
@@ -122,7 +136,7 @@ class GatewayState:
             routes = RouteTable.load(config.routes)
             check_cross_references(policy, routes)
             constraints = load_constraints(config, routes)
-        except ConfigError as exc:
+        except Exception as exc:  # any failure keeps the last good policy: never a half-loaded one
             self.metrics.policy_reloads.labels("failed").inc()
             log.error("policy reload refused, the last good policy keeps serving: %s", exc)
             return False
@@ -135,7 +149,7 @@ class GatewayState:
     def reload_keyring(self) -> bool:
         try:
             keyring = Keyring.load(self.config.tokens_keyring)
-        except ConfigError as exc:
+        except Exception as exc:
             self.metrics.policy_reloads.labels("failed").inc()
             log.error("keyring reload refused, the last good keyring keeps serving: %s", exc)
             return False
@@ -149,34 +163,114 @@ class GatewayState:
     async def _follow_files(self) -> None:
         while True:
             await asyncio.sleep(RELOAD_INTERVAL_S)
-            changed = self.watcher.changed()
-            if not changed:
-                continue
-            if self.config.tokens_keyring in changed:
-                self.reload_keyring()
-            if changed - {self.config.tokens_keyring}:
-                self.reload_policy()
+            try:
+                changed = self.watcher.changed()
+                if self.config.tokens_keyring in changed:
+                    self.reload_keyring()
+                if changed - {self.config.tokens_keyring}:
+                    self.reload_policy()
+            except Exception:  # the watcher must outlive any one bad reload
+                log.exception("file watcher failed; it keeps watching")
 
     async def _follow_store(self) -> None:
         failing = False
+        # A store that can say when its feed moves (Redis: a blocked XREAD, which also fails the
+        # moment Redis goes away) wakes the loop early; others are polled.
+        wait_for_change = getattr(self.store, "wait_for_change", None)
         while True:
-            await asyncio.sleep(SYNC_INTERVAL_S)
+            if wait_for_change is not None and not failing:
+                await wait_for_change(self.registry.cursor, SYNC_INTERVAL_S)
+            else:
+                await asyncio.sleep(SYNC_INTERVAL_S)
             try:
                 await self.registry.sync()
+                if failing:
+                    log.warning("the store answers again; serving")
                 failing = False
             except Exception as exc:
                 self.metrics.store_errors.inc()
-                # Without the change feed the cached records may be stale: drop them, so each
-                # request asks the store itself (and is refused with 503 while it is down).
-                self.registry.forget_all()
+                # Without the change feed the cached records may be stale: drop them and refuse
+                # every request with 503 until the feed can be read again (fail closed).
+                message = exc.message if isinstance(exc, StateUnavailable) else \
+                    "the token store's change feed cannot be read; the request was not forwarded, retry shortly"
+                self.registry.mark_unavailable(message)
                 if not failing:
-                    log.warning("the store's change feed failed (%s); cached token records dropped",
+                    log.warning("the store's change feed failed (%s); refusing requests until it answers",
                                 exc.__class__.__name__)
                 failing = True
 
 
 GATEWAY_ACTIONS = frozenset({"gateway:mint", "gateway:list", "gateway:show", "gateway:revoke", "gateway:rotate",
                              "gateway:explain"})
+
+
+def build_audit(config: Config, store: TokenStore) -> AuditLog:
+    """The configured sinks; `redis` appends to a stream in the store's own Redis."""
+    from gateway.store.redis import RedisStore
+
+    def redis_sink() -> RedisSink:
+        assert isinstance(store, RedisStore)
+        return RedisSink(store.client, store.prefix + "audit", config.audit_redis_maxlen)
+
+    return AuditLog.from_config(config.audit_sinks, config.base_dir,
+                                redis_sink=redis_sink if isinstance(store, RedisStore) else None)
+
+
+def build_limiter(config: Config, store: TokenStore, known_roles: set[str]) -> Limiter:
+    """Token buckets in this process (SQLite: one instance), or in Redis shared by every instance;
+    per-role overrides (`rate_limit.roles`) through `RoleLimiter`."""
+    from gateway.store.redis import RedisRateLimiter, RedisStore
+
+    def make(rate: float, burst: int) -> Limiter:
+        if isinstance(store, RedisStore):
+            return RedisRateLimiter(store, rate, burst)
+        return RateLimiter(rate, burst)
+
+    default = (config.rate_limit_requests_per_second, config.rate_limit_burst)
+    if not config.rate_limit_roles:
+        return make(*default)
+    for item in config.rate_limit_roles:
+        if item.role not in known_roles:
+            raise ConfigError(f"rate_limit.roles: role {item.role!r} is not in the policy; known roles: "
+                              f"{', '.join(sorted(known_roles))}")
+    return RoleLimiter(make, default, {item.role: (item.requests_per_second, item.burst)
+                                       for item in config.rate_limit_roles})
+
+
+class RoleLimiter:
+    """Rate limits per role: each of a token's roles has its limit (its `rate_limit.roles` entry,
+    else `rate_limit.requests_per_second`/`burst`) and the token gets the most generous one —
+    unlimited (0) if any role is, else the highest rate, then the largest burst. The roles come
+    from the claims `GatewayState.authenticate` verified for this request (REQUEST_CLAIMS)."""
+
+    def __init__(self, make: Callable[[float, int], Limiter], default: tuple[float, int],
+                 roles: dict[str, tuple[float, int]]) -> None:
+        self.make = make
+        self.default = default
+        self.roles = roles
+        self._limiters: dict[tuple[float, int], Limiter] = {}
+        self._chosen: dict[frozenset[str], tuple[float, int]] = {}
+
+    def limits_for(self, roles: Iterable[str]) -> tuple[float, int]:
+        candidates = [self.roles.get(role, self.default) for role in roles] or [self.default]
+        if any(rate <= 0 for rate, _ in candidates):
+            return (0.0, 0)
+        return max(candidates)
+
+    async def check(self, key: str, token_name: str) -> None:
+        claims = REQUEST_CLAIMS.get()
+        roles = frozenset(g.role for g in claims.grants) if claims is not None and claims.jti == key else frozenset()
+        limits = self._chosen.get(roles)
+        if limits is None:
+            limits = self.limits_for(roles)
+            if len(self._chosen) < 4096:  # role combinations are few; bounded all the same
+                self._chosen[roles] = limits
+        if limits[0] <= 0:
+            return
+        limiter = self._limiters.get(limits)
+        if limiter is None:
+            limiter = self._limiters[limits] = self.make(*limits)
+        await limiter.check(key, token_name)
 
 
 class FileWatcher:

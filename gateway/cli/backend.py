@@ -18,7 +18,15 @@ import httpx
 
 from gateway.cli.common import config_from
 from gateway.cli.local import LocalAdmin
-from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, StateUnavailable, Unauthenticated
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    StateUnavailable,
+    Unauthenticated,
+    Unprocessable,
+)
 from gateway.explain import explain
 from gateway.grants import GrantError, parse_grants
 from gateway.policy import EnvironmentResolver, PolicyEngine
@@ -86,8 +94,11 @@ class LocalBackend:
     async def explain(self, method: str, path: str, body: Any, *, token: str | None,
                       grants: list[str] | None) -> Json:
         if token is not None:
-            claims = self._verifier().verify(token)
-            await self.admin.registry.check(claims)
+            try:
+                claims = self._verifier().verify(token)
+                await self.admin.registry.check(claims)
+            except Unauthenticated as exc:
+                raise Unprocessable(f"field 'token': {exc.message}") from None
             parsed, name = claims.grants, claims.name
         else:
             try:
@@ -112,7 +123,8 @@ class LocalBackend:
         await self.admin.close()
 
 
-_ERRORS: dict[int, type[GatewayError]] = {400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound}
+_ERRORS: dict[int, type[GatewayError]] = {400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound,
+                                           422: Unprocessable}
 
 
 class RemoteBackend:

@@ -15,11 +15,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gateway import __version__
-from gateway.cli import audit_cmd, keys_cmd, policy_cmd, serve_cmd, token_cmd
+from gateway.cli import audit_cmd, keys_cmd, oidc_cmd, policy_cmd, serve_cmd, store_cmd, token_cmd
 from gateway.errors import ConfigError, GatewayError
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int] | int]
-COMMAND_MODULES = [serve_cmd, token_cmd, keys_cmd, policy_cmd, audit_cmd]
+COMMAND_MODULES = [serve_cmd, token_cmd, keys_cmd, policy_cmd, audit_cmd, oidc_cmd, store_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -100,6 +101,9 @@ def run_dev(args: argparse.Namespace) -> int:
         raise ConfigError("--dev binds loopback only (127.0.0.1); it is not for serving others")
     if args.workers != 1:
         raise ConfigError("--dev runs one worker")
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that kills
+    # the process before `finally` can remove the ephemeral keyring. Exit through Python instead.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     folder = Path(tempfile.mkdtemp(prefix="scopegate-dev-"))
     credential = secrets.token_urlsafe(32)
     sandbox = SandboxThread(credential)
@@ -123,6 +127,10 @@ def run_dev(args: argparse.Namespace) -> int:
         sandbox.stop()
         shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # the server has already shut down gracefully
 
 
 async def _dev_tokens(config: Config, keyring: Keyring) -> tuple[str, str]:

@@ -10,6 +10,7 @@ from gateway.cli.common import add_config, config_from, current_user
 from gateway.cli.local import LocalAdmin
 from gateway.errors import ConfigError
 from gateway.keyring import Keyring
+from gateway.store.redis import redact as redact_url
 
 
 def register(sub: Any) -> None:
@@ -53,7 +54,7 @@ async def init_gateway(args: argparse.Namespace) -> int:
                                            subject=f"cli:{current_user()}")
     finally:
         await admin.close()
-    print(f"store ready at {config.store_url}", file=sys.stderr)
+    print(f"store ready at {redact_url(config.store_url)}", file=sys.stderr)
     print("bootstrap token-admin@gateway token (shown once; keep it secret):", file=sys.stderr)
     print(minted.token)
     return 0
