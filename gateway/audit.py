@@ -156,11 +156,10 @@ class AuditLog:
 
     def emit(self, record: dict[str, Any]) -> None:
         record.setdefault("ts", _now_rfc3339())
-        line = json.dumps(record, separators=(",", ":"), default=str)
+        line = _encode(record)
         if "sgt_" in line:
             # A token sent where a name belongs (path, body field) is kept out of the log.
-            line = json.dumps({k: redact(v) if isinstance(v, str) else v for k, v in record.items()},
-                              separators=(",", ":"), default=str)
+            line = _encode({k: redact(v) if isinstance(v, str) else v for k, v in record.items()})
         line += "\n"
         for index, sink in enumerate(self.sinks):
             try:
@@ -177,4 +176,13 @@ class AuditLog:
 
 def _now_rfc3339() -> str:
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    second = int(now)
+    # The whole-second prefix changes once a second; formatting it per record is wasted work.
+    if second != _clock[0]:
+        _clock[0], _clock[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_clock[1]}.{int((now - second) * 1000):03d}Z"
+
+
+# One encoder for every record: json.dumps with arguments builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_clock: list[Any] = [-1, ""]

@@ -7,6 +7,8 @@ bound and belong in the audit log.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 75.0)
@@ -30,12 +32,18 @@ class GatewayMetrics:
                                       registry=self.registry)
         self.policy_reloads = Counter("scopegate_policy_reloads_total", "Policy/route/keyring reloads by result",
                                       ("result",), registry=self.registry)
+        self._children: dict[tuple[str, str, int], Any] = {}
         self.store_errors = Counter("scopegate_store_errors_total", "Failed calls to the token store",
                                     registry=self.registry)
 
     def observe(self, decision: str, action: str | None, status: int, duration_s: float,
                 upstream_s: float | None) -> None:
-        self.requests.labels(decision, action or "none", str(status)).inc()
+        key = (decision, action or "none", status)
+        child = self._children.get(key)
+        if child is None:
+            # Bounded: decisions x route actions x the statuses the gateway answers with.
+            child = self._children[key] = self.requests.labels(key[0], key[1], str(status))
+        child.inc()
         self.latency.observe(duration_s)
         if upstream_s is not None:
             self.upstream_latency.observe(upstream_s)

@@ -21,8 +21,6 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.app import GatewayApp
-
 HEADER_TIMEOUT_S = 5.0
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
@@ -117,11 +115,6 @@ def uvicorn_config(app: Any, *, host: str, port: int, workers: int = 1, factory:
         proxy_headers=False, h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=30,
         limit_concurrency=2048,
     )
-
-
-def serve(app: GatewayApp, *, host: str, port: int) -> None:
-    server = uvicorn.Server(uvicorn_config(app, host=host, port=port))
-    asyncio.run(server.serve())
 
 
 def serve_workers(*, host: str, port: int, workers: int) -> None:
