@@ -24,7 +24,7 @@ from gateway.durations import parse_duration
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
-    from gateway.oidc import TrustRule
+    from gateway.oidc_rules import TrustRule
 
 ENV_PREFIX = "SCOPEGATE_"
 REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -257,8 +257,8 @@ def _env_rules(value: Any) -> tuple[EnvironmentRule, ...]:
 
 
 def _trust_rules(value: Any) -> tuple[TrustRule, ...]:
-    # Strict per-rule validation (ConfigError naming `oidc.trust[i].key`) lives with the exchange.
-    from gateway.oidc import parse_trust_rules
+    # Strict per-rule validation (ConfigError naming `oidc.trust[i].key`) lives with the trust rules.
+    from gateway.oidc_rules import parse_trust_rules
 
     return parse_trust_rules(value)
 

@@ -27,579 +27,89 @@ long as the shortest of their ttls (docs/ci.md explains why).
 JOSE work (JWK import, signature verification) uses joserfc, the JOSE library of the Authlib
 project: Authlib's own `authlib.jose` is deprecated in its favour and delegates to it.
 The discovery URL is Authlib's `get_well_known_url`.
+
+The trust rules and the claim checks live in gateway/oidc_rules.py, the issuers' keys in
+gateway/oidc_keys.py; the names callers know from here are re-exported.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import math
-import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
-import httpx
-from authlib.oidc.discovery import get_well_known_url
 from joserfc import jws
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwk import RSAKey
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.durations import format_duration, parse_duration
 from gateway.errors import ConfigError, GatewayError
 from gateway.grants import GrantError, parse_grant, parse_grants
+from gateway.oidc_errors import NO_STORE, ExchangeError, invalid_grant, invalid_request, unavailable
+from gateway.oidc_keys import JWKS_TTL_S, IssuerKeys, parse_jwks
+from gateway.oidc_rules import (
+    ALGORITHMS,
+    DEFAULT_TTL_S,
+    LEEWAY_S,
+    MAX_AGE_S,
+    ClaimCondition,
+    TrustRule,
+    audience_matches,
+    decode_unverified,
+    evaluate,
+    issuer_id,
+    key_claims,
+    parse_trust_rules,
+    rule_mismatches,
+    time_problems,
+)
 
 if TYPE_CHECKING:
     from gateway.registry import TokenRegistry
     from gateway.state import GatewayState
     from gateway.store import TokenStore
 
+__all__ = [
+    "ACCESS_TOKEN_TYPE",
+    "ALGORITHMS",
+    "DEFAULT_TTL_S",
+    "GRANT_TYPE",
+    "ID_TOKEN_TYPE",
+    "JWKS_TTL_S",
+    "JWT_TOKEN_TYPE",
+    "LEEWAY_S",
+    "MAX_AGE_S",
+    "ClaimCondition",
+    "ExchangeError",
+    "ExchangeResult",
+    "TokenExchanger",
+    "TrustRule",
+    "decode_unverified",
+    "evaluate",
+    "exchange_endpoint",
+    "issuer_id",
+    "key_claims",
+    "parse_form",
+    "parse_jwks",
+    "parse_trust_rules",
+    "rule_mismatches",
+    "time_problems",
+]
+
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 SUBJECT_TOKEN_TYPES = (ID_TOKEN_TYPE, JWT_TOKEN_TYPE)
-
-ALGORITHMS = ("RS256", "ES256")
-LEEWAY_S = 60                 # clock skew allowed on exp, nbf and iat
-MAX_AGE_S = 600               # an id token older than this (by iat) is refused
-DEFAULT_TTL_S = 15 * 60       # a rule's ttl when it names none
-MAX_TTL_S = 3600              # no rule may ask for more
-JWKS_TTL_S = 600              # a fetched JWKS (and discovery document) is used this long
-REFETCH_INTERVAL_S = 30       # at most one JWKS fetch per issuer per this many seconds
-CONNECT_TIMEOUT_S = 3.0
-FETCH_TIMEOUT_S = 5.0
-MAX_DOCUMENT_BYTES = 256 * 1024
 MAX_FORM_BYTES = 64 * 1024
 MAX_SUBJECT_TOKEN_CHARS = 16 * 1024
-MIN_RSA_BITS = 2048
-# Claims that are the job's identity: copied (when present) into the audit record.
-KEY_CLAIMS = ("sub", "repository", "repository_id", "repository_owner", "repository_owner_id", "ref", "ref_type",
-              "sha", "environment", "event_name", "workflow_ref", "job_workflow_ref", "run_id", "run_attempt",
-              "actor", "project_path", "project_id", "namespace_path", "pipeline_id", "pipeline_source", "job_id",
-              "user_login")
-# Registered claims the exchange checks itself; a rule may not put conditions on them.
-RESERVED_CLAIMS = frozenset({"iss", "aud", "exp", "nbf", "iat", "jti", "azp"})
 _SELF_KEYED_HEADERS = ("jku", "jwk", "x5u", "x5c")
-_RULE_KEYS = ("name", "issuer", "audience", "jwks_url", "claims", "grants", "ttl")
-_RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-# --- trust rules: parsed and checked when the config loads ---------------------------------------
-
-@dataclass(frozen=True)
-class ClaimCondition:
-    """`claim` must equal one of `allowed` (each an exact value, or a glob with `*` and `?`)."""
-
-    claim: str
-    allowed: tuple[str, ...]
-
-    def matches(self, value: object) -> bool:
-        text = claim_text(value)
-        return text is not None and any(_glob(pattern).fullmatch(text) is not None for pattern in self.allowed)
-
-    def describe(self) -> str:
-        shown = [repr(p) for p in self.allowed]
-        return shown[0] if len(shown) == 1 else f"one of {', '.join(shown)}"
-
-
-@dataclass(frozen=True)
-class TrustRule:
-    name: str
-    issuer: str
-    audience: str
-    grants: tuple[str, ...]
-    claims: tuple[ClaimCondition, ...] = ()
-    ttl_s: int = DEFAULT_TTL_S
-    jwks_url: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "issuer": self.issuer, "audience": self.audience, "jwks_url": self.jwks_url,
-                "claims": {c.claim: list(c.allowed) if len(c.allowed) > 1 else c.allowed[0] for c in self.claims},
-                "grants": list(self.grants), "ttl": format_duration(self.ttl_s)}
-
-
-def parse_trust_rules(value: Any) -> tuple[TrustRule, ...]:
-    """`oidc.trust` from the config; a ConfigError names the offending `oidc.trust[i].key`."""
-    if not isinstance(value, list):
-        raise ValueError("expected a list of trust rules (mappings with name, issuer, audience, claims, grants, ttl)")
-    rules: list[TrustRule] = []
-    for index, item in enumerate(value):
-        rules.append(_parse_rule(index, item))
-    names: dict[str, int] = {}
-    jwks_by_issuer: dict[str, tuple[int, str | None]] = {}
-    for index, rule in enumerate(rules):
-        if rule.name in names:
-            raise ConfigError(f"bad value for oidc.trust[{index}].name: {rule.name!r} is already the name of "
-                              f"oidc.trust[{names[rule.name]}]; rule names must be unique")
-        names[rule.name] = index
-        first = jwks_by_issuer.setdefault(rule.issuer, (index, rule.jwks_url))
-        if first[1] != rule.jwks_url:
-            raise ConfigError(f"bad value for oidc.trust[{index}].jwks_url: oidc.trust[{first[0]}] names the same "
-                              f"issuer with jwks_url {first[1] or '(discovered)'}; one issuer has one key set")
-    return tuple(rules)
-
-
-def _parse_rule(index: int, item: Any) -> TrustRule:
-    where = f"oidc.trust[{index}]"
-    if not isinstance(item, dict):
-        raise ConfigError(f"bad value for {where}: expected a mapping with the keys {', '.join(_RULE_KEYS)}")
-    for key in item:
-        if key not in _RULE_KEYS:
-            raise ConfigError(f"unknown config key {where}.{key}; known: {', '.join(_RULE_KEYS)}")
-    for key in ("name", "issuer", "audience", "grants"):
-        if item.get(key) is None:
-            raise ConfigError(f"missing config key {where}.{key}; every trust rule needs name, issuer, audience "
-                              "and grants")
-
-    def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"bad value for {where}.{key}: {why}")
-
-    name = item["name"]
-    if not isinstance(name, str) or not _RULE_NAME.fullmatch(name):
-        raise bad("name", "expected 1 to 64 letters, digits, '.', '_' or '-'")
-    issuer = item["issuer"]
-    try:
-        issuer = fetchable_url(issuer)
-    except ValueError as exc:
-        raise bad("issuer", str(exc)) from None
-    audience = item["audience"]
-    if not isinstance(audience, str) or not audience.strip() or audience != audience.strip():
-        raise bad("audience", "expected a non-empty string without surrounding spaces (the id token's exact aud)")
-    jwks_url = item.get("jwks_url")
-    if jwks_url is not None:
-        try:
-            jwks_url = fetchable_url(jwks_url)
-        except ValueError as exc:
-            raise bad("jwks_url", str(exc)) from None
-        if urlsplit(issuer).scheme == "https" and urlsplit(jwks_url).scheme != "https":
-            raise bad("jwks_url", "an https issuer's keys must be fetched over https")
-    grants = item["grants"]
-    if isinstance(grants, str):
-        grants = [grants]
-    if not isinstance(grants, list) or not grants or not all(isinstance(g, str) for g in grants):
-        raise bad("grants", 'expected a non-empty list of grants like "deployer@app:web-staging"')
-    try:
-        parsed = parse_grants(grants)
-    except GrantError as exc:
-        raise bad("grants", str(exc)) from None
-    for grant in parsed:
-        if grant.kind == "gateway":
-            raise bad("grants", f"{grant} administers the gateway itself; a CI identity never gets it")
-    ttl_s = DEFAULT_TTL_S
-    if item.get("ttl") is not None:
-        raw_ttl = item["ttl"]
-        if isinstance(raw_ttl, bool) or not isinstance(raw_ttl, str | int):
-            raise bad("ttl", "expected a duration like 15m or 1h")
-        try:
-            ttl_s = parse_duration(raw_ttl)
-        except ValueError as exc:
-            raise bad("ttl", str(exc)) from None
-        if ttl_s > MAX_TTL_S:
-            raise bad("ttl", f"{format_duration(ttl_s)} is longer than the {format_duration(MAX_TTL_S)} maximum "
-                             "for tokens exchanged from CI")
-    claims = item.get("claims")
-    conditions: list[ClaimCondition] = []
-    if claims is not None:
-        if not isinstance(claims, dict):
-            raise bad("claims", "expected a mapping of claim name -> value, glob or list of them")
-        for claim, expected in claims.items():
-            conditions.append(_parse_condition(where, claim, expected))
-    return TrustRule(name=name, issuer=issuer, audience=audience, grants=tuple(str(g) for g in parsed),
-                     claims=tuple(conditions), ttl_s=ttl_s, jwks_url=jwks_url)
-
-
-def _parse_condition(where: str, claim: Any, expected: Any) -> ClaimCondition:
-    if not isinstance(claim, str) or not claim.strip():
-        raise ConfigError(f"bad value for {where}.claims: claim names must be non-empty strings")
-    label = f"{where}.claims.{claim}"
-    if claim in RESERVED_CLAIMS:
-        raise ConfigError(f"bad value for {label}: {claim} is checked by the exchange itself "
-                          "(issuer, audience, times, replay); remove it from claims")
-    values = expected if isinstance(expected, list) else [expected]
-    if not values:
-        raise ConfigError(f"bad value for {label}: an empty list matches nothing; give a value, glob or list")
-    allowed: list[str] = []
-    for value in values:
-        text = claim_text(value)
-        if text is None or text == "":
-            raise ConfigError(f"bad value for {label}: expected a string, glob, whole number or true/false "
-                              f"(or a list of them), got {value!r}")
-        if text.strip("*?") == "":
-            raise ConfigError(f"bad value for {label}: {text!r} matches any value; drop the condition or pin it")
-        if claim.endswith("_id") and any(c in text for c in "*?"):
-            raise ConfigError(f"bad value for {label}: ids are compared exactly, as strings; no wildcards")
-        allowed.append(text)
-    return ClaimCondition(claim, tuple(allowed))
-
-
-def fetchable_url(value: Any) -> str:
-    """An https URL, or http on a loopback address (tests, a local issuer). Kept exactly as given."""
-    if not isinstance(value, str) or not value or value != value.strip():
-        raise ValueError("expected a URL without surrounding spaces")
-    parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError("expected an https:// URL")
-    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
-        raise ValueError("expected an https:// URL (plain http only on a loopback address)")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("expected a URL without credentials, query or fragment")
-    return value
-
-
-def claim_text(value: object) -> str | None:
-    """A claim value as the string it is compared as: numbers (ids) by their decimal text, booleans as
-    true/false; anything else (lists, objects, fractions) has no text and matches nothing."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return value
-    return None
-
-
-@lru_cache(maxsize=1024)
-def _glob(pattern: str) -> re.Pattern[str]:
-    """`*` any run of characters (including `/`), `?` one character; everything else literal."""
-    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
-    return re.compile("".join(parts), re.DOTALL)
-
-
-def rule_mismatches(rule: TrustRule, claims: Mapping[str, Any]) -> list[str]:
-    """Why `rule` does not accept these claims; empty when it does. Signature and times are not checked."""
-    issuer = claims.get("iss")
-    if issuer != rule.issuer:
-        return [f"issuer mismatch: expected {rule.issuer!r}, got {issuer!r}"]
-    reasons = []
-    audience = claims.get("aud")
-    if not audience_matches(audience, rule.audience):
-        extra = " (tokens with several audiences are refused)" if isinstance(audience, list) and len(audience) > 1 \
-            else ""
-        reasons.append(f"audience mismatch: expected {rule.audience!r}, got {audience!r}{extra}")
-    for condition in rule.claims:
-        if condition.claim not in claims:
-            reasons.append(f"claim {condition.claim}: expected {condition.describe()}, the token has no such claim")
-        elif not condition.matches(claims[condition.claim]):
-            reasons.append(f"claim {condition.claim}: expected {condition.describe()}, "
-                           f"got {claims[condition.claim]!r}")
-    return reasons
-
-
-def audience_matches(audience: object, expected: str) -> bool:
-    return audience == expected or audience == [expected]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the rules make of a token's claims: the matching rules and, for the others, why not."""
-
-    matched: tuple[TrustRule, ...]
-    refused: tuple[tuple[TrustRule, tuple[str, ...]], ...]
-
-    @property
-    def grants(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(g for rule in self.matched for g in rule.grants))
-
-    @property
-    def ttl_s(self) -> int:
-        return min(rule.ttl_s for rule in self.matched)
-
-
-def evaluate(rules: Iterable[TrustRule], claims: Mapping[str, Any]) -> Outcome:
-    matched: list[TrustRule] = []
-    refused: list[tuple[TrustRule, tuple[str, ...]]] = []
-    for rule in rules:
-        reasons = rule_mismatches(rule, claims)
-        if reasons:
-            refused.append((rule, tuple(reasons)))
-        else:
-            matched.append(rule)
-    return Outcome(tuple(matched), tuple(refused))
-
-
-def time_problems(claims: Mapping[str, Any], now: int) -> list[str]:
-    """Why the token's times refuse it now (exp, nbf, iat with leeway, and its age)."""
-    problems = []
-    exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")
-    if exp is None:
-        problems.append("the token has no exp claim")
-    elif not _numeric(exp):
-        problems.append("exp is not a number")
-    elif now >= exp + LEEWAY_S:
-        problems.append(f"the token expired {format_duration(int(now - exp))} ago")
-    if nbf is not None:
-        if not _numeric(nbf):
-            problems.append("nbf is not a number")
-        elif nbf > now + LEEWAY_S:
-            problems.append(f"the token is not valid for another {format_duration(int(nbf - now))} (nbf)")
-    if iat is None:
-        problems.append("the token has no iat claim")
-    elif not _numeric(iat):
-        problems.append("iat is not a number")
-    elif iat > now + LEEWAY_S:
-        problems.append(f"the token claims to be issued {format_duration(int(iat - now))} in the future (iat)")
-    elif now - iat > MAX_AGE_S + LEEWAY_S:
-        problems.append(f"the token was issued {format_duration(int(now - iat))} ago; id tokens are accepted for "
-                        f"{format_duration(MAX_AGE_S)} after they are issued: request one right before exchanging")
-    return problems
-
-
-def _numeric(value: object) -> bool:
-    return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and
-                                                                        math.isfinite(value)))
-
-
-def key_claims(claims: Mapping[str, Any]) -> dict[str, str]:
-    """The identity claims worth an audit line, as short strings."""
-    picked = {}
-    for name in KEY_CLAIMS:
-        text = claim_text(claims.get(name))
-        if text is not None:
-            picked[name] = text[:256]
-    return picked
-
-
-def issuer_id(issuer: str) -> str:
-    """The issuer as it appears in a minted token's subject: host[:port][/path]."""
-    parts = urlsplit(issuer)
-    return f"{parts.netloc}{parts.path.rstrip('/')}"
-
-
-def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Header and claims of a compact JWS, without checking anything. Raises ValueError."""
-    token = token.strip()
-    if token.count(".") != 2:
-        raise ValueError("not a JWT: expected three dot-separated parts (header.payload.signature)")
-    try:
-        obj = jws.extract_compact(token.encode("ascii"))
-        header = obj.headers()
-        claims = json.loads(obj.payload or b"")
-    except (JoseError, ValueError, UnicodeError) as exc:
-        raise ValueError(f"not a JWT: its header or payload does not decode ({exc.__class__.__name__})") from None
-    if not isinstance(claims, dict):
-        raise ValueError("not a JWT: its payload is not a JSON object")
-    return dict(header), claims
-
-
-# --- refusals -----------------------------------------------------------------------------------
-
-class ExchangeError(Exception):
-    """A refusal in the RFC 6749 section 5.2 shape. `description` goes to the client; `detail`
-    (more, e.g. each rule's reason) only to the audit log."""
-
-    def __init__(self, code: str, description: str, *, status: int = 400, detail: str | None = None,
-                 retry_after_s: int | None = None) -> None:
-        super().__init__(description)
-        self.code = code
-        self.description = description
-        self.status = status
-        self.detail = detail
-        self.retry_after_s = retry_after_s
-
-    def response(self, request_id: str) -> JSONResponse:
-        headers = {**NO_STORE, "x-request-id": request_id}
-        if self.retry_after_s is not None:
-            headers["Retry-After"] = str(max(1, self.retry_after_s))
-        return JSONResponse({"error": self.code, "error_description": self.description}, status_code=self.status,
-                            headers=headers)
-
-
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-def invalid_request(description: str) -> ExchangeError:
-    return ExchangeError("invalid_request", description, status=400)
-
-
-def invalid_grant(description: str, *, detail: str | None = None) -> ExchangeError:
-    # The subject token is the credential of this endpoint: refusing it is an authentication failure.
-    return ExchangeError("invalid_grant", description, status=401, detail=detail)
-
-
-def unavailable(description: str, retry_after_s: int = REFETCH_INTERVAL_S) -> ExchangeError:
-    return ExchangeError("temporarily_unavailable", description, status=503, retry_after_s=retry_after_s)
-
-
-# --- issuer keys ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class IssuerKey:
-    kid: str
-    key: RSAKey | ECKey
-    alg: str | None  # the JWK's own "alg", when it names one
-
-
-@dataclass
-class _IssuerEntry:
-    keys: dict[str, IssuerKey] = field(default_factory=dict)
-    fetched_at: float | None = None    # monotonic time of the last successful fetch
-    attempted_at: float | None = None  # ... of the last attempt, successful or not
-    last_error: str | None = None
-    fetches: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-class FetchError(Exception):
-    pass
-
-
-class IssuerKeys:
-    """Each trusted issuer's JWKS, fetched over HTTP(S) and cached per issuer.
-
-    Keys are looked up only in the entry of the token's issuer, so a kid published by one issuer
-    never verifies a token that names another.
-    """
-
-    def __init__(self, jwks_urls: Mapping[str, str | None], *, monotonic: Callable[[], float] = time.monotonic,
-                 ttl_s: float = JWKS_TTL_S, refetch_interval_s: float = REFETCH_INTERVAL_S) -> None:
-        self.jwks_urls = dict(jwks_urls)  # issuer -> configured jwks_url (None: discover)
-        self.monotonic = monotonic
-        self.ttl_s = ttl_s
-        self.refetch_interval_s = refetch_interval_s
-        self.http: httpx.AsyncClient | None = None
-        self._entries: dict[str, _IssuerEntry] = {}
-
-    async def start(self) -> None:
-        if self.http is None and self.jwks_urls:
-            self.http = httpx.AsyncClient(
-                timeout=httpx.Timeout(FETCH_TIMEOUT_S, connect=CONNECT_TIMEOUT_S), follow_redirects=False,
-                headers={"accept": "application/json", "user-agent": "scopegate-oidc"}, trust_env=False)
-
-    async def close(self) -> None:
-        if self.http is not None:
-            await self.http.aclose()
-            self.http = None
-
-    def fetches(self, issuer: str) -> int:
-        entry = self._entries.get(issuer)
-        return entry.fetches if entry else 0
-
-    async def key(self, issuer: str, kid: str) -> IssuerKey:
-        """The key `kid` of `issuer`'s JWKS; raises ExchangeError (invalid_grant, or 503 when the
-        keys cannot be fetched)."""
-        if issuer not in self.jwks_urls:
-            raise invalid_grant(f"issuer {issuer!r} is not trusted by this gateway")
-        entry = self._entries.setdefault(issuer, _IssuerEntry())
-        async with entry.lock:
-            now = self.monotonic()
-            if entry.fetched_at is None or now - entry.fetched_at >= self.ttl_s:
-                await self._refresh(issuer, entry, now)
-            found = entry.keys.get(kid)
-            if found is None:
-                since = now - (entry.attempted_at or 0.0)
-                if since >= self.refetch_interval_s:
-                    await self._refresh(issuer, entry, now)  # the issuer may have rotated its keys
-                    found = entry.keys.get(kid)
-                    since = 0.0
-                if found is None:
-                    wait = max(1, math.ceil(self.refetch_interval_s - since))
-                    raise invalid_grant(
-                        f"the token's key id {kid!r} is not in the JWKS of issuer {issuer} (keys fetched "
-                        f"{int(since)}s ago; refetched at most every {int(self.refetch_interval_s)}s: "
-                        f"retry in {wait}s if the issuer has just rotated its keys)")
-            return found
-
-    async def _refresh(self, issuer: str, entry: _IssuerEntry, now: float) -> None:
-        if entry.last_error is not None and entry.attempted_at is not None \
-                and now - entry.attempted_at < self.refetch_interval_s:
-            wait = math.ceil(self.refetch_interval_s - (now - entry.attempted_at))
-            raise unavailable(f"the signing keys of issuer {issuer} could not be fetched ({entry.last_error}); "
-                              f"nothing was minted; retry in {wait}s", wait)
-        entry.attempted_at = now
-        entry.fetches += 1
-        try:
-            url = self.jwks_urls[issuer] or await self._discover(issuer)
-            entry.keys = parse_jwks(await self._get_json(url, "JWKS"))
-        except FetchError as exc:
-            entry.last_error = str(exc)
-            raise unavailable(f"the signing keys of issuer {issuer} could not be fetched ({exc}); nothing was "
-                              f"minted; retry in {int(self.refetch_interval_s)}s",
-                              int(self.refetch_interval_s)) from None
-        entry.fetched_at, entry.last_error = now, None
-
-    async def _discover(self, issuer: str) -> str:
-        url = get_well_known_url(issuer, external=True)
-        document = await self._get_json(url, "discovery document")
-        if document.get("issuer") != issuer:
-            raise FetchError(f"the discovery document at {url} names issuer {document.get('issuer')!r}, "
-                             f"not {issuer!r}")
-        jwks_uri = document.get("jwks_uri")
-        try:
-            jwks_uri = fetchable_url(jwks_uri)
-        except ValueError as exc:
-            raise FetchError(f"the discovery document at {url} has no usable jwks_uri: {exc}") from None
-        if urlsplit(issuer).scheme == "https" and urlsplit(jwks_uri).scheme != "https":
-            raise FetchError(f"the discovery document at {url} names a jwks_uri that is not https")
-        return jwks_uri
-
-    async def _get_json(self, url: str, what: str) -> dict[str, Any]:
-        if self.http is None:
-            raise FetchError("the gateway's HTTP client is not started")
-        try:
-            async with self.http.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise FetchError(f"the {what} at {url} answered HTTP {response.status_code}")
-                body = b""
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_DOCUMENT_BYTES:
-                        raise FetchError(f"the {what} at {url} is larger than {MAX_DOCUMENT_BYTES} bytes")
-        except httpx.TimeoutException:
-            raise FetchError(f"the {what} at {url} did not answer in time") from None
-        except httpx.HTTPError as exc:
-            raise FetchError(f"the {what} at {url} is unreachable ({exc.__class__.__name__})") from None
-        try:
-            document = json.loads(body)
-        except ValueError:
-            raise FetchError(f"the {what} at {url} is not JSON") from None
-        if not isinstance(document, dict):
-            raise FetchError(f"the {what} at {url} is not a JSON object")
-        return document
-
-
-def parse_jwks(document: Mapping[str, Any]) -> dict[str, IssuerKey]:
-    """Signing keys by kid: RSA (>= 2048 bits) and EC P-256 public keys. Keys without a kid, for
-    encryption, of other types or sizes are skipped; a kid that appears twice is dropped (ambiguous)."""
-    items = document.get("keys")
-    if not isinstance(items, list):
-        raise FetchError("the JWKS has no 'keys' list")
-    keys: dict[str, IssuerKey] = {}
-    seen: set[str] = set()
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        kid, kty, alg = item.get("kid"), item.get("kty"), item.get("alg")
-        if not isinstance(kid, str) or not kid or item.get("use", "sig") != "sig":
-            continue
-        if alg is not None and alg not in ALGORITHMS:
-            continue
-        try:
-            key: RSAKey | ECKey
-            if kty == "RSA":
-                key = RSAKey.import_key({k: item[k] for k in ("kty", "n", "e") if k in item})
-                if key.raw_value.key_size < MIN_RSA_BITS:
-                    continue
-            elif kty == "EC" and item.get("crv") == "P-256":
-                key = ECKey.import_key({k: item[k] for k in ("kty", "crv", "x", "y") if k in item})
-            else:
-                continue
-        except (JoseError, ValueError, TypeError):
-            continue
-        if kid in seen:
-            keys.pop(kid, None)
-            continue
-        seen.add(kid)
-        keys[kid] = IssuerKey(kid, key, alg if isinstance(alg, str) else None)
-    return keys
 
 
 # --- the exchange -------------------------------------------------------------------------------

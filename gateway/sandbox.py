@@ -15,15 +15,12 @@ in dev mode and in tests, that the injection really happened.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -34,6 +31,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.sandbox_state import (
+    App,
+    SandboxError,
+    SandboxState,
+    grant_lease,
+    image_ref,
+    lease_json,
+    public_secret,
+    timestamp,
+)
+
 __all__ = ["SandboxError", "SandboxState", "create_sandbox_app"]
 
 _REGIONS = {"iad": "Ashburn, Virginia (US)", "ord": "Chicago, Illinois (US)", "lhr": "London, United Kingdom",
@@ -43,98 +51,7 @@ _SIGNALS = frozenset({"SIGABRT", "SIGALRM", "SIGFPE", "SIGHUP", "SIGILL", "SIGIN
 _WAITABLE_STATES = frozenset({"started", "stopped", "suspended"})
 _TRUE_WORDS = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool, as Fly reads it
 _APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
-_SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
-_DEFAULT_LEASE_TTL = 30
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class App:
-    """One app; machines, leases and secrets are stored already in the spec's JSON shape."""
-
-    name: str
-    org_slug: str
-    network: str = "default"
-    id: str = field(default_factory=lambda: secrets.token_hex(8))
-    machines: dict[str, dict[str, Any]] = field(default_factory=dict)  # Machine, by id
-    leases: dict[str, dict[str, Any]] = field(default_factory=dict)  # Lease, by machine id
-    secrets: dict[str, dict[str, Any]] = field(default_factory=dict)  # AppSecret with its value
-    secrets_version: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "name": self.name, "machine_count": len(self.machines), "volume_count": 0,
-            "network": self.network, "status": "deployed" if self.machines else "pending",
-            "organization": {"name": self.org_slug, "slug": self.org_slug},
-        }
-
-    def live_lease(self, machine_id: str) -> dict[str, Any] | None:
-        lease = self.leases.get(machine_id)
-        if lease is not None and lease["expires_at"] <= int(time.time()):
-            del self.leases[machine_id]
-            return None
-        return lease
-
-    def bump_secrets_version(self) -> dict[str, int]:
-        self.secrets_version += 1  # "Version" is the spec's deprecated spelling, still read by old clients
-        return {"version": self.secrets_version, "Version": self.secrets_version}
-
-    def put_secret(self, name: str, value: str) -> dict[str, Any]:
-        if not _SECRET_NAME.fullmatch(name):
-            raise SandboxError(400, f"invalid secret name {name!r}")
-        now, old = _now(), self.secrets.get(name, {})
-        digest = hashlib.sha256(value.encode()).hexdigest()[:16]
-        self.secrets[name] = {"name": name, "digest": digest, "created_at": old.get("created_at", now),
-                              "updated_at": now, "value": value}
-        return self.secrets[name]
-
-
-@dataclass
-class SandboxState:
-    """Everything one sandbox knows; each app gets its own, so two sandboxes never share data."""
-
-    apps: dict[str, App] = field(default_factory=dict)
-
-    def new_machine(self, app: App, config: dict[str, Any], region: str, name: str | None) -> dict[str, Any]:
-        taken = {mid for a in self.apps.values() for mid in a.machines}
-        while (mid := secrets.token_hex(7)) in taken:  # 14 hex characters, like Fly's ids
-            pass
-        now = _now()
-        app.machines[mid] = {
-            "id": mid, "name": name or f"{app.name}-{mid[:6]}", "state": "started", "region": region,
-            "instance_id": secrets.token_hex(13).upper(), "private_ip": f"fdaa:0:1:a7b:{mid[:4]}::2",
-            "config": config, "image_ref": _image_ref(config["image"]), "created_at": now,
-            "updated_at": now, "events": [], "checks": [], "host_status": "ok",
-        }
-        return app.machines[mid]
-
-    def seed(self) -> None:
-        for name in ("web-staging", "web-prod", "api-staging"):
-            app = self.apps[name] = App(name=name, org_slug="personal")
-            config = {"image": f"registry.fly.io/{name}:deployment-1", "guest": {"cpus": 1, "memory_mb": 256}}
-            self.new_machine(app, config, "iad", f"{name}-1")
-            app.put_secret("DATABASE_URL", f"postgres://sandbox@db.internal/{name}")
-            app.secrets_version = 1
-
-
-class SandboxError(Exception):
-    """Rendered as the spec's ErrorResponse, `{"error": message}`, with the given status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def _image_ref(image: str) -> dict[str, Any]:
-    name, _, digest = image.partition("@")
-    first, _, rest = name.partition("/")
-    registry, path = (first, rest) if rest and ("." in first or ":" in first) else ("docker.io", name)
-    repository, _, tag = path.partition(":")
-    return {"registry": registry, "repository": repository, "tag": tag or "latest", "digest": digest}
 
 
 def _state(request: Request) -> SandboxState:
@@ -226,21 +143,6 @@ def _config_and_region(body: dict[str, Any], default_region: str) -> tuple[dict[
     return config, region
 
 
-def _grant_lease(app: App, machine: dict[str, Any], ttl: Any, description: str = "") -> dict[str, Any]:
-    ttl = ttl if isinstance(ttl, int) and ttl > 0 else _DEFAULT_LEASE_TTL
-    held = app.live_lease(machine["id"])  # its holder refreshes it and keeps the nonce
-    nonce = held["nonce"] if held else secrets.token_hex(16)
-    lease = {"nonce": nonce, "owner": "sandbox@scopegate.dev", "description": description,
-             "expires_at": int(time.time()) + ttl, "version": machine["instance_id"]}
-    app.leases[machine["id"]] = lease
-    return lease
-
-
-def _lease_json(lease: dict[str, Any]) -> dict[str, Any]:
-    # The spec says a bare Lease but fly-go reads {"status", "data"}; both keep either client working.
-    return {**lease, "status": "success", "data": lease}
-
-
 async def machines_collection(request: Request) -> Response:
     app, query = _app(request), request.query_params
     if request.method == "GET":
@@ -253,9 +155,9 @@ async def machines_collection(request: Request) -> Response:
     name = body.get("name") if isinstance(body.get("name"), str) else None
     machine = _state(request).new_machine(app, config, region, name)
     if body.get("skip_launch") is True:
-        machine.update(state="created", updated_at=_now())
+        machine.update(state="created", updated_at=timestamp())
     if "lease_ttl" in body:  # Fly returns the nonce only here, when creation also took a lease
-        return JSONResponse({**machine, "nonce": _grant_lease(app, machine, body["lease_ttl"])["nonce"]})
+        return JSONResponse({**machine, "nonce": grant_lease(app, machine, body["lease_ttl"])["nonce"]})
     return JSONResponse(machine)
 
 
@@ -272,10 +174,10 @@ async def machine_detail(request: Request) -> Response:
         return JSONResponse({"ok": True})
     body = await _body(request)
     machine["config"], machine["region"] = _config_and_region(body, machine["region"])
-    machine["image_ref"] = _image_ref(machine["config"]["image"])
+    machine["image_ref"] = image_ref(machine["config"]["image"])
     machine["name"] = body["name"] if isinstance(body.get("name"), str) and body["name"] else machine["name"]
     machine["instance_id"] = secrets.token_hex(13).upper()
-    machine.update(state="stopped" if body.get("skip_launch") is True else "started", updated_at=_now())
+    machine.update(state="stopped" if body.get("skip_launch") is True else "started", updated_at=timestamp())
     return JSONResponse(machine)
 
 
@@ -288,7 +190,7 @@ def _lifecycle(target: str | None, action: str) -> Callable[[Request], Awaitable
             raise SandboxError(400, f"signal must be one of {', '.join(sorted(_SIGNALS))}")
         if target is not None:
             _check_lease(request, app, machine["id"])
-            machine.update(state=target, updated_at=_now())
+            machine.update(state=target, updated_at=timestamp())
         return JSONResponse({"ok": True})
 
     return handler
@@ -318,15 +220,15 @@ async def lease(request: Request) -> Response:
     if request.method == "POST":
         _check_lease(request, app, machine["id"])
         body = await _body(request)
-        new = _grant_lease(app, machine, body.get("ttl"), str(body.get("description") or ""))
-        return JSONResponse(_lease_json(new), status_code=201)
+        new = grant_lease(app, machine, body.get("ttl"), str(body.get("description") or ""))
+        return JSONResponse(lease_json(new), status_code=201)
     if held is None:
         raise SandboxError(404, f"machine {machine['id']} has no lease")
     if request.method == "DELETE":
         _check_lease(request, app, machine["id"])
         del app.leases[machine["id"]]
         return JSONResponse({"ok": True})
-    return JSONResponse(_lease_json(held))
+    return JSONResponse(lease_json(held))
 
 
 def _metadata(machine: dict[str, Any]) -> dict[str, str]:
@@ -363,15 +265,11 @@ async def metadata_key(request: Request) -> Response:
     return JSONResponse({"value": meta[key]})
 
 
-def _public(secret: dict[str, Any], show_value: bool) -> dict[str, Any]:
-    return secret if show_value else {k: v for k, v in secret.items() if k != "value"}
-
-
 async def secrets_collection(request: Request) -> Response:
     app = _app(request)
     if request.method == "GET":
         show = _flag(request, "show_secrets")
-        return JSONResponse({"secrets": [_public(s, show) for s in app.secrets.values()]})
+        return JSONResponse({"secrets": [public_secret(s, show) for s in app.secrets.values()]})
     values = (await _body(request)).get("values")
     if not isinstance(values, dict) or not all(v is None or isinstance(v, str) for v in values.values()):
         raise SandboxError(400, "values must be an object of strings (null unsets a secret)")
@@ -381,20 +279,20 @@ async def secrets_collection(request: Request) -> Response:
         else:
             app.put_secret(name, value)
     version = app.bump_secrets_version()
-    return JSONResponse({"secrets": [_public(s, False) for s in app.secrets.values()], **version})
+    return JSONResponse({"secrets": [public_secret(s, False) for s in app.secrets.values()], **version})
 
 
 async def secret(request: Request) -> Response:
     app, name = _app(request), str(request.path_params["secret_name"])
     if request.method == "POST":
-        created = _public(app.put_secret(name, await _string_field(request, "value")), False)
+        created = public_secret(app.put_secret(name, await _string_field(request, "value")), False)
         return JSONResponse({**created, **app.bump_secrets_version()}, status_code=201)
     if name not in app.secrets:
         raise SandboxError(404, f"secret {name} not found")
     if request.method == "DELETE":
         del app.secrets[name]
         return JSONResponse(app.bump_secrets_version())
-    return JSONResponse(_public(app.secrets[name], _flag(request, "show_secrets")))
+    return JSONResponse(public_secret(app.secrets[name], _flag(request, "show_secrets")))
 
 
 async def regions(request: Request) -> Response:

@@ -10,7 +10,7 @@ Keys (all under `store.prefix`, default `scopegate:`):
     epoch            string a random id written when the feed starts; gone after FLUSHALL or a restart
                             without persistence, which tells every instance to forget its cache
     once:{key}       string the replay cache of `claim_once`, expiring at the claim's expiry
-    rl:{jti}         hash   a shared token bucket (`RedisRateLimiter`)
+    rl:{jti}         hash   a shared token bucket (`RedisRateLimiter`, gateway/store/redis_ratelimit.py)
     audit            stream the `redis` audit sink (gateway/audit.py)
 
 Every write that changes what a token may do (put, revoke with its cascade, shorten) is one Lua
@@ -35,24 +35,22 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gateway.errors import ConfigError, RateLimited, StateUnavailable
+from gateway.errors import StateUnavailable
 from gateway.store import TokenRecord
+from gateway.store.redis_ratelimit import BUCKET_SCRIPT, RedisRateLimiter
+from gateway.store.redis_url import connect, redact
+
+__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_MS", "FEED_MAXLEN", "RedisRateLimiter", "RedisStore", "redact"]
 
 DEFAULT_PREFIX = "scopegate:"
 DEFAULT_TIMEOUT_MS = 500
 FEED_MAXLEN = 100_000
 _FEED_BATCH = 10_000
 _CHUNK = 1_000
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 # Every feed entry carries `n`, a counter incremented with it, so a reader can tell whether it
 # saw every entry after its cursor: the next entry must be n + 1, else some were trimmed away.
@@ -219,110 +217,6 @@ end
 return out
 """
 
-_BUCKET = """
--- KEYS: bucket.  ARGV: rate per second, burst, ttl ms.  Returns {allowed 0|1, wait ms}.
--- Redis's own clock, so instances with skewed clocks share one bucket correctly.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens, ts = tonumber(state[1]), tonumber(state[2])
-if not tokens or not ts then
-  tokens, ts = burst, now
-end
-if now > ts then
-  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
-else
-  now = ts
-end
-local allowed, wait = 0, 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
-else
-  wait = math.ceil((1 - tokens) * 1000 / rate)
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {allowed, wait}
-"""
-
-
-def is_redis_url(url: str) -> bool:
-    return url.partition(":")[0] in REDIS_SCHEMES
-
-
-def connect(url: str, *, timeout_s: float, extra_read_s: float = 0.0) -> tuple[Redis, list[Redis]]:
-    """A client whose every call gives up after the budget: connect and read timeouts of
-    `timeout_s` (plus `extra_read_s` for blocking reads), one immediate retry when a pooled
-    connection turns out dropped (a Redis restart), none on timeouts. Also the helper clients
-    to close with it (a Sentinel URL's connections to the sentinels)."""
-    options: dict[str, Any] = {
-        "socket_timeout": timeout_s + extra_read_s,
-        "socket_connect_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        "decode_responses": True,
-        "client_name": "scopegate",
-    }
-    scheme = url.partition(":")[0]
-    if scheme.endswith("+sentinel"):
-        return _sentinel_client(url, options)
-    try:
-        return Redis.from_url(url, **options), []
-    except ValueError as exc:
-        raise ConfigError(f"store.url {redact(url)} is not a usable Redis URL ({exc})") from None
-
-
-def _sentinel_client(url: str, options: dict[str, Any]) -> tuple[Redis, list[Redis]]:
-    """`redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` (also `rediss+sentinel`):
-    the master of SERVICE as the sentinels report it, followed across failovers."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    hosts: list[tuple[str, int]] = []
-    for item in netloc.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"store.url {redact(url)}: sentinel addresses are HOST:PORT, comma-separated")
-        hosts.append((host.strip("[]"), int(port)))
-    path = [unquote(p) for p in parts.path.split("/") if p]
-    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ConfigError(f"store.url {redact(url)}: expected .../SERVICE or .../SERVICE/DB after the sentinels")
-    service = path[0]
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rpartition("@")[0]
-        user, _, password = userinfo.partition(":")
-        if user:
-            options["username"] = unquote(user)
-        if password:
-            options["password"] = unquote(password)
-    options["db"] = int(path[1]) if len(path) == 2 else 0
-    if parts.scheme.startswith("rediss"):
-        options["ssl"] = True
-    sentinel_options = {"socket_timeout": options["socket_connect_timeout"],
-                        "socket_connect_timeout": options["socket_connect_timeout"]}
-    for key, value in parse_qsl(parts.query):
-        if key == "sentinel_password":
-            sentinel_options["password"] = value
-        else:
-            raise ConfigError(f"store.url {redact(url)}: unknown option {key!r} (only sentinel_password)")
-    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
-    client: Redis = sentinel.master_for(service, redis_class=Redis)
-    return client, list(sentinel.sentinels)
-
-
-def redact(url: str) -> str:
-    """The URL without its passwords (user info, `*password*` query options), for messages."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        userinfo, _, hosts = parts.netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        parts = parts._replace(netloc=f"{user}:***@{hosts}" if user else f":***@{hosts}")
-    if "password" in parts.query.lower():
-        parts = parts._replace(query="&".join(
-            f"{key}=***" if "password" in key.lower() else f"{key}={value}"
-            for key, value in parse_qsl(parts.query, keep_blank_values=True)))
-    return parts.geturl()
-
 
 class RedisStore:
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout_ms: int = DEFAULT_TIMEOUT_MS,
@@ -339,7 +233,7 @@ class RedisStore:
         self._shorten = self.client.register_script(_SHORTEN)
         self._touch = self.client.register_script(_TOUCH)
         self._feed = self.client.register_script(_FEED)
-        self._bucket = self.client.register_script(_BUCKET)
+        self._bucket = self.client.register_script(BUCKET_SCRIPT)
         self._k_tokens = prefix + "tokens"
         self._k_changes = prefix + "changes"
         self._k_epoch = prefix + "epoch"
@@ -484,29 +378,6 @@ class RedisStore:
                     await client.aclose()
             except (RedisError, OSError, TimeoutError):
                 pass
-
-
-class RedisRateLimiter:
-    """The token bucket of `gateway.ratelimit.RateLimiter`, kept in Redis and shared by every
-    instance: one atomic script per request refills and takes (`RedisStore.take`)."""
-
-    def __init__(self, store: RedisStore, rate: float, burst: int) -> None:
-        self.store = store
-        self.rate = rate
-        self.burst = max(burst, 1) if rate > 0 else 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.rate > 0
-
-    async def check(self, key: str, token_name: str) -> None:
-        if not self.enabled:
-            return
-        wait_ms = await self.store.take(key, rate=self.rate, burst=self.burst)
-        if wait_ms:
-            retry = math.ceil(wait_ms / 1000)
-            raise RateLimited(f"token '{token_name}' is over its rate of {self.rate:g} requests/s "
-                              f"(burst {self.burst}); retry after {retry}s", retry_after_s=retry)
 
 
 def _fields(record: TokenRecord) -> dict[str, str | int]:
