@@ -1,0 +1,151 @@
+"""The baseline: a bare pass-through proxy on the gateway's own server stack.
+
+Same uvicorn configuration (`gateway.server.uvicorn_config`: httptools + TargetProtocol, uvloop,
+no access log), same upstream client (`gateway.upstream.UpstreamClient`: aiohttp, the same
+header rebuilding and streaming relay) as the gateway, and nothing else: no canonicalization,
+no token, no route, no decision, no audit record. What the gateway costs on top of this is the
+price of authorization.
+
+    python bench/baseline.py --upstream http://127.0.0.1:8081 --port 8082
+
+`--client httpx` swaps the upstream client for an httpx.AsyncClient doing the same job, for
+`bench/clients.py` (the choice of client by measurement); it is never what `bench/run` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import uvicorn
+
+from gateway.server import uvicorn_config
+from gateway.upstream import UpstreamClient
+
+CREDENTIAL = "baseline-upstream-credential"
+
+
+class PassThrough:
+    """ASGI: forward every request upstream with the gateway's UpstreamClient, relay the answer."""
+
+    def __init__(self, upstream_url: str) -> None:
+        self.upstream = UpstreamClient(upstream_url, auth_scheme="Bearer", credential=CREDENTIAL,
+                                       connect_timeout_s=5, read_timeout_s=75)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send, self.upstream.start, self.upstream.close)
+            return
+        if scope["type"] != "http":
+            return
+        request_id = uuid.uuid4().hex
+        headers = self.upstream.build_headers(scope["headers"], client_ip=(scope.get("client") or ("", 0))[0],
+                                              scheme=scope.get("scheme", "http"), request_id=request_id)
+        target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
+        body = await _read_body(receive) if _has_body(scope) else None
+        response = await self.upstream.send(scope["method"], target, headers, body or None)
+        try:
+            out = [*response.headers, (b"x-request-id", request_id.encode("ascii"))]
+            await send({"type": "http.response.start", "status": response.status, "headers": out})
+            async for chunk in response.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            response.release()
+
+
+class HttpxPassThrough:
+    """The same pass-through with httpx.AsyncClient as the upstream client (bench/clients.py only)."""
+
+    def __init__(self, upstream_url: str) -> None:
+        self.base = upstream_url.rstrip("/")
+        self.helper = UpstreamClient(upstream_url, auth_scheme="Bearer", credential=CREDENTIAL,
+                                     connect_timeout_s=5, read_timeout_s=75)  # for build_headers only
+        self.client: Any = None
+
+    async def _start(self) -> None:
+        import httpx
+
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5, read=75, write=75, pool=None), follow_redirects=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000))
+
+    async def _stop(self) -> None:
+        await self.client.aclose()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send, self._start, self._stop)
+            return
+        if scope["type"] != "http":
+            return
+        request_id = uuid.uuid4().hex
+        headers = self.helper.build_headers(scope["headers"], client_ip=(scope.get("client") or ("", 0))[0],
+                                            scheme=scope.get("scheme", "http"), request_id=request_id)
+        target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
+        body = await _read_body(receive) if _has_body(scope) else None
+        request = self.client.build_request(scope["method"], self.base + target.decode("ascii"),
+                                            headers=list(headers.items()), content=body or None)
+        response = await self.client.send(request, stream=True)
+        try:
+            out = [(k, v) for k, v in response.headers.raw if k.lower() not in (b"connection", b"keep-alive",
+                                                                               b"transfer-encoding")]
+            out.append((b"x-request-id", request_id.encode("ascii")))
+            await send({"type": "http.response.start", "status": response.status_code, "headers": out})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+
+def _has_body(scope: dict[str, Any]) -> bool:
+    for name, value in scope["headers"]:
+        if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
+            return True
+    return False
+
+
+async def _read_body(receive: Any) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return body
+        body += bytes(message.get("body", b""))
+        if not message.get("more_body", False):
+            return body
+
+
+async def _lifespan(receive: Any, send: Any, start: Any, stop: Any) -> None:
+    message = await receive()
+    assert message["type"] == "lifespan.startup"
+    await start()
+    await send({"type": "lifespan.startup.complete"})
+    await receive()
+    await stop()
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upstream", required=True, help="upstream base URL, e.g. http://127.0.0.1:8081")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp")
+    args = parser.parse_args()
+    app = PassThrough(args.upstream) if args.client == "aiohttp" else HttpxPassThrough(args.upstream)
+    server = uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port))
+    # Server.run, not asyncio.run(server.serve()): it honours the config's event loop ("auto":
+    # uvloop when installed), which is the stack uvicorn_config describes.
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
