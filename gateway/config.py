@@ -10,7 +10,6 @@ no file). Secrets never live here: the upstream credential is read from the env 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.durations import parse_duration
+from gateway import config_values as parsers
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -107,111 +106,6 @@ class Config:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 
-# --- value parsers: each raises ValueError with a sentence saying what is expected -------------
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("expected a non-empty string")
-    return value.strip()
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number")
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if not isinstance(value, int):
-        raise ValueError("expected a whole number")
-    return value
-
-
-def _positive_int(value: Any) -> int:
-    number = _int(value)
-    if number <= 0:
-        raise ValueError("expected a whole number above 0")
-    return number
-
-
-def _non_negative_int(value: Any) -> int:
-    number = _int(value)
-    if number < 0:
-        raise ValueError("expected a whole number, 0 or more")
-    return number
-
-
-def _port(value: Any) -> int:
-    number = _int(value)
-    if not 0 <= number <= 65535:
-        raise ValueError("expected a port number from 0 to 65535")
-    return number
-
-
-def _non_negative_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number") from None
-    if not math.isfinite(number) or number < 0:
-        raise ValueError("expected a finite number, 0 or more")
-    return number
-
-
-def _positive_float(value: Any) -> float:
-    number = _non_negative_float(value)
-    if number <= 0:
-        raise ValueError("expected a number above 0")
-    return number
-
-
-def _duration(value: Any) -> int:
-    return parse_duration(value)
-
-
-def _http_url(value: Any) -> str:
-    text = _str(value).rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("expected an http:// or https:// URL")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("expected a plain base URL without credentials, query or fragment")
-    return text
-
-
-def _auth_scheme(value: Any) -> str:
-    text = _str(value)
-    if text not in ("Bearer", "FlyV1"):
-        raise ValueError("expected Bearer or FlyV1")
-    return text
-
-
-def _env_var_name(value: Any) -> str:
-    text = _str(value)
-    if not text.replace("_", "").isalnum():
-        raise ValueError("expected the name of an environment variable")
-    return text
-
-
-def _store_url(value: Any) -> str:
-    text = _str(value)
-    scheme = urlsplit(text).scheme
-    if scheme == "sqlite":
-        if not text.startswith("sqlite:///") or len(text) <= len("sqlite:///"):
-            raise ValueError("expected sqlite:///PATH (three slashes, then a path)")
-        return text
-    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
-        return text
-    raise ValueError("expected sqlite:///PATH, redis://HOST:PORT/DB or rediss://HOST:PORT/DB "
-                     "(also unix:///PATH?db=N, redis+sentinel://HOST:PORT,.../SERVICE/DB)")
-
-
-def _key_prefix(value: Any) -> str:
-    if not isinstance(value, str) or not value or any(c.isspace() for c in value) or len(value) > 64:
-        raise ValueError("expected 1 to 64 characters without spaces, e.g. 'scopegate:'")
-    return value
-
-
 def _role_rate_limits(value: Any) -> tuple[RoleRateLimit, ...]:
     if not isinstance(value, dict):
         raise ValueError("expected a mapping of role -> {requests_per_second: N, burst: N}")
@@ -221,28 +115,12 @@ def _role_rate_limits(value: Any) -> tuple[RoleRateLimit, ...]:
                 or not set(body) <= {"requests_per_second", "burst"} or "requests_per_second" not in body:
             raise ValueError(f"role {role!r} needs a mapping with requests_per_second and optionally burst")
         try:
-            rate = _non_negative_float(body["requests_per_second"])
-            burst = _non_negative_int(body.get("burst", 0))
+            rate = parsers.non_negative_float(body["requests_per_second"])
+            burst = parsers.non_negative_int(body.get("burst", 0))
         except ValueError as exc:
             raise ValueError(f"role {role!r}: {exc}") from None
         limits.append(RoleRateLimit(role, rate, burst))
     return tuple(limits)
-
-
-def _string_list(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError("expected a list of strings")
-    return tuple(value)
-
-
-def _sinks(value: Any) -> tuple[str, ...]:
-    sinks = _string_list(value)
-    for sink in sinks:
-        if sink not in ("stdout", "redis") and not (sink.startswith("file:") and len(sink) > 5):
-            raise ValueError(f"unknown sink {sink!r}; expected stdout, file:PATH or redis")
-    return sinks
 
 
 def _env_rules(value: Any) -> tuple[EnvironmentRule, ...]:
@@ -252,7 +130,7 @@ def _env_rules(value: Any) -> tuple[EnvironmentRule, ...]:
     for index, item in enumerate(value):
         if not isinstance(item, dict) or set(item) != {"app", "env"}:
             raise ValueError(f"item {index} must be a mapping with exactly the keys app and env")
-        rules.append(EnvironmentRule(_str(item["app"]), _str(item["env"])))
+        rules.append(EnvironmentRule(parsers.nonempty(item["app"]), parsers.nonempty(item["env"])))
     return tuple(rules)
 
 
@@ -263,47 +141,36 @@ def _trust_rules(value: Any) -> tuple[TrustRule, ...]:
     return parse_trust_rules(value)
 
 
-def _path_value(value: Any) -> str:
-    return _str(value)
-
-
-def _optional_path(value: Any) -> str | None:
-    # `none` (or an empty value) switches the feature off.
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-        return None
-    return _str(value)
-
-
 Parser = Callable[[Any], Any]
 
 # section -> key -> (Config field, parser). `routes` is a top-level list.
 _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
-    "server": {"host": ("server_host", _str), "port": ("server_port", _port)},
+    "server": {"host": ("server_host", parsers.nonempty), "port": ("server_port", parsers.port)},
     "upstream": {
-        "url": ("upstream_url", _http_url),
-        "token_env": ("upstream_token_env", _env_var_name),
-        "token_file": ("upstream_token_file", _path_value),
-        "auth_scheme": ("upstream_auth_scheme", _auth_scheme),
-        "connect_timeout_s": ("upstream_connect_timeout_s", _positive_float),
-        "read_timeout_s": ("upstream_read_timeout_s", _positive_float),
+        "url": ("upstream_url", parsers.http_url),
+        "token_env": ("upstream_token_env", parsers.env_var_name),
+        "token_file": ("upstream_token_file", parsers.path_value),
+        "auth_scheme": ("upstream_auth_scheme", parsers.auth_scheme),
+        "connect_timeout_s": ("upstream_connect_timeout_s", parsers.positive_float),
+        "read_timeout_s": ("upstream_read_timeout_s", parsers.positive_float),
     },
-    "policy": {"model": ("policy_model", _path_value), "policy": ("policy_policy", _path_value),
-               "constraints": ("policy_constraints", _optional_path)},
-    "environments": {"rules": ("environment_rules", _env_rules), "default": ("environment_default", _str)},
+    "policy": {"model": ("policy_model", parsers.path_value), "policy": ("policy_policy", parsers.path_value),
+               "constraints": ("policy_constraints", parsers.optional_path)},
+    "environments": {"rules": ("environment_rules", _env_rules), "default": ("environment_default", parsers.nonempty)},
     "tokens": {
-        "issuer": ("tokens_issuer", _str),
-        "audience": ("tokens_audience", _str),
-        "keyring": ("tokens_keyring", _path_value),
-        "default_ttl": ("tokens_default_ttl_s", _duration),
-        "max_ttl": ("tokens_max_ttl_s", _duration),
+        "issuer": ("tokens_issuer", parsers.nonempty),
+        "audience": ("tokens_audience", parsers.nonempty),
+        "keyring": ("tokens_keyring", parsers.path_value),
+        "default_ttl": ("tokens_default_ttl_s", parsers.duration),
+        "max_ttl": ("tokens_max_ttl_s", parsers.duration),
     },
-    "store": {"url": ("store_url", _store_url), "timeout_ms": ("store_timeout_ms", _positive_int),
-              "prefix": ("store_prefix", _key_prefix)},
-    "audit": {"sinks": ("audit_sinks", _sinks), "redis_maxlen": ("audit_redis_maxlen", _positive_int)},
-    "limits": {"max_body_bytes": ("limits_max_body_bytes", _positive_int)},
+    "store": {"url": ("store_url", parsers.store_url), "timeout_ms": ("store_timeout_ms", parsers.positive_int),
+              "prefix": ("store_prefix", parsers.key_prefix)},
+    "audit": {"sinks": ("audit_sinks", parsers.sinks), "redis_maxlen": ("audit_redis_maxlen", parsers.positive_int)},
+    "limits": {"max_body_bytes": ("limits_max_body_bytes", parsers.positive_int)},
     "rate_limit": {
-        "requests_per_second": ("rate_limit_requests_per_second", _non_negative_float),
-        "burst": ("rate_limit_burst", _non_negative_int),
+        "requests_per_second": ("rate_limit_requests_per_second", parsers.non_negative_float),
+        "burst": ("rate_limit_burst", parsers.non_negative_int),
         "roles": ("rate_limit_roles", _role_rate_limits),
     },
     "oidc": {"trust": ("oidc_trust", _trust_rules)},
@@ -340,7 +207,7 @@ def build_config(raw: Mapping[str, Any], *, base_dir: Path, source: str,
     values: dict[str, Any] = {}
     for section, body in raw.items():
         if section == "routes":
-            values["routes"] = _parse("routes", _string_list, body)
+            values["routes"] = _parse("routes", parsers.string_list, body)
             continue
         if section not in _SCHEMA:
             raise ConfigError(f"unknown config section {section!r} in {source}; known: routes, {', '.join(_SCHEMA)}")
@@ -355,7 +222,7 @@ def build_config(raw: Mapping[str, Any], *, base_dir: Path, source: str,
             continue
         rest = name[len(ENV_PREFIX):]
         if rest == "ROUTES":
-            values["routes"] = _parse(name, _string_list, _env_value(name, text, structured=True))
+            values["routes"] = _parse(name, parsers.string_list, _env_value(name, text, structured=True))
             continue
         section, sep, key = rest.partition("__")
         if not sep:
