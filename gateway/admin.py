@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.admin_openapi import admin_openapi
+from gateway.audit import new_record
 from gateway.durations import parse_duration
 from gateway.errors import (
     BadRequest,
@@ -53,12 +54,8 @@ class AdminContext:
         async def run(request: Request) -> Response:
             started = time.perf_counter()
             request_id = uuid.uuid4().hex
-            record: dict[str, Any] = {
-                "request_id": request_id, "jti": None, "sub": None, "token_name": None,
-                "client_ip": request.client.host if request.client else "", "method": request.method,
-                "path": request.url.path, "action": action or audit_as, "app": None, "env": None, "decision": "deny",
-                "reason": None, "status": 500, "upstream_ms": None,
-            }
+            record = new_record(request_id, client_ip=request.client.host if request.client else "",
+                                method=request.method, path=request.url.path, action=action or audit_as)
             try:
                 if b"sgt_" in request.url.query.encode() or "access_token" in request.query_params:
                     raise BadRequest("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")

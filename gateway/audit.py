@@ -29,6 +29,14 @@ FIELDS = ("ts", "request_id", "jti", "sub", "token_name", "client_ip", "method",
           "env", "decision", "reason", "status", "duration_ms", "upstream_ms")
 
 
+def new_record(request_id: str, *, client_ip: str, method: str, path: str,
+               action: str | None = None) -> dict[str, Any]:
+    """The record of a request before anything is known about it: a denial until proven otherwise."""
+    return {"request_id": request_id, "jti": None, "sub": None, "token_name": None, "client_ip": client_ip,
+            "method": method, "path": path, "action": action, "app": None, "env": None, "decision": "deny",
+            "reason": None, "status": 500, "upstream_ms": None}
+
+
 class Sink(Protocol):
     def write(self, line: str) -> None: ...
 

@@ -49,6 +49,7 @@ from joserfc.jwk import RSAKey
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.audit import new_record
 from gateway.errors import ConfigError, GatewayError
 from gateway.grants import GrantError, parse_grant, parse_grants
 from gateway.oidc_errors import NO_STORE, ExchangeError, invalid_grant, invalid_request, unavailable
@@ -319,12 +320,9 @@ def exchange_endpoint(state: GatewayState) -> Callable[[Request], Any]:
     async def run(request: Request) -> Response:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
-        record: dict[str, Any] = {
-            "request_id": request_id, "jti": None, "sub": None, "token_name": None,
-            "client_ip": request.client.host if request.client else "", "method": request.method,
-            "path": request.url.path, "action": "gateway:exchange", "app": None, "env": None, "decision": "deny",
-            "reason": None, "status": 500, "upstream_ms": None, "rule": None, "issuer": None, "claims": None,
-        }
+        record = new_record(request_id, client_ip=request.client.host if request.client else "",
+                            method=request.method, path=request.url.path, action="gateway:exchange")
+        record.update(rule=None, issuer=None, claims=None)
         try:
             if request.url.query:
                 raise invalid_request("send the parameters in the form body, never in the query string")

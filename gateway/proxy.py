@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from gateway.audit import new_record
 from gateway.constraints import VolumeOwnership, enforce
 from gateway.errors import (
     BadRequest,
@@ -53,12 +54,8 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
-        record: dict[str, Any] = {
-            "request_id": request_id, "jti": None, "sub": None, "token_name": None,
-            "client_ip": (scope.get("client") or ("", 0))[0], "method": scope["method"],
-            "path": _printable(request_target(scope)[0]), "action": None, "app": None, "env": None,
-            "decision": "deny", "reason": None, "status": 500, "upstream_ms": None,
-        }
+        record = new_record(request_id, client_ip=(scope.get("client") or ("", 0))[0], method=scope["method"],
+                            path=_printable(request_target(scope)[0]))
         try:
             await self.handle(scope, receive, send, record, request_id)
         except GatewayError as error:
