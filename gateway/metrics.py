@@ -3,27 +3,71 @@
 Labels are bounded: decision (allow/deny), action (from the route map, or `none` before a
 route is known) and status code. Never a path, app name or token: those would grow without
 bound and belong in the audit log.
+
+The per-request series (request counts and the two latency histograms) are plain Python
+counters that a collector turns into Prometheus families at scrape time: `observe` runs on
+every request, so it is a dict lookup and a few additions, without prometheus_client's
+per-value locks (the event loop is one thread). Rare events (reloads, store errors) use
+prometheus_client's own types.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 75.0)
+
+
+class PlainHistogram:
+    """Bucket counts and a sum; Prometheus' `le` semantics (a value equal to a bound is in it)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(_BUCKETS, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*(repr(float(b)) for b in _BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+
+
+class RequestCollector(Collector):
+    """scopegate_requests_total and the request/upstream duration histograms, from plain counters."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency = PlainHistogram()
+        self.upstream_latency = PlainHistogram()
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("scopegate_requests", "Requests by decision, action and status",
+                                       labels=("decision", "action", "status"))
+        for (decision, action, status), count in sorted(self.requests.items()):
+            requests.add_metric((decision, action, str(status)), count)
+        yield requests
+        yield self.latency.family("scopegate_request_duration_seconds", "Whole request, gateway included")
+        yield self.upstream_latency.family("scopegate_upstream_duration_seconds", "Upstream time to response headers")
 
 
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("scopegate_requests_total", "Requests by decision, action and status",
-                                ("decision", "action", "status"), registry=self.registry)
-        self.latency = Histogram("scopegate_request_duration_seconds", "Whole request, gateway included",
-                                 buckets=_BUCKETS, registry=self.registry)
-        self.upstream_latency = Histogram("scopegate_upstream_duration_seconds",
-                                          "Upstream time to response headers", buckets=_BUCKETS,
-                                          registry=self.registry)
+        self.per_request = RequestCollector()
+        self.registry.register(self.per_request)
         self.decision_cache_hits = Gauge("scopegate_decision_cache_hits",
                                          "Policy verdicts served from the cache since the last policy load",
                                          registry=self.registry)
@@ -32,21 +76,18 @@ class GatewayMetrics:
                                       registry=self.registry)
         self.policy_reloads = Counter("scopegate_policy_reloads_total", "Policy/route/keyring reloads by result",
                                       ("result",), registry=self.registry)
-        self._children: dict[tuple[str, str, int], Any] = {}
         self.store_errors = Counter("scopegate_store_errors_total", "Failed calls to the token store",
                                     registry=self.registry)
 
     def observe(self, decision: str, action: str | None, status: int, duration_s: float,
                 upstream_s: float | None) -> None:
+        # Bounded: decisions x route actions x the statuses the gateway answers with.
         key = (decision, action or "none", status)
-        child = self._children.get(key)
-        if child is None:
-            # Bounded: decisions x route actions x the statuses the gateway answers with.
-            child = self._children[key] = self.requests.labels(key[0], key[1], str(status))
-        child.inc()
-        self.latency.observe(duration_s)
+        counts = self.per_request.requests
+        counts[key] = counts.get(key, 0) + 1
+        self.per_request.latency.observe(duration_s)
         if upstream_s is not None:
-            self.upstream_latency.observe(upstream_s)
+            self.per_request.upstream_latency.observe(upstream_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

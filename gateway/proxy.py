@@ -32,7 +32,8 @@ from gateway.errors import (
 )
 from gateway.grants import Grant
 from gateway.paths import Target, canonicalize
-from gateway.policy import decide
+from gateway.plans import Allowed, AllowedCache, Plan, PlanCache
+from gateway.policy import decide, decide_cached
 from gateway.routes import Resolved, resolve_request
 from gateway.state import GatewayState
 from gateway.tokens import Claims
@@ -50,60 +51,98 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 class Proxy:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
+        self.plans = PlanCache()
+        self.allowed = AllowedCache()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
+        raw_path, raw_query = request_target(scope)
         record = new_record(request_id, client_ip=(scope.get("client") or ("", 0))[0], method=scope["method"],
-                            path=_printable(request_target(scope)[0]))
+                            path=_printable(raw_path))
         try:
-            await self.handle(scope, receive, send, record, request_id)
+            await self.handle(scope, receive, send, record, request_id, raw_path, raw_query)
         except GatewayError as error:
+            _expand(record)
             record.update(status=error.status, decision="deny", reason=error.code + ": " + error.message)
             if isinstance(error, StateUnavailable):
                 self.state.metrics.store_errors.inc()
             await send_error(send, error, request_id)
         except Exception as exc:  # fail closed on anything unforeseen, and say nothing of it
+            _expand(record)
             log.exception("request %s failed: %s", request_id, exc.__class__.__name__)
             record.update(status=500, decision="deny", reason="internal_error")
             await send_error(send, GatewayError("the gateway failed on this request; it was not forwarded"),
                              request_id)
         finally:
             duration = time.perf_counter() - started
-            record["duration_ms"] = round(duration * 1000, 3)
-            self.state.audit.emit(record)
             upstream_ms = record["upstream_ms"]
-            self.state.metrics.observe(record["decision"], record["action"], record["status"], duration,
+            allowed: Allowed | None = record.get("_allowed")
+            if allowed is not None:  # forwarded on a cached decision: the record from its fragments
+                self.state.audit.emit_allowed(request_id, allowed.who, record["client_ip"], allowed.what,
+                                              record["status"], upstream_ms, round(duration * 1000, 3))
+                action: str | None = allowed.plan.resolved.action
+            else:
+                record["duration_ms"] = round(duration * 1000, 3)
+                self.state.audit.emit(record)
+                action = record["action"]
+            self.state.metrics.observe(record["decision"], action, record["status"], duration,
                                        None if upstream_ms is None else upstream_ms / 1000)
 
-    async def handle(self, scope: Scope, receive: Any, send: Any, record: dict[str, Any], request_id: str) -> None:
+    async def handle(self, scope: Scope, receive: Any, send: Any, record: dict[str, Any], request_id: str,
+                     raw_path: bytes, raw_query: bytes) -> None:
         state = self.state
-        target = canonicalize(*request_target(scope))
+        method = scope["method"]
+        raw_target = raw_path + b"?" + raw_query if raw_query else raw_path
+        plan = self.plans.get(state, method, raw_target)
+        target = canonicalize(raw_path, raw_query) if plan is None else plan.target
         check_headers(scope)
-        record["path"] = target.raw_path.decode("ascii")
+        record["path"] = target.raw_path.decode("ascii") if plan is None else plan.path
         claims = await self.authenticate(scope, target)
+        if plan is not None:
+            allowed = self.allowed.get(state, claims, plan)
+            if allowed is not None:
+                # The same checks as below, with the decision this token got for this plan.
+                check_declared_length(scope, state.max_body_bytes)
+                record.update(_allowed=allowed, decision="allow")
+                await state.limiter.check(claims.jti, claims.name)
+                record["status"] = await self.forward(scope, receive, send, target, plan.resolved, claims, None,
+                                                      request_id, record)
+                return
         record.update(jti=claims.jti, sub=claims.sub, token_name=claims.name)
-        match = state.routes.resolve(scope["method"], target.path)
-        body = await read_body(receive, state.max_body_bytes) if match.route.needs_body else None
-        check_declared_length(scope, state.max_body_bytes)
-        resolved = resolve_request(match, target.raw_query, body)
-        env = state.environments.resolve(resolved.app) if resolved.app is not None else None
+        body: bytes | None = None
+        if plan is None:
+            match = state.routes.resolve(method, target.path)
+            if match.route.needs_body:
+                body = await read_body(receive, state.max_body_bytes)
+            check_declared_length(scope, state.max_body_bytes)
+            resolved = resolve_request(match, target.raw_query, body)
+            env = state.environments.resolve(resolved.app) if resolved.app is not None else None
+            if not match.route.needs_body:
+                plan = Plan(method, target, record["path"], resolved, env)
+                self.plans.put(state, raw_target, plan)
+        else:
+            check_declared_length(scope, state.max_body_bytes)
+            resolved, env = plan.resolved, plan.env
         record.update(action=resolved.action, app=resolved.app, env=env)
         if resolved.route.answer_gateway:
             # About the caller's own token, which it already holds: no grant needed, nothing forwarded.
             record.update(status=200, decision="allow", reason="answered by the gateway about the caller's token")
             await send_json(send, 200, describe_token(claims), request_id)
             return
-        decision = decide(claims.grants, state.policy, app=resolved.app, env=env, action=resolved.action,
-                          token_name=claims.name, org_filtered=resolved.route.filter_apps)
+        decision = decide_cached(claims, state.policy, app=resolved.app, env=env, action=resolved.action,
+                                 org_filtered=resolved.route.filter_apps)
         if not decision.allowed:
             raise Forbidden(decision.reason)
+        constraints = None
         if decision.grant is not None and resolved.app is not None and env is not None:
             constraints = state.constraints.applicable(decision.grant.role, env, resolved.action)
             if constraints:
                 if body is None:
                     body = await read_body(receive, state.max_body_bytes)
                 await enforce(constraints, app=resolved.app, body=body, ownership=self.ownership(request_id))
+        if plan is not None and not constraints:
+            self.allowed.put(state, claims, plan, decision)
         await state.limiter.check(claims.jti, claims.name)
         record.update(decision="allow", reason=decision.reason)
         record["status"] = await self.forward(scope, receive, send, target, resolved, claims, body, request_id,
@@ -306,6 +345,16 @@ async def send_error(send: Any, error: GatewayError, request_id: str) -> None:
     except RuntimeError:
         # The response had already started (an upstream stream broke midway): nothing to add.
         log.warning("request %s: error after the response started: %s", request_id, error.code)
+
+
+def _expand(record: dict[str, Any]) -> None:
+    """A request that had a cached decision failed later (rate limit, upstream): its record gets
+    the fields the fragments would have carried, for `emit`."""
+    allowed: Allowed | None = record.pop("_allowed", None)
+    if allowed is not None:
+        claims, plan = allowed.claims, allowed.plan
+        record.update(jti=claims.jti, sub=claims.sub, token_name=claims.name, action=plan.resolved.action,
+                      app=plan.resolved.app, env=plan.env)
 
 
 def _ms_since(started: float) -> float:

@@ -65,10 +65,13 @@ class RunningGateway:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10)
 
+    def audit_text(self) -> str:
+        """The audit file as written so far, with what the loop has queued but not yet written."""
+        self.state.audit.flush()
+        return self.audit_file.read_text() if self.audit_file.exists() else ""
+
     def audit_records(self) -> list[dict[str, Any]]:
-        if not self.audit_file.exists():
-            return []
-        return [json.loads(line) for line in self.audit_file.read_text().splitlines() if line]
+        return [json.loads(line) for line in self.audit_text().splitlines() if line]
 
 
 def write_config(folder: Path, upstream_url: str, **sections: dict[str, Any]) -> Path:

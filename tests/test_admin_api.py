@@ -732,7 +732,7 @@ def test_admin_operations_are_audited_without_token_strings(gateway: RunningGate
     attenuate_record = next(r for r in audited if r["path"] == f"{V1}/token/attenuate")
     assert attenuate_record["decision"] == "allow" and attenuate_record["status"] == 201
     assert attenuate_record["jti"] == rotated.json()["jti"]
-    raw = gateway.audit_file.read_text()
+    raw = gateway.audit_text()
     assert TOKEN_RE.search(raw) is None and UPSTREAM_SECRET not in raw
     for token in (admin, minted["token"], rotated.json()["token"], child.json()["token"], outsider):
         assert token.removeprefix("sgt_") not in raw

@@ -176,7 +176,7 @@ def test_exchange_then_deploy_through_the_gateway(ci: RunningGateway, issuer: Fa
     assert line["claims"]["ref"] == "refs/heads/main"
     assert line["claims"]["run_id"] == "9876543210"
     assert line["action"] == "gateway:exchange"
-    text = ci.audit_file.read_text()
+    text = ci.audit_text()
     assert id_token not in text and token not in text
     assert id_token.split(".")[2] not in text
 

@@ -715,14 +715,14 @@ def test_audit_sink_appends_to_a_capped_stream_and_survives_an_outage(redis_serv
         sink = RedisSink(store.client, "t:audit", maxlen=150, timeout_s=0.3)
         try:
             for i in range(1000):
-                sink.write(json.dumps({"n": i}) + "\n")
+                sink.write([json.dumps({"n": i}) + "\n"])
             await sink.drain()
             with redis_server.admin() as client:
                 entries = client.xrange("t:audit")
                 assert 150 <= len(entries) < 400
                 assert json.loads(entries[-1][1][b"record"]) == {"n": 999}
             redis_server.stop(save=True)
-            sink.write(json.dumps({"n": "during"}) + "\n")
+            sink.write([json.dumps({"n": "during"}) + "\n"])
             await asyncio.sleep(0.5)
             redis_server.start()
             await sink.drain(timeout_s=3)

@@ -187,7 +187,7 @@ def test_token_sent_as_a_path_segment_is_not_written_to_the_audit_log(token: str
     answer = send(gw, request("GET", b"/v1/apps/" + token.encode(), token=token))
     assert_refused(gw, answer, (400, 401))
     audit_record(gw, answer)  # written just after the answer: wait for it
-    audit = gw.audit_file.read_text()
+    audit = gw.audit_text()
     assert token not in audit
     assert token.removeprefix("sgt_") not in audit
 
@@ -201,7 +201,7 @@ def test_no_secret_in_any_log_line_audit_record_or_output(token: str, gw: Runnin
                                                           capfd: pytest.CaptureFixture[str]) -> None:
     revoked = gw.mint("viewer@app:web-staging", name="to-revoke")
     forged = token[:-6] + ("AAAAAA" if not token.endswith("AAAAAA") else "BBBBBB")
-    audit_before = len(gw.audit_file.read_text()) if gw.audit_file.exists() else 0
+    audit_before = len(gw.audit_text()) if gw.audit_file.exists() else 0
     with LogCapture().attached() as logs:
         outcomes = []
         for reply, data in [
@@ -224,8 +224,8 @@ def test_no_secret_in_any_log_line_audit_record_or_output(token: str, gw: Runnin
     assert any("RecursionError" in line for line in logs.lines), logs.lines
     captured = capfd.readouterr()
     # Every request that reached the gateway's application is audited (the server refuses `get` itself).
-    assert wait_for(lambda: gw.audit_file.read_text()[audit_before:].count("\n") >= len(outcomes) - 1)
-    audit = gw.audit_file.read_text()[audit_before:]
+    assert wait_for(lambda: gw.audit_text()[audit_before:].count("\n") >= len(outcomes) - 1)
+    audit = gw.audit_text()[audit_before:]
     for where, text in [("logs", "\n".join(logs.lines)), ("stdout", captured.out), ("stderr", captured.err),
                         ("audit", audit)]:
         assert CREDENTIAL not in text, where
