@@ -198,7 +198,7 @@ class AuditLog:
         if "sgt_" in line:
             # A token sent where a name belongs (path, body field) is kept out of the log.
             line = _encode({k: redact(v) if isinstance(v, str) else v for k, v in record.items()})
-        self._queue(line)
+        self._queue(line + "\n")
 
     def emit_allowed(self, request_id: str, who: str, client_ip: str, what: str, status: int,
                      upstream_ms: float | None, duration_ms: float) -> None:
@@ -210,30 +210,31 @@ class AuditLog:
         upstream = "null" if upstream_ms is None else repr(upstream_ms)
         self._queue(f'{{"request_id":{_quote(request_id)},{who},"client_ip":{_quote(client_ip)},{what},'
                     f'"status":{status:d},"upstream_ms":{upstream},"duration_ms":{duration_ms!r},'
-                    f'"ts":"{_now_rfc3339()}"}}')
+                    f'"ts":"{_now_rfc3339()}"}}\n')
 
     def _queue(self, line: str) -> None:
+        """Queue one whole line (ending with a newline) for the next write."""
+        # No lock here: list.append is atomic, and `flush` takes lines off the front of this same
+        # list, so a line appended while another thread flushes is kept for the next write.
+        self._pending.append(line)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None  # no loop to batch on: written at once
-        with self._lock:
-            self._pending.append(line + "\n")
-            if loop is not None and self._scheduled is loop:
-                return  # this loop's next pass writes it
-            self._scheduled = loop
         if loop is None:
             self.flush()
-        else:
+        elif self._scheduled is not loop:
+            self._scheduled = loop  # this loop's next pass writes what is queued by then
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write every queued line now, one write per sink."""
         with self._lock:
             self._scheduled = None
-            lines, self._pending = self._pending, []
+            lines = self._pending[:]
             if not lines:
                 return
+            del self._pending[:len(lines)]
             for index, sink in enumerate(self.sinks):
                 try:
                     sink.write(lines)

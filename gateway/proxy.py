@@ -96,18 +96,18 @@ class Proxy:
         raw_target = raw_path + b"?" + raw_query if raw_query else raw_path
         plan = self.plans.get(state, method, raw_target)
         target = canonicalize(raw_path, raw_query) if plan is None else plan.target
-        check_headers(scope)
+        headers = RequestHeaders(scope["headers"])
         record["path"] = target.raw_path.decode("ascii") if plan is None else plan.path
-        claims = await self.authenticate(scope, target)
+        claims = await self.authenticate(headers.authorization, target)
         if plan is not None:
             allowed = self.allowed.get(state, claims, plan)
             if allowed is not None:
                 # The same checks as below, with the decision this token got for this plan.
-                check_declared_length(scope, state.max_body_bytes)
+                headers.check_declared_length(state.max_body_bytes)
                 record.update(_allowed=allowed, decision="allow")
                 await state.limiter.check(claims.jti, claims.name)
                 record["status"] = await self.forward(scope, receive, send, target, plan.resolved, claims, None,
-                                                      request_id, record)
+                                                      headers.has_body, request_id, record)
                 return
         record.update(jti=claims.jti, sub=claims.sub, token_name=claims.name)
         body: bytes | None = None
@@ -115,14 +115,14 @@ class Proxy:
             match = state.routes.resolve(method, target.path)
             if match.route.needs_body:
                 body = await read_body(receive, state.max_body_bytes)
-            check_declared_length(scope, state.max_body_bytes)
+            headers.check_declared_length(state.max_body_bytes)
             resolved = resolve_request(match, target.raw_query, body)
             env = state.environments.resolve(resolved.app) if resolved.app is not None else None
             if not match.route.needs_body:
                 plan = Plan(method, target, record["path"], resolved, env)
                 self.plans.put(state, raw_target, plan)
         else:
-            check_declared_length(scope, state.max_body_bytes)
+            headers.check_declared_length(state.max_body_bytes)
             resolved, env = plan.resolved, plan.env
         record.update(action=resolved.action, app=resolved.app, env=env)
         if resolved.route.answer_gateway:
@@ -145,8 +145,8 @@ class Proxy:
             self.allowed.put(state, claims, plan, decision)
         await state.limiter.check(claims.jti, claims.name)
         record.update(decision="allow", reason=decision.reason)
-        record["status"] = await self.forward(scope, receive, send, target, resolved, claims, body, request_id,
-                                              record)
+        record["status"] = await self.forward(scope, receive, send, target, resolved, claims, body,
+                                              headers.has_body, request_id, record)
 
     def ownership(self, request_id: str) -> VolumeOwnership:
         """Asks the upstream whether a volume or snapshot belongs to an app (for constraints)."""
@@ -177,22 +177,23 @@ class Proxy:
 
         return VolumeOwnership(volume_of, snapshot_of)
 
-    async def authenticate(self, scope: Scope, target: Target) -> Claims:
+    async def authenticate(self, authorization: list[bytes], target: Target) -> Claims:
         if target.raw_query:
             query = unquote_to_bytes(target.raw_query).lower()
             if b"sgt_" in query or b"access_token" in query:
                 raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
-        return await self.state.authenticate([v for k, v in scope["headers"] if k == b"authorization"])
+        return await self.state.authenticate(authorization)
 
     async def forward(self, scope: Scope, receive: Any, send: Any, target: Target, resolved: Resolved,
-                      claims: Claims, body: bytes | None, request_id: str, record: dict[str, Any]) -> int:
+                      claims: Claims, body: bytes | None, has_body: bool, request_id: str,
+                      record: dict[str, Any]) -> int:
         state = self.state
         headers = state.upstream.build_headers(
             scope["headers"], client_ip=record["client_ip"], scheme=scope.get("scheme", "http"),
             request_id=request_id)
         payload: bytes | AsyncIterator[bytes] | None = body
         stream = None
-        if body is None and _has_body(scope):
+        if body is None and has_body:
             stream = BodyStream(receive, state.max_body_bytes)
             payload = stream.chunks()
         try:
@@ -258,26 +259,38 @@ def request_target(scope: Scope) -> tuple[bytes, bytes]:
     return path, scope.get("query_string", b"")
 
 
-def check_headers(scope: Scope) -> None:
-    hosts = sum(1 for name, _ in scope["headers"] if name == b"host")
-    if hosts > 1:
-        raise BadRequest("more than one Host header; send exactly one")
+class RequestHeaders:
+    """What the request path needs from the client's headers, in one pass over them."""
 
+    __slots__ = ("authorization", "has_body", "lengths")
 
-def check_declared_length(scope: Scope, limit: int) -> None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.authorization: list[bytes] = []
+        self.lengths: list[bytes] = []  # Content-Length values
+        hosts = 0
+        chunked = False
+        for name, value in headers:
+            if name == b"authorization":
+                self.authorization.append(value)
+            elif name == b"host":
+                hosts += 1
+            elif name == b"content-length":
+                self.lengths.append(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        if hosts > 1:
+            raise BadRequest("more than one Host header; send exactly one")
+        self.has_body = chunked
+        for value in self.lengths:
+            if value != b"0":
+                self.has_body = True
+
+    def check_declared_length(self, limit: int) -> None:
+        for value in self.lengths:
             if not value.isdigit():
                 raise BadRequest("Content-Length is not a number")
             if int(value) > limit:
                 raise TooLarge(f"request body is larger than limits.max_body_bytes ({limit} bytes)")
-
-
-def _has_body(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
-            return True
-    return False
 
 
 async def read_body(receive: Any, limit: int) -> bytes:
