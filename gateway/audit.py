@@ -77,14 +77,21 @@ class StreamSink:
 
 
 class FileSink:
+    """Appends to the file with one unbuffered write per batch (O_APPEND: lines from several
+    processes writing the same file never interleave within a write)."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.handle = path.open("a", encoding="utf-8")
+        self.handle = path.open("ab", buffering=0)
 
     def write(self, lines: list[str]) -> None:
-        self.handle.write("".join(lines))
-        self.handle.flush()
+        data = memoryview("".join(lines).encode("utf-8"))
+        while data:
+            written = self.handle.write(data)
+            if not written:
+                raise OSError(f"audit file {self.path}: a write made no progress")
+            data = data[written:]
 
     def close(self) -> None:
         self.handle.close()

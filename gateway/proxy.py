@@ -58,18 +58,20 @@ class Proxy:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
         raw_path, raw_query = request_target(scope)
+        # The path is filled in once the target is canonical; a request refused before that is
+        # recorded with the raw target made printable (`_expand`).
         record = new_record(request_id, client_ip=(scope.get("client") or ("", 0))[0], method=scope["method"],
-                            path=_printable(raw_path))
+                            path="")
         try:
             await self.handle(scope, receive, send, record, request_id, raw_path, raw_query)
         except GatewayError as error:
-            _expand(record)
+            _expand(record, raw_path)
             record.update(status=error.status, decision="deny", reason=error.code + ": " + error.message)
             if isinstance(error, StateUnavailable):
                 self.state.metrics.store_errors.inc()
             await send_error(send, error, request_id)
         except Exception as exc:  # fail closed on anything unforeseen, and say nothing of it
-            _expand(record)
+            _expand(record, raw_path)
             log.exception("request %s failed: %s", request_id, exc.__class__.__name__)
             record.update(status=500, decision="deny", reason="internal_error")
             await send_error(send, GatewayError("the gateway failed on this request; it was not forwarded"),
@@ -104,7 +106,8 @@ class Proxy:
             if allowed is not None:
                 # The same checks as below, with the decision this token got for this plan.
                 headers.check_declared_length(state.max_body_bytes)
-                record.update(_allowed=allowed, decision="allow")
+                record["_allowed"] = allowed
+                record["decision"] = "allow"
                 await state.limiter.check(claims.jti, claims.name)
                 record["status"] = await self.forward(scope, receive, send, target, plan.resolved, claims, None,
                                                       headers.has_body, request_id, record)
@@ -360,9 +363,12 @@ async def send_error(send: Any, error: GatewayError, request_id: str) -> None:
         log.warning("request %s: error after the response started: %s", request_id, error.code)
 
 
-def _expand(record: dict[str, Any]) -> None:
-    """A request that had a cached decision failed later (rate limit, upstream): its record gets
-    the fields the fragments would have carried, for `emit`."""
+def _expand(record: dict[str, Any], raw_path: bytes) -> None:
+    """The record of a failed request, complete for `emit`: the raw path (made printable) when
+    the request failed before its target was canonical; and for a request that had a cached
+    decision and failed later (rate limit, upstream), the fields its fragments would have carried."""
+    if not record["path"]:
+        record["path"] = _printable(raw_path)
     allowed: Allowed | None = record.pop("_allowed", None)
     if allowed is not None:
         claims, plan = allowed.claims, allowed.plan
