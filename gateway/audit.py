@@ -257,14 +257,17 @@ class AuditLog:
 
 
 def _now_rfc3339() -> str:
-    now = time.time()
-    second = int(now)
-    # The whole-second prefix changes once a second; formatting it per record is wasted work.
-    if second != _clock[0]:
-        _clock[0], _clock[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_clock[1]}.{int((now - second) * 1000):03d}Z"
+    now_ms = int(time.time() * 1000)
+    # Records come many to a millisecond under load, and the whole-second prefix changes once a
+    # second: format each only when it changes.
+    if now_ms != _clock[0]:
+        second, milli = divmod(now_ms, 1000)
+        if second != _clock[2]:
+            _clock[2], _clock[3] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _clock[0], _clock[1] = now_ms, f"{_clock[3]}.{milli:03d}Z"
+    return str(_clock[1])
 
 
 # One encoder for every record: json.dumps with arguments builds a new one per call.
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-_clock: list[Any] = [-1, ""]
+_clock: list[Any] = [-1, "", -1, ""]  # millisecond, its text, second, its text

@@ -29,7 +29,7 @@ from gateway.ratelimit import Limiter, RateLimiter
 from gateway.registry import TokenRegistry
 from gateway.routes import RouteTable
 from gateway.store import TokenStore, open_store
-from gateway.tokens import Claims, TokenIssuer, TokenVerifier, bearer_token
+from gateway.tokens import Claims, TokenIssuer, TokenVerifier
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("scopegate")
@@ -95,7 +95,7 @@ class GatewayState:
 
     async def authenticate(self, authorization: list[bytes]) -> Claims:
         """The caller's verified, registered, unrevoked token claims; raises Unauthenticated."""
-        claims = self.verifier.verify(bearer_token(authorization))
+        claims = self.verifier.verify_authorization(authorization)
         await self.registry.check(claims)
         REQUEST_CLAIMS.set(claims)  # this request's task only: the per-role rate limit reads it
         return claims

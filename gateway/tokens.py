@@ -95,10 +95,29 @@ class TokenVerifier:
         self.clock = clock
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Claims] = OrderedDict()
+        # The same claims by the raw Authorization header value that presented them, so that a
+        # repeated header skips parsing too (bounded alike, dropped whole when full).
+        self._by_header: dict[bytes, Claims] = {}
         self.cache_hits = 0
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._by_header = {}
+
+    def verify_authorization(self, header_values: list[bytes]) -> Claims:
+        """`verify(bearer_token(header_values))`, remembered by the header value."""
+        if len(header_values) == 1:
+            cached = self._by_header.get(header_values[0])
+            if cached is not None:
+                if cached.exp > self.clock() - LEEWAY_S:
+                    self.cache_hits += 1
+                    return cached
+                del self._by_header[header_values[0]]  # expired: `verify` below says so
+        claims = self.verify(bearer_token(header_values))
+        if len(self._by_header) >= self.cache_size:
+            self._by_header = {}
+        self._by_header[header_values[0]] = claims  # one value: bearer_token refuses more
+        return claims
 
     def verify(self, presented: str) -> Claims:
         now = self.clock()

@@ -456,6 +456,53 @@ def test_expired_token_stays_refused_after_cache_eviction(keyring: Keyring) -> N
         verifier.verify(token)  # uncached path, same clock: must be refused too
 
 
+def test_a_repeated_authorization_header_is_served_from_the_cache(keyring: Keyring) -> None:
+    clock = FakeClock()
+    verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, clock=clock)
+    token, claims = TokenIssuer(keyring, ISSUER, AUDIENCE, clock=clock).mint(
+        sub="test:user", name="header", grants=(parse_grant(GRANT),), ttl_s=60)
+    header = [f"Bearer {token}".encode()]
+    first = verifier.verify_authorization(header)
+    assert first == claims and verifier.cache_hits == 0
+    # The same Claims object each time (the request caches rely on its identity), from either door.
+    assert verifier.verify_authorization([f"Bearer {token}".encode()]) is first
+    assert verifier.verify(token) is first
+    assert verifier.cache_hits == 2
+    # Other spellings of the header are parsed as before and refused as before.
+    assert verifier.verify_authorization([f"FlyV1 {token}".encode()]) is first
+    for bad in ([], [header[0], header[0]], [f"Basic {token}".encode()], [f"Bearer {token},x".encode()]):
+        with pytest.raises(Unauthenticated):
+            verifier.verify_authorization(bad)
+    # Expiry is checked on the header path too, with the verifier's clock.
+    clock.now += 60 + 10
+    with pytest.raises(Unauthenticated) as caught:
+        verifier.verify_authorization(header)
+    assert_unauthenticated(caught.value, "expired")
+    with pytest.raises(Unauthenticated):
+        verifier.verify_authorization(header)
+
+
+def test_clearing_the_cache_forgets_headers_too(keyring: Keyring) -> None:
+    verifier = TokenVerifier(keyring, ISSUER, AUDIENCE)
+    token, _ = TokenIssuer(keyring, ISSUER, AUDIENCE).mint(
+        sub="test:user", name="header", grants=(parse_grant(GRANT),), ttl_s=60)
+    header = [f"Bearer {token}".encode()]
+    first = verifier.verify_authorization(header)
+    verifier.clear_cache()  # what a keyring reload does: a retired key must stop verifying at once
+    again = verifier.verify_authorization(header)
+    assert again == first and again is not first
+    assert verifier.cache_hits == 0
+
+
+def test_the_header_cache_is_bounded(keyring: Keyring) -> None:
+    verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, cache_size=5)
+    issuer = TokenIssuer(keyring, ISSUER, AUDIENCE)
+    for index in range(23):
+        token, _ = issuer.mint(sub="test:user", name=f"t{index}", grants=(parse_grant(GRANT),), ttl_s=60)
+        verifier.verify_authorization([f"Bearer {token}".encode()])
+        assert len(verifier._by_header) <= 5 and len(verifier._cache) <= 5
+
+
 def test_uncached_verification_honours_the_verifier_clock_for_expiry(keyring: Keyring) -> None:
     clock = FakeClock()
     token, _ = TokenIssuer(keyring, ISSUER, AUDIENCE, clock=clock).mint(
