@@ -215,6 +215,8 @@ class AuditLog:
         if not self.sinks:
             return
         upstream = "null" if upstream_ms is None else repr(upstream_ms)
+        if "sgt_" in client_ip:  # as `emit` would: no token in any field
+            client_ip = redact(client_ip)
         self._queue(f'{{"request_id":{_quote(request_id)},{who},"client_ip":{_quote(client_ip)},{what},'
                     f'"status":{status:d},"upstream_ms":{upstream},"duration_ms":{duration_ms!r},'
                     f'"ts":"{_now_rfc3339()}"}}\n')
@@ -257,17 +259,24 @@ class AuditLog:
 
 
 def _now_rfc3339() -> str:
+    global _last_ms, _last_second
     now_ms = int(time.time() * 1000)
     # Records come many to a millisecond under load, and the whole-second prefix changes once a
-    # second: format each only when it changes.
-    if now_ms != _clock[0]:
-        second, milli = divmod(now_ms, 1000)
-        if second != _clock[2]:
-            _clock[2], _clock[3] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _clock[0], _clock[1] = now_ms, f"{_clock[3]}.{milli:03d}Z"
-    return str(_clock[1])
+    # second: format each only when it changes. Each cache is one tuple, replaced in one
+    # assignment, so a reader in another thread never pairs a time with another time's text.
+    cached = _last_ms
+    if cached[0] == now_ms:
+        return cached[1]
+    second, milli = divmod(now_ms, 1000)
+    prefix = _last_second
+    if prefix[0] != second:
+        prefix = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    text = f"{prefix[1]}.{milli:03d}Z"
+    _last_ms = (now_ms, text)
+    return text
 
 
 # One encoder for every record: json.dumps with arguments builds a new one per call.
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-_clock: list[Any] = [-1, "", -1, ""]  # millisecond, its text, second, its text
+_last_ms: tuple[int, str] = (-1, "")
+_last_second: tuple[int, str] = (-1, "")

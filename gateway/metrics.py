@@ -13,12 +13,14 @@ prometheus_client's own types.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 75.0)
 
@@ -26,14 +28,16 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class PlainHistogram:
     """Bucket counts and a sum; Prometheus' `le` semantics (a value equal to a bound is in it)."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("counts", "created", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(_BUCKETS) + 1)  # the last one is +Inf
         self.total = 0.0
+        self.created = time.time()
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(_BUCKETS, value)] += 1
+        if value == value:  # NaN compares false with every bound, +Inf too: no bucket, as in prometheus_client
+            self.counts[bisect_left(_BUCKETS, value)] += 1
         self.total += value
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
@@ -42,7 +46,9 @@ class PlainHistogram:
         for bound, count in zip((*(repr(float(b)) for b in _BUCKETS), "+Inf"), self.counts, strict=True):
             running += count
             cumulative.append((bound, running))
-        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+        family = HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+        family.samples.append(Sample(name + "_created", {}, self.created))  # as prometheus_client's Histogram
+        return family
 
 
 class RequestCollector(Collector):
@@ -50,14 +56,16 @@ class RequestCollector(Collector):
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
+        self.created: dict[tuple[str, str, int], float] = {}  # when each label set was first seen
         self.latency = PlainHistogram()
         self.upstream_latency = PlainHistogram()
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("scopegate_requests", "Requests by decision, action and status",
                                        labels=("decision", "action", "status"))
-        for (decision, action, status), count in sorted(self.requests.items()):
-            requests.add_metric((decision, action, str(status)), count)
+        for key, count in list(self.requests.items()):  # first-seen order, as prometheus_client
+            decision, action, status = key
+            requests.add_metric((decision, action, str(status)), count, created=self.created.get(key))
         yield requests
         yield self.latency.family("scopegate_request_duration_seconds", "Whole request, gateway included")
         yield self.upstream_latency.family("scopegate_upstream_duration_seconds", "Upstream time to response headers")
@@ -84,7 +92,11 @@ class GatewayMetrics:
         # Bounded: decisions x route actions x the statuses the gateway answers with.
         key = (decision, action or "none", status)
         counts = self.per_request.requests
-        counts[key] = counts.get(key, 0) + 1
+        count = counts.get(key)
+        if count is None:
+            self.per_request.created[key] = time.time()
+            count = 0
+        counts[key] = count + 1
         self.per_request.latency.observe(duration_s)
         if upstream_s is not None:
             self.per_request.upstream_latency.observe(upstream_s)

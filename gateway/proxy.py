@@ -52,7 +52,7 @@ class Proxy:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.plans = PlanCache()
-        self.allowed = AllowedCache()
+        self.allowed = AllowedCache(self.plans)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started = time.perf_counter()
@@ -95,18 +95,19 @@ class Proxy:
                      raw_path: bytes, raw_query: bytes) -> None:
         state = self.state
         method = scope["method"]
-        raw_target = raw_path + b"?" + raw_query if raw_query else raw_path
-        plan = self.plans.get(state, method, raw_target)
+        plan = self.plans.get(state, method, raw_path, raw_query)
         target = canonicalize(raw_path, raw_query) if plan is None else plan.target
         headers = RequestHeaders(scope["headers"])
         record["path"] = target.raw_path.decode("ascii") if plan is None else plan.path
         claims = await self.authenticate(headers.authorization, target)
+        if plan is not None and not self.plans.current(state):
+            plan = None  # the routes were reloaded while the token was checked: resolve anew
         if plan is not None:
             allowed = self.allowed.get(state, claims, plan)
             if allowed is not None:
                 # The same checks as below, with the decision this token got for this plan.
-                headers.check_declared_length(state.max_body_bytes)
                 record["_allowed"] = allowed
+                headers.check_declared_length(state.max_body_bytes)
                 record["decision"] = "allow"
                 await state.limiter.check(claims.jti, claims.name)
                 record["status"] = await self.forward(scope, receive, send, target, plan.resolved, claims, None,
@@ -123,11 +124,12 @@ class Proxy:
             env = state.environments.resolve(resolved.app) if resolved.app is not None else None
             if not match.route.needs_body:
                 plan = Plan(method, target, record["path"], resolved, env)
-                self.plans.put(state, raw_target, plan)
+                self.plans.put(state, plan)
+            record.update(action=resolved.action, app=resolved.app, env=env)
         else:
-            headers.check_declared_length(state.max_body_bytes)
             resolved, env = plan.resolved, plan.env
-        record.update(action=resolved.action, app=resolved.app, env=env)
+            record.update(action=resolved.action, app=resolved.app, env=env)
+            headers.check_declared_length(state.max_body_bytes)
         if resolved.route.answer_gateway:
             # About the caller's own token, which it already holds: no grant needed, nothing forwarded.
             record.update(status=200, decision="allow", reason="answered by the gateway about the caller's token")

@@ -113,10 +113,16 @@ class TokenVerifier:
                     self.cache_hits += 1
                     return cached
                 del self._by_header[header_values[0]]  # expired: `verify` below says so
-        claims = self.verify(bearer_token(header_values))
-        if len(self._by_header) >= self.cache_size:
-            self._by_header = {}
-        self._by_header[header_values[0]] = claims  # one value: bearer_token refuses more
+        presented = bearer_token(header_values)
+        claims = self.verify(presented)
+        # Only the plain spellings are remembered, so a key is never much larger than a token
+        # (bearer_token accepts extra spaces and any case of the scheme; those are just parsed).
+        value = header_values[0]  # one value: bearer_token refuses more
+        encoded = presented.encode("ascii")
+        if value == b"Bearer " + encoded or value == b"FlyV1 " + encoded:
+            if len(self._by_header) >= self.cache_size:
+                self._by_header = {}
+            self._by_header[value] = claims
         return claims
 
     def verify(self, presented: str) -> Claims:

@@ -8,22 +8,29 @@ token object, drop themselves on reload and stay within their bounds.
 
 from __future__ import annotations
 
+import http.client
 import json
+import shutil
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 import gateway.plans as plans
+from gateway.app import GatewayApp
+from gateway.config import load_config
 from gateway.grants import parse_grants
+from gateway.keyring import Keyring
 from gateway.paths import canonicalize
 from gateway.plans import AllowedCache, Plan, PlanCache
 from gateway.policy import decide
 from gateway.routes import resolve_request
 from gateway.state import GatewayState
 from gateway.tokens import Claims
-from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway
+from tests.conftest import CREDENTIAL_ENV, REPO, UPSTREAM_SECRET, RunningGateway, start_gateway, write_config
 from tests.servers import RecordingUpstream, ServerThread
 
 MACHINES = "/v1/apps/web-staging/machines"
@@ -120,6 +127,68 @@ def test_a_failure_after_a_cached_decision_is_audited_with_the_token_and_app(
         running.server.stop()
 
 
+def _declare_too_large(gateway: RunningGateway, token: str) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    try:
+        connection.putrequest("GET", MACHINES, skip_accept_encoding=True)
+        connection.putheader("Authorization", f"Bearer {token}")
+        connection.putheader("Content-Length", str(10**12))
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_a_refusal_on_a_cached_decision_is_audited_with_the_token(gateway: RunningGateway) -> None:
+    fresh = gateway.mint("viewer@app:web-staging", name="fresh")
+    warm = gateway.mint("viewer@app:web-staging", name="warm")
+    assert [_get(gateway, warm) for _ in range(3)] == [200, 200, 200]
+    assert _declare_too_large(gateway, fresh) == 413  # planned path, no cached decision
+    assert _declare_too_large(gateway, warm) == 413  # cached decision
+    *_, slow, fast = gateway.audit_records()
+    for record, name in ((slow, "fresh"), (fast, "warm")):
+        assert record["status"] == 413 and record["decision"] == "deny"
+        assert record["token_name"] == name and record["jti"] and record["sub"] == "test:user"
+        assert (record["action"], record["app"], record["env"]) == ("machines:read", "web-staging", "staging")
+
+
+def test_a_reload_while_the_token_is_checked_applies_to_that_request(
+        tmp_path: Path, upstream: tuple[RecordingUpstream, ServerThread], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CREDENTIAL_ENV, UPSTREAM_SECRET)
+    routes = tmp_path / "routes.yaml"
+    shutil.copy(REPO / "policies/routes/fly-machines.yaml", routes)
+    path = write_config(tmp_path, upstream[1].url)
+    document = yaml.safe_load(path.read_text())
+    document["routes"] = [str(routes)]
+    path.write_text(yaml.safe_dump(document))
+    config = load_config(path)
+    Keyring.generate(config.tokens_keyring).save()
+    state = GatewayState.build(config)
+    server = ServerThread(GatewayApp(state), gateway_stack=True).start()
+    running = RunningGateway(config, state, server, upstream[0], tmp_path / "audit.jsonl")
+    try:
+        token = running.mint("viewer@app:web-staging")
+        assert [_get(running, token) for _ in range(2)] == [200, 200]  # planned and decided
+        original = state.registry.check
+
+        async def check_then_reload(claims: Claims) -> None:  # a reload lands while the store is read
+            await original(claims)
+            routes_document = yaml.safe_load(routes.read_text())
+            for route in routes_document["routes"]:
+                if route["operation"] == "Machines_list":
+                    route.update(deny="always", reason="closed by the operator")
+            routes.write_text(yaml.safe_dump(routes_document))
+            assert state.reload_policy()
+
+        monkeypatch.setattr(state.registry, "check", check_then_reload)
+        before = len(upstream[0].received)
+        assert _get(running, token) == 403
+        assert len(upstream[0].received) == before
+        assert "closed by the operator" in running.audit_records()[-1]["reason"]
+    finally:
+        server.stop()
+
+
 # --- the caches themselves ----------------------------------------------------------------------
 
 def _claims(jti: str, *grants: str) -> Claims:
@@ -142,7 +211,7 @@ def _allow(state: GatewayState, claims: Claims, plan: Plan) -> Any:
 
 def test_an_allowed_entry_serves_only_the_claims_object_it_was_built_for(gateway: RunningGateway) -> None:
     state = gateway.state
-    cache = AllowedCache()
+    cache = AllowedCache(PlanCache())
     plan = _plan(state, MACHINES)
     owner = _claims("same-jti", "viewer@app:web-staging")
     assert cache.get(state, owner, plan) is None  # first use adopts the current policy
@@ -158,12 +227,13 @@ def test_an_allowed_entry_serves_only_the_claims_object_it_was_built_for(gateway
 
 def test_caches_drop_everything_when_the_policy_or_routes_change(gateway: RunningGateway) -> None:
     state = gateway.state
-    allowed, planned = AllowedCache(), PlanCache()
+    planned = PlanCache()
+    allowed = AllowedCache(planned)
     plan = _plan(state, MACHINES)
     owner = _claims("j1", "viewer@app:web-staging")
-    assert planned.get(state, "GET", MACHINES.encode()) is None
-    planned.put(state, MACHINES.encode(), plan)
-    assert planned.get(state, "GET", MACHINES.encode()) is plan
+    assert planned.get(state, "GET", MACHINES.encode(), b"") is None
+    planned.put(state, plan)
+    assert planned.get(state, "GET", MACHINES.encode(), b"") is plan
     assert allowed.get(state, owner, plan) is None
     allowed.put(state, owner, plan, _allow(state, owner, plan))
     assert allowed.get(state, owner, plan) is not None
@@ -174,9 +244,9 @@ def test_caches_drop_everything_when_the_policy_or_routes_change(gateway: Runnin
     assert allowed.get(state, owner, plan) is not None
     assert state.reload_policy()  # new policy, routes and constraint objects
     assert allowed.get(state, owner, plan) is None
-    assert planned.get(state, "GET", MACHINES.encode()) is None
+    assert planned.get(state, "GET", MACHINES.encode(), b"") is None
     # A put for a request that started before the reload is ignored.
-    stale = AllowedCache()
+    stale = AllowedCache(PlanCache())
     stale.get(state, owner, plan)
     assert state.reload_policy()
     stale.put(state, owner, plan, _allow(state, owner, plan))
@@ -187,16 +257,51 @@ def test_caches_stay_within_their_bounds(gateway: RunningGateway, monkeypatch: p
     monkeypatch.setattr(plans, "PLAN_LIMIT", 8)
     monkeypatch.setattr(plans, "ALLOWED_LIMIT", 8)
     state = gateway.state
-    allowed, planned = AllowedCache(), PlanCache()
-    planned.get(state, "GET", b"/")
+    planned = PlanCache()
+    allowed = AllowedCache(planned)
+    planned.get(state, "GET", b"/", b"")
     owner = _claims("j1", "viewer@app:*")
     allowed.get(state, owner, _plan(state, MACHINES))
     sizes = []
     for index in range(50):
         path = f"/v1/apps/app-{index}/machines"
         plan = _plan(state, path)
-        planned.put(state, path.encode(), plan)
+        planned.put(state, plan)
+        allowed.get(state, owner, plan)  # follows the plans when they are dropped
         allowed.put(state, owner, plan, _allow(state, owner, plan))
         sizes.append((len(planned.plans), len(allowed.entries)))
     assert max(max(pair) for pair in sizes) <= 8
     assert sizes[-1] != (0, 0)
+
+
+def test_long_targets_are_never_planned_so_plans_stay_small_in_bytes(gateway: RunningGateway) -> None:
+    state = gateway.state
+    cache = PlanCache()
+    cache.get(state, "GET", b"/", b"")
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for index in range(2000):  # queries up to the 8 KiB limit, each a different target
+            raw_query = b"x=" + str(index).encode().rjust(8180, b"0")
+            target = canonicalize(MACHINES.encode(), raw_query)
+            resolved = resolve_request(state.routes.resolve("GET", target.path), raw_query, None)
+            cache.put(state, Plan("GET", target, MACHINES, resolved, "staging"))
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert cache.plans == {}
+    assert grown < 2 * 2**20, f"{grown / 2**20:.1f} MiB kept"
+    short = _plan(state, MACHINES)
+    cache.put(state, short)
+    assert cache.get(state, "GET", MACHINES.encode(), b"") is short
+
+
+def test_plans_are_keyed_by_path_and_query_apart(gateway: RunningGateway) -> None:
+    state = gateway.state
+    cache = PlanCache()
+    cache.get(state, "GET", b"/", b"")
+    plan = Plan("GET", canonicalize(MACHINES.encode(), b"a=1"), MACHINES, _plan(state, MACHINES).resolved, "staging")
+    cache.put(state, plan)
+    assert cache.get(state, "GET", MACHINES.encode(), b"a=1") is plan
+    assert cache.get(state, "GET", MACHINES.encode() + b"?a=1", b"") is None
+    assert cache.get(state, "POST", MACHINES.encode(), b"a=1") is None

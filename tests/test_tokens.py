@@ -494,6 +494,19 @@ def test_clearing_the_cache_forgets_headers_too(keyring: Keyring) -> None:
     assert verifier.cache_hits == 0
 
 
+def test_only_plain_header_spellings_are_remembered(keyring: Keyring) -> None:
+    verifier = TokenVerifier(keyring, ISSUER, AUDIENCE)
+    token, _ = TokenIssuer(keyring, ISSUER, AUDIENCE).mint(
+        sub="test:user", name="header", grants=(parse_grant(GRANT),), ttl_s=60)
+    for spaces in range(1, 200):  # extra spaces are accepted, and parsed every time
+        assert verifier.verify_authorization([b"Bearer" + b" " * (spaces * 300) + token.encode()]).name == "header"
+        assert verifier.verify_authorization([b"bEaReR " + token.encode()]).name == "header"
+    assert set(verifier._by_header) == set()
+    verifier.verify_authorization([f"Bearer {token}".encode()])
+    verifier.verify_authorization([f"FlyV1 {token}".encode()])
+    assert set(verifier._by_header) == {f"Bearer {token}".encode(), f"FlyV1 {token}".encode()}
+
+
 def test_the_header_cache_is_bounded(keyring: Keyring) -> None:
     verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, cache_size=5)
     issuer = TokenIssuer(keyring, ISSUER, AUDIENCE)
