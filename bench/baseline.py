@@ -1,10 +1,10 @@
 """The baseline: a bare pass-through proxy on the gateway's own server stack.
 
 Same uvicorn configuration (`gateway.server.uvicorn_config`: httptools + TargetProtocol, uvloop,
-no access log), same upstream client (`gateway.upstream.UpstreamClient`: aiohttp, the same
-header rebuilding and streaming relay) as the gateway, and nothing else: no canonicalization,
-no token, no route, no decision, no audit record. What the gateway costs on top of this is the
-price of authorization.
+no access log), the startup heap frozen (`gateway.server.freeze_startup_heap`), same upstream
+client (`gateway.upstream.UpstreamClient`: aiohttp, the same header rebuilding and streaming
+relay) as the gateway, and nothing else: no canonicalization, no token, no route, no decision,
+no audit record. What the gateway costs on top of this is the price of authorization.
 
     python bench/baseline.py --upstream http://127.0.0.1:8081 --port 8082
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uvicorn
 
-from gateway.server import uvicorn_config
+from gateway.server import freeze_startup_heap, uvicorn_config
 from gateway.upstream import UpstreamClient
 
 CREDENTIAL = "baseline-upstream-credential"
@@ -141,6 +141,7 @@ def main() -> int:
     args = parser.parse_args()
     app = PassThrough(args.upstream) if args.client == "aiohttp" else HttpxPassThrough(args.upstream)
     server = uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port))
+    freeze_startup_heap()  # as `scopegate serve` does: the same server stack
     # Server.run, not asyncio.run(server.serve()): it honours the config's event loop ("auto":
     # uvloop when installed), which is the stack uvicorn_config describes.
     server.run()

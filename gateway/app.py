@@ -13,6 +13,7 @@ from typing import Any
 from gateway.admin import create_admin_app
 from gateway.config import load_config
 from gateway.proxy import Proxy
+from gateway.server import freeze_startup_heap
 from gateway.state import GatewayState
 
 OWN_PREFIXES = ("/_gateway/", "/.well-known/")
@@ -56,4 +57,6 @@ class GatewayApp:
 def create_app() -> GatewayApp:
     """Factory for `uvicorn --factory` and multi-worker serving: config from SCOPEGATE_CONFIG."""
     config = load_config(os.environ.get("SCOPEGATE_CONFIG"))
-    return GatewayApp(GatewayState.build(config))
+    app = GatewayApp(GatewayState.build(config))
+    freeze_startup_heap()  # each worker process builds its own state: freeze it there
+    return app

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import uvicorn
@@ -105,6 +106,16 @@ class TargetProtocol(HttpToolsProtocol):
                              b"content-length: " + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n"
                              + message)
         self.transport.close()
+
+
+def freeze_startup_heap() -> None:
+    """Take what startup loaded (modules, route map, policy, keyring, config) out of the cyclic
+    garbage collector's reach, for a serving process. It lives as long as the process, yet every
+    full collection walked it again: measured with bench/ at concurrency 50, the gateway's p99
+    fell from ~55 ms to ~17 ms with it frozen. Objects created later (requests, reloaded policies)
+    are collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, workers: int = 1, factory: bool = False,

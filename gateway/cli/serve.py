@@ -29,7 +29,7 @@ from gateway.config import Config, build_config
 from gateway.errors import ConfigError
 from gateway.keyring import Keyring
 from gateway.sandbox import create_sandbox_app
-from gateway.server import serve_workers, uvicorn_config
+from gateway.server import freeze_startup_heap, serve_workers, uvicorn_config
 from gateway.state import GatewayState
 
 
@@ -70,6 +70,7 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
 
 def _serve(app: GatewayApp, sock: socket.socket) -> None:
     server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=0))
+    freeze_startup_heap()
     # Server.run, not asyncio.run: it honours the config's loop (uvloop when installed).
     server.run(sockets=[sock])
 
