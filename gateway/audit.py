@@ -51,10 +51,15 @@ def fragment(**fields: Any) -> str:
     for `AuditLog.emit_allowed`, which writes the parts of a record that repeat from request to
     request (who the token is; what the request is and why it is allowed) without encoding them
     again."""
+    return _encode_redacted(fields)[1:-1]
+
+
+def _encode_redacted(fields: dict[str, Any]) -> str:
+    """JSON of `fields`; a token sent where a name belongs (path, body field) is kept out of it."""
     text = _encode(fields)
     if "sgt_" in text:
         text = _encode({k: redact(v) if isinstance(v, str) else v for k, v in fields.items()})
-    return text[1:-1]
+    return text
 
 
 class Sink(Protocol):
@@ -201,11 +206,7 @@ class AuditLog:
         if not self.sinks:
             return
         record.setdefault("ts", _now_rfc3339())
-        line = _encode(record)
-        if "sgt_" in line:
-            # A token sent where a name belongs (path, body field) is kept out of the log.
-            line = _encode({k: redact(v) if isinstance(v, str) else v for k, v in record.items()})
-        self._queue(line + "\n")
+        self._queue(_encode_redacted(record) + "\n")
 
     def emit_allowed(self, request_id: str, who: str, client_ip: str, what: str, status: int,
                      upstream_ms: float | None, duration_ms: float) -> None:

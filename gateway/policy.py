@@ -14,15 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import casbin
 
 from gateway.errors import ConfigError
 from gateway.grants import Grant
-
-if TYPE_CHECKING:
-    from gateway.tokens import Claims
 
 # Placeholders for requests with no app: org-level operations and the gateway's own API.
 ORG_TARGET = "*"
@@ -52,8 +49,6 @@ class PolicyEngine:
         self.generation = 0  # bumped by `reload`: caches built on this engine check it
         self._enforcer = self._load(model, policy)
         self._cache: dict[tuple[str, str, str, str], Verdict] = {}
-        # Whole decisions of `decide_cached`, by token and request: (claims, decision) values.
-        self._decisions: dict[tuple[str, str | None, str | None, str, bool], tuple[Claims, Decision]] = {}
 
     @staticmethod
     def _load(model: Path, policy: Path) -> Any:
@@ -77,7 +72,7 @@ class PolicyEngine:
 
     def reload(self) -> None:
         enforcer = self._load(self.model_path, self.policy_path)
-        self._enforcer, self._cache, self._decisions = enforcer, {}, {}
+        self._enforcer, self._cache = enforcer, {}
         self.generation += 1
 
     def roles(self) -> set[str]:
@@ -169,28 +164,6 @@ def decide(grants: tuple[Grant, ...], policy: PolicyEngine, *, app: str | None, 
     why = f" (denied by policy line: {', '.join(last_rule)})" if last_rule and last_rule[-1] == "deny" else ""
     return Decision(False, f"token '{token_name}' does not grant {action} on {target_desc}; "
                            f"its role(s) there: {roles}{why}", None, last_rule)
-
-
-def decide_cached(claims: Claims, policy: PolicyEngine, *, app: str | None, env: str | None, action: str,
-                  org_filtered: bool = False) -> Decision:
-    """`decide` for a verified token, remembered by (token, app, environment, action).
-
-    A decision depends on nothing else: the token's grants (fixed by its signature), the
-    request's resolved (app, environment, action) and this policy. The cache belongs to the
-    policy, so a reload starts empty; it is bounded and dropped whole when full. An entry is
-    used only for the very `Claims` object it was computed for (the verified-token cache hands
-    out one per token), so two tokens can never share a decision, even with the same jti."""
-    key = (claims.jti, app, env, action, org_filtered)
-    cached = policy._decisions.get(key)
-    if cached is not None and cached[0] is claims:
-        policy.cache_hits += 1
-        return cached[1]
-    decision = decide(claims.grants, policy, app=app, env=env, action=action, token_name=claims.name,
-                      org_filtered=org_filtered)
-    if len(policy._decisions) >= _CACHE_LIMIT:
-        policy._decisions = {}
-    policy._decisions[key] = (claims, decision)
-    return decision
 
 
 class EnvironmentResolver:

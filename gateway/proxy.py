@@ -33,7 +33,7 @@ from gateway.errors import (
 from gateway.grants import Grant
 from gateway.paths import Target, canonicalize
 from gateway.plans import Allowed, AllowedCache, Plan, PlanCache
-from gateway.policy import decide, decide_cached
+from gateway.policy import decide
 from gateway.routes import Resolved, resolve_request
 from gateway.state import GatewayState
 from gateway.tokens import Claims
@@ -135,8 +135,8 @@ class Proxy:
             record.update(status=200, decision="allow", reason="answered by the gateway about the caller's token")
             await send_json(send, 200, describe_token(claims), request_id)
             return
-        decision = decide_cached(claims, state.policy, app=resolved.app, env=env, action=resolved.action,
-                                 org_filtered=resolved.route.filter_apps)
+        decision = decide(claims.grants, state.policy, app=resolved.app, env=env, action=resolved.action,
+                          token_name=claims.name, org_filtered=resolved.route.filter_apps)
         if not decision.allowed:
             raise Forbidden(decision.reason)
         constraints = None
