@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from gateway.errors import StateUnavailable
 from gateway.store import TokenRecord
 from gateway.store.redis_ratelimit import BUCKET_SCRIPT, RedisRateLimiter
+from gateway.store.redis_scripts import FEED, PUT, REVOKE, SHORTEN, TOUCH
 from gateway.store.redis_url import connect, redact
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_MS", "FEED_MAXLEN", "RedisRateLimiter", "RedisStore", "redact"]
@@ -51,171 +52,6 @@ DEFAULT_TIMEOUT_MS = 500
 FEED_MAXLEN = 100_000
 _FEED_BATCH = 10_000
 _CHUNK = 1_000
-
-# Every feed entry carries `n`, a counter incremented with it, so a reader can tell whether it
-# saw every entry after its cursor: the next entry must be n + 1, else some were trimmed away.
-_APPEND = """
-local function append(stream, seq, maxlen, jti)
-  local n = redis.call('INCR', seq)
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'jti', jti, 'n', n)
-end
-"""
-
-_PUT = _APPEND + """
--- KEYS: record, tokens zset, changes stream, feed counter[, children set of the parent]
--- ARGV: jti, iat, feed maxlen, field, value, ...
--- A record put again (a repeated migration) never comes back to life and never gets longer:
--- an existing revocation, an earlier expiry and a later last use are kept.
-local old = redis.call('HMGET', KEYS[1], 'revoked_at', 'revoked_reason', 'exp', 'last_used_at')
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if old[1] then
-  redis.call('HSET', KEYS[1], 'revoked_at', old[1])
-  if old[2] then
-    redis.call('HSET', KEYS[1], 'revoked_reason', old[2])
-  else
-    redis.call('HDEL', KEYS[1], 'revoked_reason')
-  end
-end
-if old[3] and tonumber(old[3]) < tonumber(redis.call('HGET', KEYS[1], 'exp')) then
-  redis.call('HSET', KEYS[1], 'exp', old[3])
-end
-if old[4] then
-  local used = redis.call('HGET', KEYS[1], 'last_used_at')
-  if not used or tonumber(used) < tonumber(old[4]) then
-    redis.call('HSET', KEYS[1], 'last_used_at', old[4])
-  end
-end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-if KEYS[5] then
-  redis.call('SADD', KEYS[5], ARGV[1])
-end
-append(KEYS[3], KEYS[4], ARGV[3], ARGV[1])
-return 1
-"""
-
-_REVOKE = _APPEND + """
--- KEYS: changes stream, feed counter, the root record.
--- ARGV: prefix, root jti, at, feed maxlen, has reason, reason
--- Walks children:{jti} from the root (through what is already revoked), revokes what is live.
-local prefix, at, maxlen = ARGV[1], ARGV[3], ARGV[4]
-local queue, seen, revoked = {ARGV[2]}, {}, {}
-local i = 1
-while i <= #queue do
-  local jti = queue[i]
-  i = i + 1
-  if not seen[jti] then
-    seen[jti] = true
-    local key = prefix .. 'tok:' .. jti
-    if redis.call('EXISTS', key) == 1 and not redis.call('HGET', key, 'revoked_at') then
-      redis.call('HSET', key, 'revoked_at', at)
-      if ARGV[5] == '1' then
-        redis.call('HSET', key, 'revoked_reason', ARGV[6])
-      else
-        redis.call('HDEL', key, 'revoked_reason')
-      end
-      append(KEYS[1], KEYS[2], maxlen, jti)
-      revoked[#revoked + 1] = jti
-    end
-    local children = redis.call('SMEMBERS', prefix .. 'children:' .. jti)
-    for _, child in ipairs(children) do
-      queue[#queue + 1] = child
-    end
-  end
-end
-return revoked
-"""
-
-_SHORTEN = _APPEND + """
--- KEYS: record, changes stream, feed counter.  ARGV: exp, jti, feed maxlen
-local current = redis.call('HGET', KEYS[1], 'exp')
-if current and tonumber(ARGV[1]) < tonumber(current) then
-  redis.call('HSET', KEYS[1], 'exp', ARGV[1])
-end
-append(KEYS[2], KEYS[3], ARGV[3], ARGV[2])
-return 1
-"""
-
-_TOUCH = """
--- KEYS: records.  ARGV: last use per record, same order
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    local used = redis.call('HGET', key, 'last_used_at')
-    if not used or tonumber(used) < tonumber(ARGV[i]) then
-      redis.call('HSET', key, 'last_used_at', ARGV[i])
-    end
-  end
-end
-return 1
-"""
-
-_FEED = """
--- KEYS: epoch, changes stream, feed counter.
--- ARGV: mode (since|current), cursor epoch, cursor id, cursor n, count, fresh epoch
--- Returns {epoch, id, n, 'ok'|'reset', jti...}; 'reset': the feed cannot say what changed since
--- the cursor (new epoch, entries trimmed away, stream rewound or gone), forget every cached record.
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('SET', KEYS[1], epoch)
-end
-local function field(fields, name)
-  for j = 1, #fields, 2 do
-    if fields[j] == name then
-      return fields[j + 1]
-    end
-  end
-  return nil
-end
-local function current(status)
-  if redis.call('EXISTS', KEYS[2]) == 1 then
-    local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-    if top[1] then
-      return {epoch, top[1][1], tonumber(field(top[1][2], 'n')) or 0, status}
-    end
-  end
-  return {epoch, '0-0', tonumber(redis.call('GET', KEYS[3])) or 0, status}
-end
-if ARGV[1] == 'current' then
-  return current('ok')
-end
-if ARGV[2] ~= epoch then
-  return current('reset')
-end
-local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  if not ms then
-    return nil
-  end
-  return tonumber(ms), tonumber(seq)
-end
-local cursor, expect = ARGV[3], tonumber(ARGV[4])
-if not parse(cursor) or not expect then
-  return current('reset')
-end
-local last = '0-0'
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[2])
-  last = field(info, 'last-generated-id')
-end
-local lm, ls = parse(last)
-local cm, cs = parse(cursor)
-if lm < cm or (lm == cm and ls < cs) then
-  return current('reset')
-end
-local out = {epoch, cursor, expect, 'ok'}
-local entries = redis.call('XRANGE', KEYS[2], '(' .. cursor, '+', 'COUNT', ARGV[5])
-for _, entry in ipairs(entries) do
-  local n = tonumber(field(entry[2], 'n'))
-  if n ~= expect + 1 then
-    return current('reset')
-  end
-  expect = n
-  out[2], out[3] = entry[1], n
-  out[#out + 1] = field(entry[2], 'jti')
-end
-return out
-"""
 
 
 class RedisStore:
@@ -228,11 +64,11 @@ class RedisStore:
         self.client, self._helpers = connect(url, timeout_s=self.timeout_s)
         # Connect, read, one retry after a dropped connection, plus slack: never much longer.
         self._deadline_s = 3 * self.timeout_s + 0.05
-        self._put = self.client.register_script(_PUT)
-        self._revoke = self.client.register_script(_REVOKE)
-        self._shorten = self.client.register_script(_SHORTEN)
-        self._touch = self.client.register_script(_TOUCH)
-        self._feed = self.client.register_script(_FEED)
+        self._put = self.client.register_script(PUT)
+        self._revoke = self.client.register_script(REVOKE)
+        self._shorten = self.client.register_script(SHORTEN)
+        self._touch = self.client.register_script(TOUCH)
+        self._feed = self.client.register_script(FEED)
         self._bucket = self.client.register_script(BUCKET_SCRIPT)
         self._k_tokens = prefix + "tokens"
         self._k_changes = prefix + "changes"
