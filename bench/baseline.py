@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvicorn
 
 from gateway.server import freeze_startup_heap, uvicorn_config
-from gateway.upstream import UpstreamClient
+from gateway.upstream.client import UpstreamClient
 
 CREDENTIAL = "baseline-upstream-credential"
 

@@ -261,7 +261,7 @@ def write_gateway_config(folder: Path, upstream_url: str) -> Path:
 def mint_tokens(config_path: Path, soak_tokens: int) -> tuple[str, list[str]]:
     from gateway.cli.local import LocalAdmin
     from gateway.config import load_config
-    from gateway.keyring import Keyring
+    from gateway.core.keyring import Keyring
 
     config = load_config(config_path)
     Keyring.generate(config.tokens_keyring).save()

@@ -42,15 +42,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.grants import parse_grants
-from gateway.keyring import Keyring
-from gateway.paths import canonicalize
-from gateway.policy import EnvironmentResolver, PolicyEngine, decide
-from gateway.registry import TokenRegistry
-from gateway.routes import RouteTable, resolve_request
+from gateway.core.grants import parse_grants
+from gateway.core.keyring import Keyring
+from gateway.core.policy import EnvironmentResolver, PolicyEngine, decide
+from gateway.core.registry import TokenRegistry
+from gateway.core.tokens import Claims, TokenIssuer, TokenVerifier, bearer_token
 from gateway.store import TokenRecord
 from gateway.store.sqlite import SqliteStore
-from gateway.tokens import Claims, TokenIssuer, TokenVerifier, bearer_token
+from gateway.surfaces.paths import canonicalize
+from gateway.surfaces.routes import RouteTable, resolve_request
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "policies/model.conf"
@@ -276,7 +276,7 @@ def per_request_overheads(folder: Path, iterations: int) -> dict[str, float]:
               "reason": "deployer@app:web-staging allows machines:read on app web-staging (environment staging)",
               "status": 200, "upstream_ms": 0.412, "duration_ms": 0.61}
     try:
-        from gateway.audit import AuditLog
+        from gateway.core.audit import AuditLog
 
         audit = AuditLog.from_config([f"file:{folder / 'audit.jsonl'}"], folder)
         samples = []

@@ -131,7 +131,7 @@ async def run(iterations: int, profile: bool) -> dict[str, Any]:
             state.upstream = CannedUpstream(state.upstream)  # type: ignore[assignment]
             baseline.upstream = CannedUpstream(baseline.upstream)  # type: ignore[assignment]
             scope = scope_for(token)
-            from gateway.audit import AuditLog
+            from gateway.core.audit import AuditLog
 
             real_audit, real_observe = state.audit, state.metrics.observe
             silent_audit = AuditLog([])

@@ -34,16 +34,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.grants import parse_grants
-from gateway.keyring import Keyring
-from gateway.paths import canonicalize
-from gateway.policy import EnvironmentResolver, PolicyEngine, decide
-from gateway.registry import TokenRegistry
-from gateway.routes import RouteTable, resolve_request
+from gateway.core.grants import parse_grants
+from gateway.core.keyring import Keyring
+from gateway.core.policy import EnvironmentResolver, PolicyEngine, decide
+from gateway.core.registry import TokenRegistry
+from gateway.core.tokens import TokenIssuer, TokenVerifier, bearer_token
 from gateway.store import TokenRecord, TokenStore
 from gateway.store.redis import RedisRateLimiter, RedisStore
 from gateway.store.sqlite import SqliteStore
-from gateway.tokens import TokenIssuer, TokenVerifier, bearer_token
+from gateway.surfaces.paths import canonicalize
+from gateway.surfaces.routes import RouteTable, resolve_request
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUER = AUDIENCE = "scopegate-bench"

@@ -19,8 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.admin_openapi import admin_openapi
-from gateway.audit import new_record
+from gateway.api.openapi import admin_openapi
+from gateway.core.audit import new_record
+from gateway.core.grants import GrantError, parse_grants
+from gateway.core.policy import decide
+from gateway.core.registry import MintedToken
+from gateway.core.tokens import Claims
 from gateway.durations import parse_duration
 from gateway.errors import (
     BadRequest,
@@ -31,13 +35,9 @@ from gateway.errors import (
     Unprocessable,
     error_body,
 )
-from gateway.explain import explain
-from gateway.grants import GrantError, parse_grants
-from gateway.oidc import exchange_endpoint
-from gateway.policy import decide
-from gateway.registry import MintedToken
+from gateway.oidc.exchange import exchange_endpoint
 from gateway.state import GatewayState
-from gateway.tokens import Claims
+from gateway.surfaces.machines.explain import explain
 
 MAX_ADMIN_BODY = 64 * 1024
 Handler = Callable[[Request, Claims, dict[str, Any]], Awaitable[Response]]

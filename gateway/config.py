@@ -23,7 +23,7 @@ from gateway import config_values as parsers
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
-    from gateway.oidc_rules import TrustRule
+    from gateway.oidc.rules import TrustRule
 
 ENV_PREFIX = "SCOPEGATE_"
 REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -136,7 +136,7 @@ def _env_rules(value: Any) -> tuple[EnvironmentRule, ...]:
 
 def _trust_rules(value: Any) -> tuple[TrustRule, ...]:
     # Strict per-rule validation (ConfigError naming `oidc.trust[i].key`) lives with the trust rules.
-    from gateway.oidc_rules import parse_trust_rules
+    from gateway.oidc.rules import parse_trust_rules
 
     return parse_trust_rules(value)
 

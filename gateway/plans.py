@@ -27,17 +27,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.audit import fragment
-from gateway.paths import Target
-from gateway.policy import Decision
-from gateway.routes import Resolved
+from gateway.core.audit import fragment
+from gateway.core.policy import Decision
+from gateway.surfaces.paths import Target
+from gateway.surfaces.routes import Resolved
 
 if TYPE_CHECKING:
-    from gateway.constraints import ConstraintSet
-    from gateway.policy import EnvironmentResolver, PolicyEngine
-    from gateway.routes import RouteTable
+    from gateway.core.constraints import ConstraintSet
+    from gateway.core.policy import EnvironmentResolver, PolicyEngine
+    from gateway.core.tokens import Claims
     from gateway.state import GatewayState
-    from gateway.tokens import Claims
+    from gateway.surfaces.routes import RouteTable
 
 PLAN_LIMIT = 4_096
 PLAN_MAX_TARGET = 1_024  # longer targets (long queries) are resolved every time, never kept

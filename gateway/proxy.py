@@ -18,8 +18,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from gateway.audit import new_record
-from gateway.constraints import VolumeOwnership, enforce
+from gateway.core.audit import new_record
+from gateway.core.constraints import VolumeOwnership, enforce
+from gateway.core.grants import Grant
+from gateway.core.policy import decide
+from gateway.core.tokens import Claims
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -30,14 +33,11 @@ from gateway.errors import (
     Unauthenticated,
     error_body,
 )
-from gateway.grants import Grant
-from gateway.paths import Target, canonicalize
 from gateway.plans import Allowed, AllowedCache, Plan, PlanCache
-from gateway.policy import decide
-from gateway.routes import Resolved, resolve_request
 from gateway.state import GatewayState
-from gateway.tokens import Claims
-from gateway.upstream import UpstreamResponse
+from gateway.surfaces.paths import Target, canonicalize
+from gateway.surfaces.routes import Resolved, resolve_request
+from gateway.upstream.client import UpstreamResponse
 
 log = logging.getLogger("scopegate")
 

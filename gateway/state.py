@@ -17,20 +17,20 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from gateway.audit import AuditLog, RedisSink
 from gateway.config import Config
-from gateway.constraints import ConstraintSet
+from gateway.core.audit import AuditLog, RedisSink
+from gateway.core.constraints import ConstraintSet
+from gateway.core.keyring import Keyring
+from gateway.core.policy import EnvironmentResolver, PolicyEngine
+from gateway.core.ratelimit import Limiter, RateLimiter
+from gateway.core.registry import TokenRegistry
+from gateway.core.tokens import Claims, TokenIssuer, TokenVerifier
 from gateway.errors import ConfigError, StateUnavailable
-from gateway.keyring import Keyring
 from gateway.metrics import GatewayMetrics
-from gateway.oidc import TokenExchanger
-from gateway.policy import EnvironmentResolver, PolicyEngine
-from gateway.ratelimit import Limiter, RateLimiter
-from gateway.registry import TokenRegistry
-from gateway.routes import RouteTable
+from gateway.oidc.exchange import TokenExchanger
 from gateway.store import TokenStore, open_store
-from gateway.tokens import Claims, TokenIssuer, TokenVerifier
-from gateway.upstream import UpstreamClient
+from gateway.surfaces.routes import RouteTable
+from gateway.upstream.client import UpstreamClient
 
 log = logging.getLogger("scopegate")
 SYNC_INTERVAL_S = 0.25

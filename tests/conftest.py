@@ -16,7 +16,7 @@ import yaml
 from gateway.app import GatewayApp
 from gateway.cli.local import LocalAdmin
 from gateway.config import Config, load_config
-from gateway.keyring import Keyring
+from gateway.core.keyring import Keyring
 from gateway.state import GatewayState
 from tests.servers import RecordingUpstream, ServerThread
 

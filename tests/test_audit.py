@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from gateway.audit import FIELDS
+from gateway.core.audit import FIELDS
 from tests.conftest import UPSTREAM_SECRET, RunningGateway
 from tests.servers import raw_request
 

@@ -27,8 +27,8 @@ import httpx
 import pytest
 
 from gateway.config import load_config
+from gateway.core.tokens import new_jti
 from gateway.store import TokenRecord, open_store
-from gateway.tokens import new_jti
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, write_config
 from tests.servers import RecordingUpstream, ServerThread
 

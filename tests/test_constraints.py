@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.constraints import Constraint, ConstraintSet, image_repository
+from gateway.core.constraints import Constraint, ConstraintSet, image_repository
 from gateway.errors import ConfigError
 from tests.conftest import RunningGateway
 from tests.servers import Reply

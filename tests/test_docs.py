@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.routes import RouteTable
 from gateway.state import GATEWAY_ACTIONS
+from gateway.surfaces.routes import RouteTable
 
 REPO = Path(__file__).resolve().parent.parent
 

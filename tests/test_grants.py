@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from gateway.grants import APP_NAME, Grant, GrantError, parse_grant, parse_grants
+from gateway.core.grants import APP_NAME, Grant, GrantError, parse_grant, parse_grants
 
 # --- parse_grant: valid forms -----------------------------------------------------------------
 

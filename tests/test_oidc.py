@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from gateway.cli.local import LocalAdmin
-from gateway.oidc import ACCESS_TOKEN_TYPE, GRANT_TYPE, ID_TOKEN_TYPE, JWKS_TTL_S, JWT_TOKEN_TYPE
+from gateway.oidc.exchange import ACCESS_TOKEN_TYPE, GRANT_TYPE, ID_TOKEN_TYPE, JWKS_TTL_S, JWT_TOKEN_TYPE
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway
 from tests.servers import RecordingUpstream, ServerThread, bound_socket
 from tests.test_oidc_issuer import AUDIENCE, FakeIssuer, forge_hs256, forge_unsigned, github_claims, new_key

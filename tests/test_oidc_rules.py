@@ -11,7 +11,7 @@ import pytest
 
 from gateway.config import build_config
 from gateway.errors import ConfigError
-from gateway.oidc import (
+from gateway.oidc.exchange import (
     DEFAULT_TTL_S,
     LEEWAY_S,
     MAX_AGE_S,
@@ -120,7 +120,7 @@ def test_loopback_issuers_may_use_plain_http() -> None:
 
 
 def test_rule_grant_roles_are_checked_against_the_policy() -> None:
-    from gateway.oidc import TokenExchanger
+    from gateway.oidc.exchange import TokenExchanger
 
     rules = parse_trust_rules([rule(grants=["deployr@app:web"])])
     with pytest.raises(ConfigError, match=r"oidc\.trust\[0\]\.grants.*deployr"):

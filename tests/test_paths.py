@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import BadRequest, UnknownRoute
-from gateway.paths import MAX_PATH_BYTES, MAX_QUERY_BYTES, canonicalize
-from gateway.routes import RouteTable, resolve_request
+from gateway.surfaces.paths import MAX_PATH_BYTES, MAX_QUERY_BYTES, canonicalize
+from gateway.surfaces.routes import RouteTable, resolve_request
 from tests.conftest import RunningGateway
 from tests.servers import json_body, raw_request
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.grants import parse_grants
-from gateway.policy import Decision, EnvironmentResolver, PolicyEngine, decide
-from gateway.routes import RouteTable
+from gateway.core.grants import parse_grants
+from gateway.core.policy import Decision, EnvironmentResolver, PolicyEngine, decide
 from gateway.state import GATEWAY_ACTIONS
+from gateway.surfaces.routes import RouteTable
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "policies/model.conf"

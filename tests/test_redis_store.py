@@ -24,17 +24,17 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from gateway.audit import RedisSink
 from gateway.config import RoleRateLimit, build_config, load_config
+from gateway.core.audit import RedisSink
+from gateway.core.keyring import Keyring
+from gateway.core.ratelimit import RateLimiter
+from gateway.core.registry import TokenRegistry
+from gateway.core.tokens import TokenIssuer, TokenVerifier
 from gateway.errors import ConfigError, RateLimited, StateUnavailable, Unauthenticated
-from gateway.keyring import Keyring
-from gateway.ratelimit import RateLimiter
-from gateway.registry import TokenRegistry
 from gateway.state import GatewayState, RoleLimiter
 from gateway.store import TokenRecord, TokenStore
 from gateway.store.redis import RedisRateLimiter, RedisStore, redact
 from gateway.store.sqlite import SqliteStore
-from gateway.tokens import TokenIssuer, TokenVerifier
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, start_gateway, write_config
 from tests.servers import RecordingUpstream, ServerThread
 

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import GatewayApp
 from gateway.config import load_config
-from gateway.keyring import Keyring
+from gateway.core.keyring import Keyring
 from gateway.state import GatewayState
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, write_config
 from tests.servers import RecordingUpstream, ServerThread

@@ -22,14 +22,14 @@ import yaml
 import gateway.plans as plans
 from gateway.app import GatewayApp
 from gateway.config import load_config
-from gateway.grants import parse_grants
-from gateway.keyring import Keyring
-from gateway.paths import canonicalize
+from gateway.core.grants import parse_grants
+from gateway.core.keyring import Keyring
+from gateway.core.policy import decide
+from gateway.core.tokens import Claims
 from gateway.plans import AllowedCache, Plan, PlanCache
-from gateway.policy import decide
-from gateway.routes import resolve_request
 from gateway.state import GatewayState
-from gateway.tokens import Claims
+from gateway.surfaces.paths import canonicalize
+from gateway.surfaces.routes import resolve_request
 from tests.conftest import CREDENTIAL_ENV, REPO, UPSTREAM_SECRET, RunningGateway, start_gateway, write_config
 from tests.servers import RecordingUpstream, ServerThread
 

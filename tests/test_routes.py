@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.core.policy import PolicyEngine
 from gateway.errors import BadRequest, ConfigError, Forbidden, UnknownRoute
-from gateway.policy import PolicyEngine
-from gateway.routes import Route, RouteTable, resolve_request
 from gateway.state import check_cross_references
+from gateway.surfaces.routes import Route, RouteTable, resolve_request
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTE_FILE = REPO / "policies/routes/fly-machines.yaml"

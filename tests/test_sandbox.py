@@ -13,7 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.sandbox import create_sandbox_app
+from gateway.dev.sandbox import create_sandbox_app
 
 TOKEN = "fo1_sandbox-upstream-credential"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from gateway.cli.main import main as cli_main
-from gateway.keyring import Keyring
+from gateway.core.keyring import Keyring
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway, write_config
 from tests.servers import RecordingUpstream, ServerThread

@@ -31,11 +31,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.core.grants import parse_grant
+from gateway.core.keyring import Keyring, new_key
+from gateway.core.tokens import MAX_TOKEN_BYTES, PREFIX, Claims, TokenIssuer, TokenVerifier, bearer_token
 from gateway.errors import Unauthenticated
-from gateway.grants import parse_grant
-from gateway.keyring import Keyring, new_key
 from gateway.store import TokenRecord, open_store
-from gateway.tokens import MAX_TOKEN_BYTES, PREFIX, Claims, TokenIssuer, TokenVerifier, bearer_token
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway
 from tests.servers import RecordingUpstream, ServerThread, raw_request
 

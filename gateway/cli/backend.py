@@ -18,6 +18,9 @@ import httpx
 
 from gateway.cli.common import config_from
 from gateway.cli.local import LocalAdmin
+from gateway.core.grants import GrantError, parse_grants
+from gateway.core.policy import EnvironmentResolver, PolicyEngine
+from gateway.core.tokens import TokenVerifier
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -27,11 +30,8 @@ from gateway.errors import (
     Unauthenticated,
     Unprocessable,
 )
-from gateway.explain import explain
-from gateway.grants import GrantError, parse_grants
-from gateway.policy import EnvironmentResolver, PolicyEngine
-from gateway.routes import RouteTable
-from gateway.tokens import TokenVerifier
+from gateway.surfaces.machines.explain import explain
+from gateway.surfaces.routes import RouteTable
 
 Json = dict[str, Any]
 

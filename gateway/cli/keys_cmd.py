@@ -14,8 +14,8 @@ from typing import Any
 
 from gateway.cli.common import add_config, add_json, config_from
 from gateway.cli.output import print_json, print_table
+from gateway.core.keyring import Keyring, new_key
 from gateway.errors import ConfigError, NotFound
-from gateway.keyring import Keyring, new_key
 
 
 def register(sub: Any) -> None:

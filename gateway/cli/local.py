@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.config import Config
-from gateway.keyring import Keyring
-from gateway.policy import PolicyEngine
-from gateway.registry import TokenRegistry
+from gateway.core.keyring import Keyring
+from gateway.core.policy import PolicyEngine
+from gateway.core.registry import TokenRegistry
+from gateway.core.tokens import TokenIssuer
 from gateway.store import TokenStore, open_store
-from gateway.tokens import TokenIssuer
 
 
 @dataclass

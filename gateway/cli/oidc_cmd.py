@@ -43,7 +43,7 @@ def _read_token(path: str) -> str:
 
 
 def check_token(args: argparse.Namespace) -> int:
-    from gateway.oidc_rules import ALGORITHMS, decode_unverified, evaluate, key_claims, time_problems
+    from gateway.oidc.rules import ALGORITHMS, decode_unverified, evaluate, key_claims, time_problems
 
     config = config_from(args)
     token = _read_token(args.token_file)

@@ -19,12 +19,12 @@ from gateway.cli.backend import open_backend
 from gateway.cli.common import add_config, add_json, config_from
 from gateway.cli.output import console, print_json, print_mapping, print_table
 from gateway.config import Config
+from gateway.core.grants import GrantError, parse_grants
+from gateway.core.policy import EnvironmentResolver, PolicyEngine
 from gateway.errors import ConfigError
-from gateway.explain import explain
-from gateway.grants import GrantError, parse_grants
-from gateway.policy import EnvironmentResolver, PolicyEngine
-from gateway.routes import RouteTable
 from gateway.state import check_cross_references
+from gateway.surfaces.machines.explain import explain
+from gateway.surfaces.routes import RouteTable
 
 EXPLAIN_KEYS = ("allowed", "status", "error", "method", "path", "operation", "action", "app", "env", "grant",
                 "rule", "reason")

@@ -26,9 +26,9 @@ import uvicorn
 from gateway.app import GatewayApp
 from gateway.cli.local import LocalAdmin
 from gateway.config import Config, build_config
+from gateway.core.keyring import Keyring
+from gateway.dev.sandbox import create_sandbox_app
 from gateway.errors import ConfigError
-from gateway.keyring import Keyring
-from gateway.sandbox import create_sandbox_app
 from gateway.server import freeze_startup_heap, serve_workers, uvicorn_config
 from gateway.state import GatewayState
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from gateway.cli.common import add_config, config_from, current_user
 from gateway.cli.local import LocalAdmin
+from gateway.core.keyring import Keyring
 from gateway.errors import ConfigError
-from gateway.keyring import Keyring
 from gateway.store.redis import redact as redact_url
 
 

@@ -80,7 +80,9 @@ def _sentinel_client(url: str, options: dict[str, Any]) -> tuple[Redis, list[Red
             sentinel_options["password"] = value
         else:
             raise ConfigError(f"store.url {redact(url)}: unknown option {key!r} (only sentinel_password)")
-    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
+    # redis-py before 8.2 ships Sentinel without type hints; typed as Any it checks the same on every version.
+    sentinel_class: Any = Sentinel
+    sentinel = sentinel_class(hosts, sentinel_kwargs=sentinel_options, **options)
     client: Redis = sentinel.master_for(service, redis_class=Redis)
     return client, list(sentinel.sentinels)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import SandboxState, create_sandbox_app
+from gateway.dev.sandbox import SandboxState, create_sandbox_app
 from tests.conftest import CREDENTIAL_ENV
 from tests.contract.tools import Gateway, sdk_python
 from tests.servers import ServerThread

@@ -27,7 +27,7 @@ import httpx
 from gateway.app import GatewayApp
 from gateway.cli.local import LocalAdmin
 from gateway.config import Config, load_config
-from gateway.keyring import Keyring
+from gateway.core.keyring import Keyring
 from gateway.state import GatewayState
 from tests.conftest import REPO, write_config
 from tests.servers import ServerThread

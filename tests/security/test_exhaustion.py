@@ -23,7 +23,7 @@ import pytest
 
 from gateway.app import GatewayApp
 from gateway.config import load_config
-from gateway.keyring import Keyring
+from gateway.core.keyring import Keyring
 from gateway.server import uvicorn_config
 from gateway.state import GatewayState
 from tests.conftest import CREDENTIAL_ENV, RunningGateway, write_config

@@ -18,12 +18,12 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gateway.core.grants import APP_NAME, parse_grant
+from gateway.core.keyring import Keyring
+from gateway.core.tokens import PREFIX, TokenIssuer, TokenVerifier, bearer_token
 from gateway.errors import BadRequest, Forbidden, Unauthenticated, UnknownRoute
-from gateway.grants import APP_NAME, parse_grant
-from gateway.keyring import Keyring
-from gateway.paths import canonicalize
-from gateway.routes import RouteTable, resolve_request
-from gateway.tokens import PREFIX, TokenIssuer, TokenVerifier, bearer_token
+from gateway.surfaces.paths import canonicalize
+from gateway.surfaces.routes import RouteTable, resolve_request
 
 REPO = Path(__file__).resolve().parents[2]
 TABLE = RouteTable.load([REPO / "policies/routes/fly-machines.yaml"])

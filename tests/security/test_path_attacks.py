@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.paths import MAX_PATH_BYTES, MAX_QUERY_BYTES
+from gateway.surfaces.paths import MAX_PATH_BYTES, MAX_QUERY_BYTES
 from tests.conftest import RunningGateway
 from tests.security.harness import (
     assert_forwarded_exactly,

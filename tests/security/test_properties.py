@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import BadRequest, Forbidden, UnknownRoute
-from gateway.paths import canonicalize
-from gateway.routes import RouteTable, resolve_request
+from gateway.surfaces.paths import canonicalize
+from gateway.surfaces.routes import RouteTable, resolve_request
 from tests.conftest import RunningGateway
 from tests.security.harness import (
     assert_forwarded_exactly,

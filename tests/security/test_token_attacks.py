@@ -27,10 +27,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.grants import parse_grant
-from gateway.keyring import Keyring, new_key
+from gateway.core.grants import parse_grant
+from gateway.core.keyring import Keyring, new_key
+from gateway.core.tokens import PREFIX, TokenIssuer
 from gateway.store import TokenRecord, open_store
-from gateway.tokens import PREFIX, TokenIssuer
 from tests.conftest import RunningGateway
 from tests.security.harness import (
     Answer,

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.sandbox_state import (
+from gateway.dev.sandbox_state import (
     App,
     SandboxError,
     SandboxState,

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
+from gateway.core.jsonbody import load_strict
 from gateway.errors import BadRequest, ConfigError, Forbidden
-from gateway.jsonbody import load_strict
 
 # (app, volume id) -> does the volume belong to the app? / (app, snapshot id) -> same for snapshots.
 OwnershipCheck = Callable[[str, str], Awaitable[bool]]

@@ -22,8 +22,8 @@ from authlib.oidc.discovery import get_well_known_url
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
-from gateway.oidc_errors import REFETCH_INTERVAL_S, invalid_grant, unavailable
-from gateway.oidc_rules import ALGORITHMS, fetchable_url
+from gateway.oidc.errors import REFETCH_INTERVAL_S, invalid_grant, unavailable
+from gateway.oidc.rules import ALGORITHMS, fetchable_url
 
 JWKS_TTL_S = 600              # a fetched JWKS (and discovery document) is used this long
 CONNECT_TIMEOUT_S = 3.0

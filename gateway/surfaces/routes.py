@@ -17,9 +17,9 @@ from urllib.parse import parse_qsl
 
 import yaml
 
+from gateway.core.grants import APP_NAME
+from gateway.core.jsonbody import load_strict
 from gateway.errors import BadRequest, ConfigError, Forbidden, UnknownRoute
-from gateway.grants import APP_NAME
-from gateway.jsonbody import load_strict
 
 AppSource = Literal["path", "body", "none"]
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

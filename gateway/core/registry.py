@@ -14,11 +14,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.core.grants import Grant, GrantError, parse_grants
+from gateway.core.tokens import Claims, TokenIssuer
 from gateway.durations import format_duration
 from gateway.errors import BadRequest, Forbidden, NotFound, StateUnavailable, Unauthenticated
-from gateway.grants import Grant, GrantError, parse_grants
 from gateway.store import TokenRecord, TokenStore
-from gateway.tokens import Claims, TokenIssuer
 
 _CACHE_LIMIT = 100_000
 

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 from joserfc import jws
 from joserfc.errors import JoseError
 
+from gateway.core.grants import GrantError, parse_grants
 from gateway.durations import format_duration, parse_duration
 from gateway.errors import ConfigError
-from gateway.grants import GrantError, parse_grants
 
 ALGORITHMS = ("RS256", "ES256")
 LEEWAY_S = 60                 # clock skew allowed on exp, nbf and iat

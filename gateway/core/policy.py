@@ -18,8 +18,8 @@ from typing import Any
 
 import casbin
 
+from gateway.core.grants import Grant
 from gateway.errors import ConfigError
-from gateway.grants import Grant
 
 # Placeholders for requests with no app: org-level operations and the gateway's own API.
 ORG_TARGET = "*"

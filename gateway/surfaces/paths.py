@@ -32,13 +32,17 @@ class Target:
     path: str  # decoded, for matching
     raw_path: bytes  # forwarded byte for byte
     raw_query: bytes
+    has_query: bool = False  # the target had a '?', even with nothing after it
 
     @property
     def forward_target(self) -> bytes:
-        return self.raw_path + (b"?" + self.raw_query if self.raw_query else b"")
+        """What the upstream receives: the target as received, a bare trailing '?' included."""
+        return self.raw_path + (b"?" + self.raw_query if self.has_query else b"")
 
 
-def canonicalize(raw_path: bytes, raw_query: bytes) -> Target:
+def canonicalize(raw_path: bytes, raw_query: bytes, *, has_query: bool | None = None) -> Target:
+    """The target `raw_path` + ('?' + `raw_query` when `has_query`, which defaults to a non-empty
+    query), checked; raises BadRequest for anything that could be read two ways."""
     if not raw_path.startswith(b"/"):
         raise BadRequest("request target must be a path starting with '/' "
                          "(absolute-form and authority-form targets are refused)")
@@ -68,7 +72,8 @@ def canonicalize(raw_path: bytes, raw_query: bytes) -> Target:
     for segment in path.split("/"):
         if segment in (".", ".."):
             raise BadRequest("path contains a dot segment ('.' or '..'); send the resolved path")
-    return Target(path=path, raw_path=raw_path, raw_query=raw_query)
+    return Target(path=path, raw_path=raw_path, raw_query=raw_query,
+                  has_query=bool(raw_query) if has_query is None else has_query)
 
 
 def _check_percent_escapes(raw: bytes, *, where: str, strict: bool = True) -> None:

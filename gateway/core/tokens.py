@@ -23,9 +23,9 @@ from typing import Any
 
 import jwt
 
+from gateway.core.grants import Grant, GrantError, parse_grant
+from gateway.core.keyring import Keyring
 from gateway.errors import Unauthenticated
-from gateway.grants import Grant, GrantError, parse_grant
-from gateway.keyring import Keyring
 
 PREFIX = "sgt_"
 ALGORITHMS = ["EdDSA"]

@@ -49,12 +49,12 @@ from joserfc.jwk import RSAKey
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.audit import new_record
+from gateway.core.audit import new_record
+from gateway.core.grants import GrantError, parse_grant, parse_grants
 from gateway.errors import ConfigError, GatewayError
-from gateway.grants import GrantError, parse_grant, parse_grants
-from gateway.oidc_errors import NO_STORE, ExchangeError, invalid_grant, invalid_request, unavailable
-from gateway.oidc_keys import JWKS_TTL_S, IssuerKeys, parse_jwks
-from gateway.oidc_rules import (
+from gateway.oidc.errors import NO_STORE, ExchangeError, invalid_grant, invalid_request, unavailable
+from gateway.oidc.keys import JWKS_TTL_S, IssuerKeys, parse_jwks
+from gateway.oidc.rules import (
     ALGORITHMS,
     DEFAULT_TTL_S,
     LEEWAY_S,
@@ -72,7 +72,7 @@ from gateway.oidc_rules import (
 )
 
 if TYPE_CHECKING:
-    from gateway.registry import TokenRegistry
+    from gateway.core.registry import TokenRegistry
     from gateway.state import GatewayState
     from gateway.store import TokenStore
 

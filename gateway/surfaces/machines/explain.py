@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.core.grants import Grant
+from gateway.core.policy import EnvironmentResolver, PolicyEngine, decide
 from gateway.errors import BadRequest, GatewayError
-from gateway.grants import Grant
-from gateway.paths import canonicalize
-from gateway.policy import EnvironmentResolver, PolicyEngine, decide
-from gateway.routes import RouteTable, resolve_request
+from gateway.surfaces.paths import canonicalize
+from gateway.surfaces.routes import RouteTable, resolve_request
 
 
 @dataclass(frozen=True)
