@@ -2,7 +2,7 @@
 
 Same uvicorn configuration (`gateway.server.uvicorn_config`: httptools + TargetProtocol, uvloop,
 no access log), the startup heap frozen (`gateway.server.freeze_startup_heap`), same upstream
-client (`gateway.upstream.UpstreamClient`: aiohttp, the same header rebuilding and streaming
+client (`gateway.upstream.client.UpstreamClient`: aiohttp, the same header rebuilding and streaming
 relay) as the gateway, and nothing else: no canonicalization, no token, no route, no decision,
 no audit record. What the gateway costs on top of this is the price of authorization.
 

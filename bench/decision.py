@@ -1,7 +1,7 @@
 """The decision path alone, in process: authenticate + route + decide + revocation check.
 
-Each iteration does what `gateway.proxy.Proxy.handle` does before forwarding, with the same
-functions: `canonicalize`, `bearer_token`, `TokenVerifier.verify`, `TokenRegistry.check`,
+Each iteration does what `MachinesSurface.handle` (surfaces/machines/surface.py) does before
+forwarding, with the same functions: `canonicalize`, `bearer_token`, `TokenVerifier.verify`, `TokenRegistry.check`,
 `RouteTable.resolve`, `resolve_request`, `EnvironmentResolver.resolve` and `decide`. It is timed
 with `time.perf_counter_ns` around the whole path; the p50 of many iterations is reported.
 
@@ -42,9 +42,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import parse_grants
 from gateway.core.keyring import Keyring
-from gateway.core.policy import EnvironmentResolver, PolicyEngine, decide
+from gateway.core.policy import PolicyEngine, decide
 from gateway.core.registry import TokenRegistry
 from gateway.core.tokens import Claims, TokenIssuer, TokenVerifier, bearer_token
 from gateway.store import TokenRecord
@@ -270,18 +271,19 @@ def per_request_overheads(folder: Path, iterations: int) -> dict[str, float]:
     """p50 µs of the gateway's other per-request work outside the decision path: the audit record
     (JSON line written and flushed to a file sink) and the Prometheus metrics, each alone."""
     out: dict[str, float] = {}
-    record = {"request_id": uuid.uuid4().hex, "jti": "x" * 27, "sub": "bench:ci", "token_name": "bench-deploy",
-              "client_ip": "127.0.0.1", "method": "GET", "path": RAW_PATH.decode(), "action": "machines:read",
-              "app": "web-staging", "env": "staging", "decision": "allow",
-              "reason": "deployer@app:web-staging allows machines:read on app web-staging (environment staging)",
-              "status": 200, "upstream_ms": 0.412, "duration_ms": 0.61}
     try:
-        from gateway.core.audit import AuditLog
+        from gateway.core.audit import AuditLog, AuditRecord
+        from gateway.core.audit_sinks import sinks_from_config
 
-        audit = AuditLog.from_config([f"file:{folder / 'audit.jsonl'}"], folder)
+        record = dict(request_id=uuid.uuid4().hex, jti="x" * 27, sub="bench:ci", token_name="bench-deploy",
+                      client_ip="127.0.0.1", method="GET", path=RAW_PATH.decode(), action="machines:read",
+                      app="web-staging", env="staging", decision="allow",
+                      reason="deployer@app:web-staging allows machines:read on app web-staging (environment staging)",
+                      status=200, upstream_ms=0.412, duration_ms=0.61)
+        audit = AuditLog(sinks_from_config([f"file:{folder / 'audit.jsonl'}"], folder))
         samples = []
         for _ in range(iterations):
-            item = dict(record)
+            item = AuditRecord(**record)  # type: ignore[arg-type]
             t0 = time.perf_counter_ns()
             audit.emit(item)
             samples.append(time.perf_counter_ns() - t0)

@@ -115,36 +115,37 @@ async def drive(app: Any, scope: dict[str, Any], iterations: int) -> list[int]:
 async def run(iterations: int, profile: bool) -> dict[str, Any]:
     from gateway.app import GatewayApp
     from gateway.config import load_config
-    from gateway.state import GatewayState
+    from gateway.services import Services
 
     folder = Path(tempfile.mkdtemp(prefix="sg-inprocess-"))
     try:
         config_path = bench.write_gateway_config(folder, "http://127.0.0.1:9")
         token, _ = await asyncio.to_thread(bench.mint_tokens, config_path, 0)
         os.environ[bench.CREDENTIAL_ENV] = "bench-upstream-credential"
-        state = GatewayState.build(load_config(config_path))
-        gateway = GatewayApp(state)
-        await state.start()
+        services = Services.build(load_config(config_path))
+        machines = services.machines
+        gateway = GatewayApp(services)
+        await services.start()
         baseline = PassThrough("http://127.0.0.1:9")
         await baseline.upstream.start()
         try:
-            state.upstream = CannedUpstream(state.upstream)  # type: ignore[assignment]
+            machines.upstream = CannedUpstream(machines.upstream)  # type: ignore[assignment]
             baseline.upstream = CannedUpstream(baseline.upstream)  # type: ignore[assignment]
             scope = scope_for(token)
             from gateway.core.audit import AuditLog
 
-            real_audit, real_observe = state.audit, state.metrics.observe
+            real_audit, real_observe = machines.audit, services.metrics.observe
             silent_audit = AuditLog([])
             silent_audit.emit = lambda record: None  # type: ignore[method-assign]
 
             def restore() -> None:
-                state.audit, state.metrics.observe = real_audit, real_observe  # type: ignore[method-assign]
+                machines.audit, services.metrics.observe = real_audit, real_observe  # type: ignore[method-assign]
 
             def no_audit() -> None:
-                state.audit = silent_audit
+                machines.audit = silent_audit
 
             def no_metrics() -> None:
-                state.metrics.observe = lambda *a, **k: None  # type: ignore[method-assign]
+                services.metrics.observe = lambda *a, **k: None  # type: ignore[method-assign]
 
             def neither() -> None:
                 no_audit()
@@ -189,7 +190,7 @@ async def run(iterations: int, profile: bool) -> dict[str, Any]:
             return results
         finally:
             await baseline.upstream.real.close()  # type: ignore[attr-defined]
-            await state.stop()
+            await services.stop()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -1,6 +1,6 @@
 """The decision path with the Redis store against the SQLite store, in one run.
 
-Each iteration does what `gateway.proxy.Proxy.handle` does before forwarding: `canonicalize`,
+Each iteration does what `MachinesSurface.handle` does before forwarding: `canonicalize`,
 `bearer_token` + `TokenVerifier.verify`, `TokenRegistry.check`, `RouteTable.resolve` +
 `resolve_request`, `EnvironmentResolver.resolve` and `decide` (shipped policy, a token granted
 `viewer@app:web-staging`, `GET /v1/apps/web-staging/machines`), with warm caches and the
@@ -34,13 +34,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import parse_grants
 from gateway.core.keyring import Keyring
-from gateway.core.policy import EnvironmentResolver, PolicyEngine, decide
+from gateway.core.policy import PolicyEngine, decide
 from gateway.core.registry import TokenRegistry
 from gateway.core.tokens import TokenIssuer, TokenVerifier, bearer_token
 from gateway.store import TokenRecord, TokenStore
-from gateway.store.redis import RedisRateLimiter, RedisStore
+from gateway.store.redis import RedisBuckets, RedisStore
 from gateway.store.sqlite import SqliteStore
 from gateway.surfaces.paths import canonicalize
 from gateway.surfaces.routes import RouteTable, resolve_request
@@ -188,10 +189,10 @@ async def run(iterations: int = 20_000, tokens: int = 1_000, redis_url: str | No
                     f"store read on a cache miss p50 {results[name]['store_get_p50_us']:6.1f} µs")
             redis_store = stores["redis"]
             assert isinstance(redis_store, RedisStore)
-            limiter = RedisRateLimiter(redis_store, 1e9, 1_000_000)
+            limiter = RedisBuckets(redis_store, 1e9, 1_000_000)
 
             async def take(i: int) -> None:
-                await limiter.check(f"bench-{i % 100}", "bench")
+                await limiter.take(f"bench-{i % 100}", "bench")
 
             limited = await call_samples(take, min(iterations, 5_000))
             results["redis"]["rate_limit_check_p50_us"] = p50_us(limited)

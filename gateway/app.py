@@ -1,8 +1,9 @@
-"""The ASGI application: the gateway's own endpoints, and the proxy for everything else.
+"""The ASGI application: the gateway's own API, and a surface for everything else.
 
-Paths under `/_gateway/` and `/.well-known/jwks.json` are answered here and never forwarded;
-every other request goes through `Proxy`. The lifespan starts and stops what needs the event
-loop (upstream session, store change feed).
+Paths under `/_gateway/` and `/.well-known/` are the gateway's own API (api/) and are never
+forwarded; every other request goes to the first surface that serves its path (the Machines API
+serves whatever no other surface does, refusing unknown operations). The lifespan starts and
+stops what needs the event loop (services.py).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gateway.admin import create_admin_app
+from gateway.api.app import create_api_app
 from gateway.config import load_config
-from gateway.proxy import Proxy
+from gateway.errors import UnknownRoute
 from gateway.server import freeze_startup_heap
-from gateway.state import GatewayState
+from gateway.services import Services
+from gateway.surfaces.http import send_error
 
 OWN_PREFIXES = ("/_gateway/", "/.well-known/")
 
@@ -22,34 +24,39 @@ OWN_PREFIXES = ("/_gateway/", "/.well-known/")
 class GatewayApp:
     """The ASGI callable uvicorn serves."""
 
-    def __init__(self, state: GatewayState) -> None:
-        self.state = state
-        self.proxy = Proxy(state)
-        self.admin = create_admin_app(state)
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.api = create_api_app(services)
+        self.surfaces = services.surfaces
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
-            if scope["path"].startswith(OWN_PREFIXES):
-                await self.admin(scope, receive, send)
-            else:
-                await self.proxy(scope, receive, send)
+            path = scope["path"]
+            if path.startswith(OWN_PREFIXES):
+                await self.api(scope, receive, send)
+                return
+            for surface in self.surfaces:
+                if surface.serves(path):
+                    await surface(scope, receive, send)
+                    return
+            await send_error(send, UnknownRoute(f"no API of this gateway serves {path}; it is denied"), "")
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-        # websockets: not part of the upstream API, refused by not accepting.
+        # websockets: not part of any upstream API, refused by not accepting.
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         message = await receive()
         assert message["type"] == "lifespan.startup"
         try:
-            await self.state.start()
+            await self.services.start()
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": f"{exc.__class__.__name__}: {exc}"})
             return
         await send({"type": "lifespan.startup.complete"})
         message = await receive()
         try:
-            await self.state.stop()
+            await self.services.stop()
         finally:
             await send({"type": "lifespan.shutdown.complete"})
 
@@ -57,6 +64,6 @@ class GatewayApp:
 def create_app() -> GatewayApp:
     """Factory for `uvicorn --factory` and multi-worker serving: config from SCOPEGATE_CONFIG."""
     config = load_config(os.environ.get("SCOPEGATE_CONFIG"))
-    app = GatewayApp(GatewayState.build(config))
+    app = GatewayApp(Services.build(config))
     freeze_startup_heap()  # each worker process builds its own state: freeze it there
     return app

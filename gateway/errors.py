@@ -20,6 +20,11 @@ class GatewayError(Exception):
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
 
+    @property
+    def audit_reason(self) -> str:
+        """Why the request was refused, as the audit record says it."""
+        return f"{self.code}: {self.message}"
+
 
 class BadRequest(GatewayError):
     status = 400

@@ -82,9 +82,9 @@ class GatewayMetrics:
         self.token_cache_hits = Gauge("scopegate_token_cache_hits",
                                       "Token verifications served from the cache (since start)",
                                       registry=self.registry)
-        self.policy_reloads = Counter("scopegate_policy_reloads_total", "Policy/route/keyring reloads by result",
+        self._policy_reloads = Counter("scopegate_policy_reloads_total", "Policy/route/keyring reloads by result",
                                       ("result",), registry=self.registry)
-        self.store_errors = Counter("scopegate_store_errors_total", "Failed calls to the token store",
+        self._store_errors = Counter("scopegate_store_errors_total", "Failed calls to the token store",
                                     registry=self.registry)
 
     def observe(self, decision: str, action: str | None, status: int, duration_s: float,
@@ -101,5 +101,14 @@ class GatewayMetrics:
         if upstream_s is not None:
             self.per_request.upstream_latency.observe(upstream_s)
 
-    def render(self) -> bytes:
+    def store_failed(self) -> None:
+        self._store_errors.inc()
+
+    def reloaded(self, *, ok: bool) -> None:
+        self._policy_reloads.labels("ok" if ok else "failed").inc()
+
+    def render(self, *, decision_cache_hits: int, token_cache_hits: int) -> bytes:
+        """The Prometheus text; the cache counters are read from their owners at scrape time."""
+        self.decision_cache_hits.set(decision_cache_hits)
+        self.token_cache_hits.set(token_cache_hits)
         return generate_latest(self.registry)

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import ConfigError
 
 HEADER_TIMEOUT_S = 5.0
 MAX_HEADER_BYTES = 64 * 1024
@@ -106,6 +109,31 @@ class TargetProtocol(HttpToolsProtocol):
                              b"content-length: " + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n"
                              + message)
         self.transport.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: without it, a response written in two parts (headers,
+    # body) waits ~40 ms for the client's delayed ACK (Nagle's algorithm).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app: Any, sock: socket.socket) -> None:
+    """Serve `app` on a bound socket until stopped, the startup heap frozen first."""
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=0))
+    freeze_startup_heap()
+    # Server.run, not asyncio.run: it honours the config's loop (uvloop when installed).
+    server.run(sockets=[sock])
 
 
 def freeze_startup_heap() -> None:

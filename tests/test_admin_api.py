@@ -21,7 +21,7 @@ import pytest
 from schemathesis.specs.openapi.definitions import OPENAPI_30
 from starlette.routing import Route
 
-from gateway.admin import create_admin_app
+from gateway.api.app import create_api_app
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway
 from tests.servers import RecordingUpstream, ServerThread
 
@@ -684,7 +684,7 @@ def test_openapi_document_is_valid_and_covers_every_admin_route(gateway: Running
     errors = [str(e) for e in jsonschema_rs.Draft4Validator(OPENAPI_30).iter_errors(document)]
     assert errors == []
     documented = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
-    served = {(method, route.path) for route in create_admin_app(gateway.state).routes
+    served = {(method, route.path) for route in create_api_app(gateway.services).routes
               if isinstance(route, Route) and route.path.startswith(f"{V1}/") and route.path != f"{V1}/openapi.json"
               for method in (route.methods or set()) if method != "HEAD"}
     assert served - documented == set()
@@ -762,7 +762,7 @@ def test_jwks_lists_the_active_key(gateway: RunningGateway, client: httpx.Client
     response = client.get("/.well-known/jwks.json")
     assert response.status_code == 200
     keys = response.json()["keys"]
-    active = gateway.state.keyring.active.kid
+    active = gateway.services.keyring.active.kid
     assert active in {k["kid"] for k in keys}
     assert header(admin)["kid"] == active
     assert header(mint(client, admin, "viewer@app:web")["token"])["kid"] == active

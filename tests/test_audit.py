@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
-from gateway.core.audit import FIELDS
+from gateway.core.audit import FIELDS, AuditRecord, encode, what_part, who_part
 from tests.conftest import UPSTREAM_SECRET, RunningGateway
 from tests.servers import raw_request
 
@@ -70,3 +71,42 @@ def test_no_token_or_credential_in_any_audit_line(gateway: RunningGateway) -> No
     assert signature not in text
     assert "sgt_ey" not in text
     assert UPSTREAM_SECRET not in text
+
+
+# --- one encoder: a first request and a cached one write the same line ---------------------------
+
+_PER_REQUEST = re.compile(r'"(request_id|upstream_ms|duration_ms|ts)":("[^"]*"|[0-9.]+|null)')
+
+
+def _shape(line: str) -> str:
+    """The line with the values that differ per request (ids, timings) blanked, text kept as written."""
+    return _PER_REQUEST.sub(lambda m: f'"{m.group(1)}":_', line)
+
+
+def test_a_cached_decision_writes_the_same_line_as_the_first_request(gateway: RunningGateway) -> None:
+    token = gateway.mint("deployer@app:web-staging", name="web-ci", subject="ci:github:acme/web")
+    with gateway.client() as client:
+        for _ in range(3):
+            assert client.get("/v1/apps/web-staging/machines", headers={"Authorization": f"Bearer {token}"}) \
+                .status_code == 200
+    assert gateway.services.authorizer.decisions.hits >= 2  # the later two took the cached path
+    first, *cached = [line for line in gateway.audit_text().splitlines() if line]
+    assert len(cached) == 2
+    for line in cached:
+        assert _shape(line) == _shape(first)  # byte for byte, but for ids and timings
+    assert '"decision":"allow"' in first and '"token_name":"web-ci"' in first
+
+
+def test_encode_builds_the_repeating_parts_as_the_cache_keeps_them() -> None:
+    record = AuditRecord("r1", "10.0.0.1", "GET", "/v1/apps/web/machines/sgt_pasted.token", "machines:read",
+                         jti="j1", sub="ci:x", token_name="tok \"quoted\" é", app="web", env="staging",
+                         decision="allow", reason="viewer@app:web allows machines:read", status=200,
+                         upstream_ms=1.5, duration_ms=2.25)
+    fresh = encode(record, "2026-12-07T00:00:00.000Z")
+    record.who, record.what = who_part(record), what_part(record)  # what the decision cache hands back
+    assert encode(record, "2026-12-07T00:00:00.000Z") == fresh
+    document = json.loads(fresh)
+    assert list(document) == list(FIELDS)
+    assert document["path"] == "/v1/apps/web/machines/sgt_[redacted]" and document["token_name"] == 'tok "quoted" é'
+    record.deny(429, "rate_limited: slow down")  # a refusal after the cached decision drops the stale part
+    assert json.loads(encode(record, "2026-12-07T00:00:00.000Z"))["decision"] == "deny"

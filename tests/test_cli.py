@@ -28,7 +28,8 @@ import pytest
 
 from gateway.config import load_config
 from gateway.core.tokens import new_jti
-from gateway.store import TokenRecord, open_store
+from gateway.store import TokenRecord
+from gateway.store.backends import open_store
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, write_config
 from tests.servers import RecordingUpstream, ServerThread
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.state import GATEWAY_ACTIONS
+from gateway.core.rules import GATEWAY_ACTIONS
 from gateway.surfaces.routes import RouteTable
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway
+from gateway.app import GatewayApp
+from gateway.config import load_config
+from gateway.core.keyring import Keyring
+from gateway.services import Services
+from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway, write_config
 from tests.servers import RecordingUpstream, Reply, ServerThread, raw_request
 
 
@@ -224,7 +230,7 @@ def test_gateway_endpoints_are_never_forwarded(gateway: RunningGateway) -> None:
         ready = client.get("/_gateway/readyz")
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
         jwks = client.get("/.well-known/jwks.json").json()
-        assert [k["kid"] for k in jwks["keys"]] == [gateway.state.keyring.active.kid]
+        assert [k["kid"] for k in jwks["keys"]] == [gateway.services.keyring.active.kid]
         assert all("d" not in k for k in jwks["keys"])
         assert client.get("/_gateway/nope").status_code == 404
     assert gateway.upstream.received == []
@@ -237,3 +243,56 @@ def test_nothing_forwarded_without_a_token_even_for_known_routes(gateway: Runnin
             assert response.status_code == 401
             assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
     assert gateway.upstream.received == []
+
+
+class RequestLineUpstream:
+    """A bare TCP upstream that keeps each request line as it arrived on the wire (uvicorn's scope
+    cannot tell `/x?` from `/x`) and answers 200 with `Connection: close`."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.lines: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            with connection:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.lines.append(data.partition(b"\r\n")[0])
+                connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+                                   b"connection: close\r\n\r\n{}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("target", [b"/v1/apps/web-staging?", b"/v1/apps/web-staging", b"/v1/apps/web-staging?a=1"])
+def test_the_target_reaches_the_upstream_byte_for_byte_a_bare_question_mark_included(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: bytes) -> None:
+    monkeypatch.setenv(CREDENTIAL_ENV, UPSTREAM_SECRET)
+    upstream = RequestLineUpstream()
+    config = load_config(write_config(tmp_path, upstream.url))
+    Keyring.generate(config.tokens_keyring).save()
+    services = Services.build(config)
+    running = RunningGateway(config, services, ServerThread(GatewayApp(services), gateway_stack=True).start(),
+                             RecordingUpstream(), tmp_path / "audit.jsonl")
+    try:
+        token = running.mint("viewer@app:web-staging")
+        request = b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
+        status, _, _ = raw_request(running.port, request)
+        assert status == 200
+        assert upstream.lines == [b"GET " + target + b" HTTP/1.1"]
+    finally:
+        running.server.stop()
+        upstream.close()

@@ -154,7 +154,7 @@ def test_store_errors_are_counted(gateway: RunningGateway, monkeypatch: pytest.M
     before, _, _ = scrape(gateway)
     assert ("scopegate_store_errors_total", frozenset()) in before
     assert value(before, "scopegate_store_errors_total") == 0
-    store: TokenStore = gateway.state.store
+    store: TokenStore = gateway.services.store
 
     async def broken(cursor: str) -> Any:
         raise OSError("disk went away")

@@ -333,9 +333,9 @@ def test_bad_signature_and_self_keyed_headers(ci: RunningGateway, issuer: FakeIs
 
 
 def test_unknown_kid_after_rotation_is_refetched_once(ci: RunningGateway, issuer: FakeIssuer) -> None:
-    assert ci.state.oidc is not None
+    assert ci.services.exchanger is not None
     clock = FakeClock()
-    ci.state.oidc.keys.monotonic = clock
+    ci.services.exchanger.keys.monotonic = clock
     assert exchange(ci, issuer.github_token()).status_code == 200
     assert issuer.jwks_requests == 1
 
@@ -359,9 +359,9 @@ def test_unknown_kid_after_rotation_is_refetched_once(ci: RunningGateway, issuer
 
 
 def test_refetches_are_rate_limited_per_issuer(ci: RunningGateway, issuer: FakeIssuer) -> None:
-    assert ci.state.oidc is not None
+    assert ci.services.exchanger is not None
     clock = FakeClock()
-    ci.state.oidc.keys.monotonic = clock
+    ci.services.exchanger.keys.monotonic = clock
     assert exchange(ci, issuer.github_token()).status_code == 200
     # Made-up kids must not make the gateway hammer the issuer.
     before = record_count(ci)
@@ -397,8 +397,8 @@ def test_same_kid_from_another_issuer_is_refused(tmp_path: Path, upstream: tuple
             assert_refused(gw, exchange(gw, spoofed), before, 401, "invalid_grant", "signature does not verify")
             # A kid only the other issuer publishes is unknown to the first.
             only_other = other.rotate(kid="only-at-other", keep_old=True)
-            assert gw.state.oidc is not None
-            gw.state.oidc.keys.monotonic = lambda: time.monotonic() + 3600  # allow a refetch
+            assert gw.services.exchanger is not None
+            gw.services.exchanger.keys.monotonic = lambda: time.monotonic() + 3600  # allow a refetch
             assert_refused(gw, exchange(gw, other.sign(github_claims(issuer.url), only_other)), before, 401,
                            "invalid_grant", "only-at-other")
             assert record_count(gw) == before
@@ -422,9 +422,9 @@ def test_untrusted_issuer(ci: RunningGateway) -> None:
 # --- refused: the issuer's keys cannot be fetched -------------------------------------------------
 
 def test_jwks_endpoint_down(ci: RunningGateway, issuer: FakeIssuer) -> None:
-    assert ci.state.oidc is not None
+    assert ci.services.exchanger is not None
     clock = FakeClock()
-    ci.state.oidc.keys.monotonic = clock
+    ci.services.exchanger.keys.monotonic = clock
     issuer.jwks_status = 503
     before = record_count(ci)
     response = exchange(ci, issuer.github_token())

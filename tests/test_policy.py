@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import parse_grants
-from gateway.core.policy import Decision, EnvironmentResolver, PolicyEngine, decide
-from gateway.state import GATEWAY_ACTIONS
+from gateway.core.policy import Decision, PolicyEngine, decide
+from gateway.core.rules import GATEWAY_ACTIONS
 from gateway.surfaces.routes import RouteTable
 
 REPO = Path(__file__).resolve().parent.parent

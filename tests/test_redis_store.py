@@ -25,15 +25,15 @@ import pytest
 import redis
 
 from gateway.config import RoleRateLimit, build_config, load_config
-from gateway.core.audit import RedisSink
 from gateway.core.keyring import Keyring
-from gateway.core.ratelimit import RateLimiter
+from gateway.core.ratelimit import LocalBuckets, RateLimits
 from gateway.core.registry import TokenRegistry
 from gateway.core.tokens import TokenIssuer, TokenVerifier
 from gateway.errors import ConfigError, RateLimited, StateUnavailable, Unauthenticated
-from gateway.state import GatewayState, RoleLimiter
+from gateway.services import Services
 from gateway.store import TokenRecord, TokenStore
-from gateway.store.redis import RedisRateLimiter, RedisStore, redact
+from gateway.store.redis import RedisBuckets, RedisStore, redact
+from gateway.store.redis_audit import RedisSink
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, start_gateway, write_config
 from tests.servers import RecordingUpstream, ServerThread
@@ -653,17 +653,17 @@ def test_passwords_never_appear_in_messages() -> None:
 def test_rate_limit_bucket_is_shared_by_clients(redis_server: RedisServer) -> None:
     async def work() -> None:
         one, two = RedisStore(redis_server.url, prefix="t:"), RedisStore(redis_server.url, prefix="t:")
-        limiters = [RedisRateLimiter(one, 0.5, 4), RedisRateLimiter(two, 0.5, 4)]
+        limiters = [RedisBuckets(one, 0.5, 4), RedisBuckets(two, 0.5, 4)]
         try:
             for i in range(4):
-                await limiters[i % 2].check("jti-1", "tok")
+                await limiters[i % 2].take("jti-1", "tok")
             for limiter in limiters:
                 with pytest.raises(RateLimited) as info:
-                    await limiter.check("jti-1", "tok")
+                    await limiter.take("jti-1", "tok")
                 assert info.value.status == 429
                 assert info.value.headers["Retry-After"] in ("1", "2")
-            await limiters[0].check("jti-2", "other")  # buckets are per token
-            await RedisRateLimiter(one, 0, 0).check("jti-1", "tok")  # disabled: never limited
+            await limiters[0].take("jti-2", "other")  # buckets are per token
+            await RedisBuckets(one, 0, 0).take("jti-1", "tok")  # disabled: never limited
         finally:
             await one.close()
             await two.close()
@@ -672,8 +672,8 @@ def test_rate_limit_bucket_is_shared_by_clients(redis_server: RedisServer) -> No
 
 
 def test_most_generous_role_limit_wins() -> None:
-    limiter = RoleLimiter(RateLimiter, (10.0, 20),
-                          {"deployer": (2.0, 4), "admin": (0.0, 0), "operator": (50.0, 5)})
+    limiter = RateLimits(LocalBuckets, (10.0, 20),
+                        {"deployer": (2.0, 4), "admin": (0.0, 0), "operator": (50.0, 5)})
     assert limiter.limits_for(["deployer"]) == (2.0, 4)
     assert limiter.limits_for(["deployer", "viewer"]) == (10.0, 20)  # viewer has the default
     assert limiter.limits_for(["deployer", "operator"]) == (50.0, 5)
@@ -687,7 +687,7 @@ def test_role_limits_with_the_sqlite_store_and_config_checks(
     running = start_gateway(tmp_path, *upstream, rate_limit={
         "requests_per_second": 0.1, "burst": 3, "roles": {"deployer": {"requests_per_second": 0.1, "burst": 1}}})
     try:
-        assert isinstance(running.state.limiter, RoleLimiter)
+        assert running.services.authorizer.limits.roles == {"deployer": (0.1, 1)}
         deployer, viewer = running.mint("deployer@app:web-staging"), running.mint("viewer@app:web-staging")
         with running.client() as client:
             def statuses(token: str, count: int) -> list[int]:
@@ -701,10 +701,10 @@ def test_role_limits_with_the_sqlite_store_and_config_checks(
     config = load_config(write_config(tmp_path, upstream[1].url, rate_limit={
         "roles": {"no-such-role": {"requests_per_second": 1}}}))
     with pytest.raises(ConfigError, match="no-such-role"):
-        GatewayState.build(config)
+        Services.build(config)
     config = load_config(write_config(tmp_path, upstream[1].url, audit={"sinks": ["redis"]}))
     with pytest.raises(ConfigError, match="redis sink"):
-        GatewayState.build(config)
+        Services.build(config)
 
 
 # --- the redis audit sink -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import GatewayApp
 from gateway.config import load_config
 from gateway.core.keyring import Keyring
-from gateway.state import GatewayState
+from gateway.services import Services
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, write_config
 from tests.servers import RecordingUpstream, ServerThread
 
@@ -50,14 +50,14 @@ def live(tmp_path: Path, upstream: tuple[RecordingUpstream, ServerThread],
     config = load_config(path)
     assert config.policy_policy == tmp_path / "policies/policy.csv"
     Keyring.generate(config.tokens_keyring).save()
-    state = GatewayState.build(config)
+    state = Services.build(config)
     server = ServerThread(GatewayApp(state), gateway_stack=True).start()
     yield RunningGateway(config, state, server, recorder, tmp_path / "audit.jsonl")
     server.stop()
     lifespan = getattr(server.server, "lifespan", None)
     failed = getattr(lifespan, "shutdown_failed", False) or getattr(lifespan, "error_occurred", False)
     assert not failed, (
-        "the gateway did not shut down cleanly (GatewayState.stop raised, see the log above): its upstream "
+        "the gateway did not shut down cleanly (Services.stop raised, see the log above): its upstream "
         "session, store and audit file were left open")
 
 

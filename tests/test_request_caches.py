@@ -1,5 +1,5 @@
-"""The request path's caches (gateway/plans.py): repeated requests get the answers and audit
-records a first request gets, and nothing a cache holds outlives what it depends on.
+"""The request path's caches (surfaces/machines/request_lines.py, core/decision_cache.py): repeated
+requests get the answers and audit records a first request gets, and nothing a cache holds outlives what it depends on.
 
 Through a real gateway: the first request of a (method, target) and token takes the whole path,
 later ones take the cached plan and decision. Directly: the caches refuse entries for another
@@ -14,22 +14,24 @@ import shutil
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-import gateway.plans as plans
 from gateway.app import GatewayApp
 from gateway.config import load_config
+from gateway.core import decision_cache
+from gateway.core.authorizer import Ruling
+from gateway.core.decision_cache import CachedDecision, DecisionCache
+from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import parse_grants
 from gateway.core.keyring import Keyring
-from gateway.core.policy import decide
 from gateway.core.tokens import Claims
-from gateway.plans import AllowedCache, Plan, PlanCache
-from gateway.state import GatewayState
+from gateway.services import Services
+from gateway.surfaces.machines import request_lines
+from gateway.surfaces.machines.request_lines import RequestLine, RequestLineCache
 from gateway.surfaces.paths import canonicalize
-from gateway.surfaces.routes import resolve_request
+from gateway.surfaces.routes import RouteTable, resolve_request
 from tests.conftest import CREDENTIAL_ENV, REPO, UPSTREAM_SECRET, RunningGateway, start_gateway, write_config
 from tests.servers import RecordingUpstream, ServerThread
 
@@ -61,7 +63,7 @@ def test_repeated_requests_write_the_same_record_as_the_first(gateway: RunningGa
                {k: v for k, v in first.items() if k not in PER_REQUEST}
         assert isinstance(record["upstream_ms"], float) and isinstance(record["duration_ms"], float)
     assert len({r["request_id"] for r in records}) == 3
-    assert gateway.state.policy.cache_hits >= 2
+    assert gateway.services.authorizer.decisions.hits >= 2
 
 
 def test_a_token_in_the_path_stays_redacted_on_the_cached_path(gateway: RunningGateway) -> None:
@@ -163,13 +165,13 @@ def test_a_reload_while_the_token_is_checked_applies_to_that_request(
     path.write_text(yaml.safe_dump(document))
     config = load_config(path)
     Keyring.generate(config.tokens_keyring).save()
-    state = GatewayState.build(config)
-    server = ServerThread(GatewayApp(state), gateway_stack=True).start()
-    running = RunningGateway(config, state, server, upstream[0], tmp_path / "audit.jsonl")
+    services = Services.build(config)
+    server = ServerThread(GatewayApp(services), gateway_stack=True).start()
+    running = RunningGateway(config, services, server, upstream[0], tmp_path / "audit.jsonl")
     try:
         token = running.mint("viewer@app:web-staging")
         assert [_get(running, token) for _ in range(2)] == [200, 200]  # planned and decided
-        original = state.registry.check
+        original = services.registry.check
 
         async def check_then_reload(claims: Claims) -> None:  # a reload lands while the store is read
             await original(claims)
@@ -178,9 +180,9 @@ def test_a_reload_while_the_token_is_checked_applies_to_that_request(
                 if route["operation"] == "Machines_list":
                     route.update(deny="always", reason="closed by the operator")
             routes.write_text(yaml.safe_dump(routes_document))
-            assert state.reload_policy()
+            assert services.reloader.reload_policy()
 
-        monkeypatch.setattr(state.registry, "check", check_then_reload)
+        monkeypatch.setattr(services.registry, "check", check_then_reload)
         before = len(upstream[0].received)
         assert _get(running, token) == 403
         assert len(upstream[0].received) == before
@@ -195,113 +197,127 @@ def _claims(jti: str, *grants: str) -> Claims:
     return Claims(iss="i", aud="a", sub="s", jti=jti, iat=0, nbf=0, exp=2**40, name="n", grants=parse_grants(grants))
 
 
-def _plan(state: GatewayState, path: str) -> Plan:
-    target = canonicalize(path.encode(), b"")
-    resolved = resolve_request(state.routes.resolve("GET", target.path), b"", None)
-    env = state.environments.resolve(resolved.app) if resolved.app else None
-    return Plan("GET", target, path, resolved, env)
+def _line(services: Services, path: str, raw_query: bytes = b"") -> RequestLine:
+    target = canonicalize(path.encode(), raw_query)
+    resolved = resolve_request(services.machines.routes.resolve("GET", target.path), raw_query, None)
+    return RequestLine("GET", target, path, resolved, services.authorizer.check(resolved.action, resolved.app))
 
 
-def _allow(state: GatewayState, claims: Claims, plan: Plan) -> Any:
-    decision = decide(claims.grants, state.policy, app=plan.resolved.app, env=plan.env,
-                      action=plan.resolved.action, token_name=claims.name)
-    assert decision.allowed
-    return decision
+def _entry(services: Services, claims: Claims, line: RequestLine) -> tuple[Ruling, CachedDecision]:
+    ruling = services.authorizer.decide(claims, [line.check])
+    assert ruling.allowed
+    return ruling, CachedDecision(claims, ruling.decision, "who", "what")
+
+
+def _put(cache: DecisionCache, claims: Claims, line: RequestLine, ruling: Ruling, entry: CachedDecision) -> None:
+    cache.put(ruling.rules, ruling.generation, claims, line, entry)
+
+
+def _lines(services: Services) -> tuple[RouteTable, EnvironmentResolver]:
+    return services.machines.routes, services.authorizer.environments
 
 
 def test_an_allowed_entry_serves_only_the_claims_object_it_was_built_for(gateway: RunningGateway) -> None:
-    state = gateway.state
-    cache = AllowedCache(PlanCache())
-    plan = _plan(state, MACHINES)
+    services = gateway.services
+    cache = DecisionCache()
+    line = _line(services, MACHINES)
     owner = _claims("same-jti", "viewer@app:web-staging")
-    assert cache.get(state, owner, plan) is None  # first use adopts the current policy
-    cache.put(state, owner, plan, _allow(state, owner, plan))
-    entry = cache.get(state, owner, plan)
+    rules = services.authorizer.rules
+    assert cache.get(rules, owner, line) is None  # first use adopts the current rules
+    _put(cache, owner, line, *_entry(services, owner, line))
+    entry = cache.get(rules, owner, line)
     assert entry is not None and entry.claims is owner
     # Another token object, even one claiming the same jti, never gets that decision.
-    assert cache.get(state, _claims("same-jti", "viewer@app:web-staging"), plan) is None
-    assert cache.get(state, _claims("same-jti", "admin@app:*"), plan) is None
-    # Another plan object for the same path is another key.
-    assert cache.get(state, owner, _plan(state, MACHINES)) is None
+    assert cache.get(rules, _claims("same-jti", "viewer@app:web-staging"), line) is None
+    assert cache.get(rules, _claims("same-jti", "admin@app:*"), line) is None
+    # Another request line object for the same path is another key.
+    assert cache.get(rules, owner, _line(services, MACHINES)) is None
 
 
 def test_caches_drop_everything_when_the_policy_or_routes_change(gateway: RunningGateway) -> None:
-    state = gateway.state
-    planned = PlanCache()
-    allowed = AllowedCache(planned)
-    plan = _plan(state, MACHINES)
+    services = gateway.services
+    lines = RequestLineCache()
+    decisions = DecisionCache()
+    line = _line(services, MACHINES)
     owner = _claims("j1", "viewer@app:web-staging")
-    assert planned.get(state, "GET", MACHINES.encode(), b"") is None
-    planned.put(state, plan)
-    assert planned.get(state, "GET", MACHINES.encode(), b"") is plan
-    assert allowed.get(state, owner, plan) is None
-    allowed.put(state, owner, plan, _allow(state, owner, plan))
-    assert allowed.get(state, owner, plan) is not None
+    assert lines.get(*_lines(services), "GET", MACHINES.encode(), b"", False) is None
+    lines.put(*_lines(services), line)
+    assert lines.get(*_lines(services), "GET", MACHINES.encode(), b"", False) is line
+    assert decisions.get(services.authorizer.rules, owner, line) is None
+    _put(decisions, owner, line, *_entry(services, owner, line))
+    assert decisions.get(services.authorizer.rules, owner, line) is not None
 
-    state.policy.reload()  # the same engine, reloaded in place: a new generation
-    assert allowed.get(state, owner, plan) is None
-    allowed.put(state, owner, plan, _allow(state, owner, plan))
-    assert allowed.get(state, owner, plan) is not None
-    assert state.reload_policy()  # new policy, routes and constraint objects
-    assert allowed.get(state, owner, plan) is None
-    assert planned.get(state, "GET", MACHINES.encode(), b"") is None
-    # A put for a request that started before the reload is ignored.
-    stale = AllowedCache(PlanCache())
-    stale.get(state, owner, plan)
-    assert state.reload_policy()
-    stale.put(state, owner, plan, _allow(state, owner, plan))
+    services.policy.reload()  # the same engine, reloaded in place: a new generation
+    assert decisions.get(services.authorizer.rules, owner, line) is None
+    _put(decisions, owner, line, *_entry(services, owner, line))
+    assert decisions.get(services.authorizer.rules, owner, line) is not None
+    assert services.reloader.reload_policy()  # new policy, routes and constraint objects
+    assert decisions.get(services.authorizer.rules, owner, line) is None
+    assert lines.get(*_lines(services), "GET", MACHINES.encode(), b"", False) is None
+    # A put for a request decided before the reload is ignored.
+    stale = DecisionCache()
+    ruling, entry = _entry(services, owner, line)
+    stale.get(services.authorizer.rules, owner, line)
+    assert services.reloader.reload_policy()
+    stale.get(services.authorizer.rules, owner, line)
+    _put(stale, owner, line, ruling, entry)
     assert stale.entries == {}
 
 
 def test_caches_stay_within_their_bounds(gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plans, "PLAN_LIMIT", 8)
-    monkeypatch.setattr(plans, "ALLOWED_LIMIT", 8)
-    state = gateway.state
-    planned = PlanCache()
-    allowed = AllowedCache(planned)
-    planned.get(state, "GET", b"/", b"")
+    monkeypatch.setattr(request_lines, "LINE_LIMIT", 8)
+    monkeypatch.setattr(decision_cache, "DECISION_LIMIT", 8)
+    services = gateway.services
+    lines = RequestLineCache()
+    decisions = DecisionCache()
+    lines.get(*_lines(services), "GET", b"/", b"", False)
     owner = _claims("j1", "viewer@app:*")
-    allowed.get(state, owner, _plan(state, MACHINES))
+    decisions.get(services.authorizer.rules, owner, _line(services, MACHINES))
     sizes = []
     for index in range(50):
-        path = f"/v1/apps/app-{index}/machines"
-        plan = _plan(state, path)
-        planned.put(state, plan)
-        allowed.get(state, owner, plan)  # follows the plans when they are dropped
-        allowed.put(state, owner, plan, _allow(state, owner, plan))
-        sizes.append((len(planned.plans), len(allowed.entries)))
+        line = _line(services, f"/v1/apps/app-{index}/machines")
+        lines.put(*_lines(services), line)
+        _put(decisions, owner, line, *_entry(services, owner, line))
+        sizes.append((len(lines.lines), len(decisions.entries)))
     assert max(max(pair) for pair in sizes) <= 8
     assert sizes[-1] != (0, 0)
 
 
 def test_long_targets_are_never_planned_so_plans_stay_small_in_bytes(gateway: RunningGateway) -> None:
-    state = gateway.state
-    cache = PlanCache()
-    cache.get(state, "GET", b"/", b"")
+    services = gateway.services
+    cache = RequestLineCache()
+    cache.get(*_lines(services), "GET", b"/", b"", False)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         for index in range(2000):  # queries up to the 8 KiB limit, each a different target
             raw_query = b"x=" + str(index).encode().rjust(8180, b"0")
-            target = canonicalize(MACHINES.encode(), raw_query)
-            resolved = resolve_request(state.routes.resolve("GET", target.path), raw_query, None)
-            cache.put(state, Plan("GET", target, MACHINES, resolved, "staging"))
+            cache.put(*_lines(services), _line(services, MACHINES, raw_query))
         grown = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
-    assert cache.plans == {}
+    assert cache.lines == {}
     assert grown < 2 * 2**20, f"{grown / 2**20:.1f} MiB kept"
-    short = _plan(state, MACHINES)
-    cache.put(state, short)
-    assert cache.get(state, "GET", MACHINES.encode(), b"") is short
+    short = _line(services, MACHINES)
+    cache.put(*_lines(services), short)
+    assert cache.get(*_lines(services), "GET", MACHINES.encode(), b"", False) is short
 
 
 def test_plans_are_keyed_by_path_and_query_apart(gateway: RunningGateway) -> None:
-    state = gateway.state
-    cache = PlanCache()
-    cache.get(state, "GET", b"/", b"")
-    plan = Plan("GET", canonicalize(MACHINES.encode(), b"a=1"), MACHINES, _plan(state, MACHINES).resolved, "staging")
-    cache.put(state, plan)
-    assert cache.get(state, "GET", MACHINES.encode(), b"a=1") is plan
-    assert cache.get(state, "GET", MACHINES.encode() + b"?a=1", b"") is None
-    assert cache.get(state, "POST", MACHINES.encode(), b"a=1") is None
+    services = gateway.services
+    cache = RequestLineCache()
+    cache.get(*_lines(services), "GET", b"/", b"", False)
+    line = _line(services, MACHINES, b"a=1")
+    cache.put(*_lines(services), line)
+    assert cache.get(*_lines(services), "GET", MACHINES.encode(), b"a=1", True) is line
+    assert cache.get(*_lines(services), "GET", MACHINES.encode() + b"?a=1", b"", False) is None
+    assert cache.get(*_lines(services), "POST", MACHINES.encode(), b"a=1", True) is None
+
+
+def test_a_bare_question_mark_is_another_request_line(gateway: RunningGateway) -> None:
+    services = gateway.services
+    cache = RequestLineCache()
+    cache.get(*_lines(services), "GET", b"/", b"", False)
+    line = _line(services, MACHINES)
+    cache.put(*_lines(services), line)
+    assert cache.get(*_lines(services), "GET", MACHINES.encode(), b"", True) is None

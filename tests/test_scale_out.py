@@ -66,7 +66,7 @@ def status(gateway: RunningGateway, token: str) -> int:
 
 
 def jti_of(gateway: RunningGateway, token: str) -> str:
-    return gateway.state.verifier.verify(token).jti
+    return gateway.services.authorizer.verifier.verify(token).jti
 
 
 def wait_for(check: Callable[[], bool], within_s: float, step_s: float = 0.01) -> float:
@@ -171,7 +171,7 @@ def test_an_instance_that_lost_redis_catches_up_on_what_it_missed(cluster: Clust
     token = a.mint("viewer@app:web-staging")
     assert status(b, token) == 200
     # B's view of Redis goes away (its registry is told the store failed) while A revokes ...
-    b.state.registry.mark_unavailable("test: the store is unreachable from B")
+    b.services.registry.mark_unavailable("test: the store is unreachable from B")
     a.revoke(jti_of(a, token))
     # ... and when B reads the feed again it has not lost the invalidation.
     wait_for(lambda: status(b, token) == 401, WINDOW_S)

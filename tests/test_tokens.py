@@ -35,7 +35,8 @@ from gateway.core.grants import parse_grant
 from gateway.core.keyring import Keyring, new_key
 from gateway.core.tokens import MAX_TOKEN_BYTES, PREFIX, Claims, TokenIssuer, TokenVerifier, bearer_token
 from gateway.errors import Unauthenticated
-from gateway.store import TokenRecord, open_store
+from gateway.store import TokenRecord
+from gateway.store.backends import open_store
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway
 from tests.servers import RecordingUpstream, ServerThread, raw_request
 
@@ -618,7 +619,7 @@ def gw(shared_gateway: RunningGateway) -> RunningGateway:
 
 
 def gateway_forge(gateway: RunningGateway) -> Forge:
-    return Forge(gateway.state.keyring, gateway.config.tokens_issuer, gateway.config.tokens_audience)
+    return Forge(gateway.services.keyring, gateway.config.tokens_issuer, gateway.config.tokens_audience)
 
 
 def register(gateway: RunningGateway, jti: str) -> None:
@@ -720,7 +721,7 @@ def test_gateway_refuses_two_authorization_headers(second: str, gw: RunningGatew
 
 
 def test_gateway_refuses_token_never_registered_in_its_store(gw: RunningGateway) -> None:
-    issuer = TokenIssuer(gw.state.keyring, gw.config.tokens_issuer, gw.config.tokens_audience)
+    issuer = TokenIssuer(gw.services.keyring, gw.config.tokens_issuer, gw.config.tokens_audience)
     token, _ = issuer.mint(sub="test:user", name="unregistered", grants=(parse_grant(GRANT),), ttl_s=600)
     assert_response_refused(gw, get(gw, headers={"Authorization": f"Bearer {token}"}), "not registered")
 

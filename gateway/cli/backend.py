@@ -18,8 +18,9 @@ import httpx
 
 from gateway.cli.common import config_from
 from gateway.cli.local import LocalAdmin
+from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import GrantError, parse_grants
-from gateway.core.policy import EnvironmentResolver, PolicyEngine
+from gateway.core.policy import PolicyEngine
 from gateway.core.tokens import TokenVerifier
 from gateway.errors import (
     BadRequest,

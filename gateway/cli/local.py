@@ -13,7 +13,8 @@ from gateway.core.keyring import Keyring
 from gateway.core.policy import PolicyEngine
 from gateway.core.registry import TokenRegistry
 from gateway.core.tokens import TokenIssuer
-from gateway.store import TokenStore, open_store
+from gateway.store import TokenStore
+from gateway.store.backends import open_store
 
 
 @dataclass

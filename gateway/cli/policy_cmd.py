@@ -19,10 +19,11 @@ from gateway.cli.backend import open_backend
 from gateway.cli.common import add_config, add_json, config_from
 from gateway.cli.output import console, print_json, print_mapping, print_table
 from gateway.config import Config
+from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import GrantError, parse_grants
-from gateway.core.policy import EnvironmentResolver, PolicyEngine
+from gateway.core.policy import PolicyEngine
+from gateway.core.rules import load_rules
 from gateway.errors import ConfigError
-from gateway.state import check_cross_references
 from gateway.surfaces.machines.explain import explain
 from gateway.surfaces.routes import RouteTable
 
@@ -52,8 +53,8 @@ def register(sub: Any) -> None:
 
 def _load(config: Config) -> tuple[RouteTable, PolicyEngine, EnvironmentResolver]:
     routes = RouteTable.load(config.routes)
-    policy = PolicyEngine(config.policy_model, config.policy_policy)
-    check_cross_references(policy, routes)
+    policy = load_rules(config.policy_model, config.policy_policy, config.policy_constraints,
+                        routes.produced_actions()).policy
     environments = EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                        config.environment_default)
     return routes, policy, environments

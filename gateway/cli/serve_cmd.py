@@ -27,12 +27,14 @@ def register(sub: Any) -> None:
 
 
 def serve_gateway(args: argparse.Namespace) -> int:
-    from gateway.cli.serve import run_dev, run_server
-
     if args.workers < 1:
         raise ConfigError("--workers must be 1 or more")
     if args.dev:
+        from gateway.dev.mode import run_dev  # the only import of the dev package outside it
+
         return run_dev(args)
+    from gateway.cli.serve import run_server
+
     return run_server(config_from(args), args)
 
 

@@ -22,7 +22,8 @@ from gateway.cli.common import add_config, add_json, config_from
 from gateway.cli.output import print_json
 from gateway.config import Config
 from gateway.errors import ConfigError
-from gateway.store import TokenStore, open_store
+from gateway.store import TokenStore
+from gateway.store.backends import open_store
 
 
 def register(sub: Any) -> None:

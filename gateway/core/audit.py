@@ -1,174 +1,104 @@
-"""Audit records: one JSON object per line for every request and admin operation.
+"""Audit records: one JSON object per line for every request and admin operation (DESIGN section 12).
 
-Records are built from names, never from token strings or the upstream credential: the only
-token identifiers that appear are `jti`, `sub` and `token_name`. Sinks: `stdout`,
-`file:PATH` (JSON lines, appended) and `redis` (a stream in the store's Redis shared by every
-instance, shipped in the background).
+`AuditRecord` is the one shape every record has, whoever fills it (a surface, the admin API, the
+token exchange); `encode` is the one encoder. Records are built from names, never from token
+strings or the upstream credential: the only token identifiers that appear are `jti`, `sub` and
+`token_name`, and any `sgt_...` text that arrives where a name belongs is redacted.
 
-Records are written in batches: `emit` encodes the record and queues the line; the lines queued
-during one pass of the event loop go out in one write (and one flush) per sink, at the start of
-the loop's next pass, so under load one system call carries many records instead of one each.
-The record of a request is emitted after its answer has been sent, as before; a crash loses at
-most the records of the last loop pass. Without a running loop (a command-line process) a
-record is written at once. `flush` writes what is queued now; `close` flushes first.
-A sink that fails to write is reported on stderr once and does not stop the request: the
-decision has been taken, and denying traffic because a disk filled up is an outage, not safety.
+A line is three kinds of parts: who the token is (`jti`, `sub`, `token_name`), what the request is
+and how it was decided (`method` ... `reason`), and what happened to this one request (ids,
+status, timings). The first two repeat from request to request of the same token and request
+line, so the decision cache (decision_cache.py) keeps them encoded (`who_part`, `what_part`) and
+hands them back in `AuditRecord.who`/`what`; `encode` uses them when present and builds them the
+same way when not, so a cached request's line is the line a first request gets
+(tests/test_audit.py checks both paths against each other).
+
+Lines are written in batches: `emit` encodes and queues; the lines queued during one pass of the
+event loop go out in one write per sink at the start of the next pass. Without a running loop (a
+command-line process) a line is written at once. A sink that fails is reported on stderr once and
+does not stop the request: the decision has been taken, and denying traffic because a disk filled
+up is an outage, not safety.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _quote
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import Any
 
-from gateway.errors import ConfigError, redact
+from gateway.core.audit_sinks import Sink
+from gateway.errors import redact
 
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-FIELDS = ("ts", "request_id", "jti", "sub", "token_name", "client_ip", "method", "path", "action", "app",
-          "env", "decision", "reason", "status", "duration_ms", "upstream_ms")
+FIELDS = ("request_id", "jti", "sub", "token_name", "client_ip", "method", "path", "action", "app", "env",
+          "decision", "reason", "status", "upstream_ms", "duration_ms", "ts")
 
 
-def new_record(request_id: str, *, client_ip: str, method: str, path: str,
-               action: str | None = None) -> dict[str, Any]:
-    """The record of a request before anything is known about it: a denial until proven otherwise."""
-    return {"request_id": request_id, "jti": None, "sub": None, "token_name": None, "client_ip": client_ip,
-            "method": method, "path": path, "action": action, "app": None, "env": None, "decision": "deny",
-            "reason": None, "status": 500, "upstream_ms": None}
+@dataclass(slots=True, eq=False)
+class AuditRecord:
+    """What one request or admin operation did: a denial with status 500 until proven otherwise."""
+
+    request_id: str
+    client_ip: str
+    method: str
+    path: str
+    action: str | None = None
+    jti: str | None = None
+    sub: str | None = None
+    token_name: str | None = None
+    app: str | None = None
+    env: str | None = None
+    decision: str = "deny"
+    reason: str | None = None
+    status: int = 500
+    upstream_ms: float | None = None
+    duration_ms: float | None = None
+    extra: dict[str, Any] | None = None  # endpoint-specific fields (the exchange's issuer, rule, claims)
+    # The repeating parts already encoded (from the decision cache): valid only while the fields
+    # they encode are unchanged, so anything that changes those fields drops them.
+    who: str | None = None
+    what: str | None = None
+
+    def deny(self, status: int, reason: str) -> None:
+        self.decision, self.status, self.reason, self.what = "deny", status, reason, None
 
 
-def fragment(**fields: Any) -> str:
-    """Fields encoded once, as they appear inside a record line (`"k":v,...`), tokens redacted:
-    for `AuditLog.emit_allowed`, which writes the parts of a record that repeat from request to
-    request (who the token is; what the request is and why it is allowed) without encoding them
-    again."""
-    return _encode_redacted(fields)[1:-1]
+def who_part(record: AuditRecord) -> str:
+    return _fragment({"jti": record.jti, "sub": record.sub, "token_name": record.token_name})
 
 
-def _encode_redacted(fields: dict[str, Any]) -> str:
-    """JSON of `fields`; a token sent where a name belongs (path, body field) is kept out of it."""
+def what_part(record: AuditRecord) -> str:
+    return _fragment({"method": record.method, "path": record.path, "action": record.action, "app": record.app,
+                      "env": record.env, "decision": record.decision, "reason": record.reason})
+
+
+def encode(record: AuditRecord, ts: str) -> str:
+    """The record's line (with its newline): the fields of FIELDS in that order, then `extra`."""
+    who = record.who if record.who is not None else who_part(record)
+    what = record.what if record.what is not None else what_part(record)
+    client_ip = redact(record.client_ip) if "sgt_" in record.client_ip else record.client_ip
+    upstream = "null" if record.upstream_ms is None else repr(record.upstream_ms)
+    duration = "null" if record.duration_ms is None else repr(record.duration_ms)
+    extra = "," + _fragment(record.extra) if record.extra else ""
+    return (f'{{"request_id":{_quote(record.request_id)},{who},"client_ip":{_quote(client_ip)},{what},'
+            f'"status":{record.status:d},"upstream_ms":{upstream},"duration_ms":{duration}{extra},"ts":"{ts}"}}\n')
+
+
+def _fragment(fields: dict[str, Any]) -> str:
+    """`"k":v,...` as inside a JSON object; a token sent where a name belongs is kept out of it."""
     text = _encode(fields)
     if "sgt_" in text:
         text = _encode({k: redact(v) if isinstance(v, str) else v for k, v in fields.items()})
-    return text
-
-
-class Sink(Protocol):
-    def write(self, lines: list[str]) -> None:
-        """Write whole lines (each ends with a newline), in order."""
-
-    def close(self) -> None: ...
-
-
-class StreamSink:
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-
-    def write(self, lines: list[str]) -> None:
-        self.stream.write("".join(lines))
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.flush()
-
-
-class FileSink:
-    """Appends to the file with one unbuffered write per batch (O_APPEND: lines from several
-    processes writing the same file never interleave within a write)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.handle = path.open("ab", buffering=0)
-
-    def write(self, lines: list[str]) -> None:
-        data = memoryview("".join(lines).encode("utf-8"))
-        while data:
-            written = self.handle.write(data)
-            if not written:
-                raise OSError(f"audit file {self.path}: a write made no progress")
-            data = data[written:]
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-class RedisSink:
-    """The `redis` sink: records appended to a stream every instance shares (`XADD KEY MAXLEN ~ N *
-    record LINE`, read with XRANGE/XREAD). `write` never waits for Redis: lines go to a bounded
-    queue that a task on the running loop ships in pipelined batches. While Redis is down the
-    queue keeps the newest `queue_limit` lines and retries each second; older ones are dropped
-    and counted (reported on stderr once per outage)."""
-
-    def __init__(self, client: Redis, key: str, maxlen: int, *, queue_limit: int = 10_000,
-                 timeout_s: float = 1.0) -> None:
-        self.client = client
-        self.key = key
-        self.maxlen = maxlen
-        self.queue_limit = queue_limit
-        self.timeout_s = timeout_s
-        self.dropped = 0
-        self._queue: deque[str] = deque()
-        self._task: asyncio.Task[None] | None = None
-        self._failing = False
-
-    def write(self, lines: list[str]) -> None:
-        for line in lines:
-            if len(self._queue) >= self.queue_limit:
-                self._queue.popleft()
-                self.dropped += 1
-            self._queue.append(line)
-        if self._task is None or self._task.done():
-            with contextlib.suppress(RuntimeError):  # no running loop: shipped by `drain`
-                self._task = asyncio.get_running_loop().create_task(self._ship())
-
-    async def _ship(self) -> None:
-        from redis.exceptions import RedisError
-
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    pipe = self.client.pipeline(transaction=False)
-                    for line in batch:
-                        pipe.xadd(self.key, {"record": line.rstrip("\n")}, maxlen=self.maxlen, approximate=True)
-                    await pipe.execute()
-                self._failing = False
-            except (RedisError, OSError, TimeoutError) as exc:
-                room = max(self.queue_limit - len(self._queue), 0)
-                self.dropped += max(len(batch) - room, 0)
-                self._queue.extendleft(reversed(batch[len(batch) - room:]))  # the newest that fit
-                if not self._failing:
-                    self._failing = True
-                    print(f"scopegate: audit sink redis failed ({exc.__class__.__name__}); records are kept "
-                          f"in memory (up to {self.queue_limit}) and retried", file=sys.stderr)
-                await asyncio.sleep(1.0)
-
-    async def drain(self, timeout_s: float = 2.0) -> None:
-        """Ship what is queued (at most `timeout_s`), e.g. before the store's connection closes."""
-        if self._queue and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._ship())
-        if self._task is not None and not self._task.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-            self.close()
-
-    def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+    return text[1:-1]
 
 
 class AuditLog:
-    def __init__(self, sinks: Iterable[Sink]) -> None:
+    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
         self.sinks = list(sinks)
         self._failed: set[int] = set()
         self._pending: list[str] = []
@@ -177,50 +107,21 @@ class AuditLog:
         # while the loop's own flush runs: one writer at a time keeps the lines whole and in order.
         self._lock = threading.Lock()
 
-    @classmethod
-    def from_config(cls, specs: Iterable[str], base_dir: Path, *,
-                    redis_sink: Callable[[], Sink] | None = None) -> AuditLog:
-        specs = list(specs)
-        if "redis" in specs and redis_sink is None:
-            raise ConfigError("audit.sinks: the redis sink writes to the Redis of store.url, which is not "
-                              "a redis:// store; use stdout or file:PATH, or move the store to Redis")
-        sinks: list[Sink] = []
-        for spec in specs:
-            if spec == "stdout":
-                sinks.append(StreamSink(sys.stdout))
-            elif spec.startswith("file:"):
-                raw = Path(spec[5:]).expanduser()
-                sinks.append(FileSink(raw if raw.is_absolute() else base_dir / raw))
-            elif spec == "redis" and redis_sink is not None:
-                sinks.append(redis_sink())
-        return cls(sinks)
+    def open(self, sinks: Iterable[Sink]) -> None:
+        """Start writing to `sinks` (the composition root opens them last, once the rest is good)."""
+        self.sinks = list(sinks)
 
     async def drain(self) -> None:
         """Write what is queued, and let sinks that ship in the background (redis) finish."""
         self.flush()
         for sink in self.sinks:
-            if isinstance(sink, RedisSink):
-                await sink.drain()
+            drain = getattr(sink, "drain", None)
+            if drain is not None:
+                await drain()
 
-    def emit(self, record: dict[str, Any]) -> None:
-        if not self.sinks:
-            return
-        record.setdefault("ts", _now_rfc3339())
-        self._queue(_encode_redacted(record) + "\n")
-
-    def emit_allowed(self, request_id: str, who: str, client_ip: str, what: str, status: int,
-                     upstream_ms: float | None, duration_ms: float) -> None:
-        """The record `emit` would write for a forwarded request, from `fragment`s built once
-        (`who`: jti, sub, token_name; `what`: method, path, action, app, env, decision, reason):
-        the same fields in the same order, without encoding the repeating parts per request."""
-        if not self.sinks:
-            return
-        upstream = "null" if upstream_ms is None else repr(upstream_ms)
-        if "sgt_" in client_ip:  # as `emit` would: no token in any field
-            client_ip = redact(client_ip)
-        self._queue(f'{{"request_id":{_quote(request_id)},{who},"client_ip":{_quote(client_ip)},{what},'
-                    f'"status":{status:d},"upstream_ms":{upstream},"duration_ms":{duration_ms!r},'
-                    f'"ts":"{_now_rfc3339()}"}}\n')
+    def emit(self, record: AuditRecord) -> None:
+        if self.sinks:
+            self._queue(encode(record, _now_rfc3339()))
 
     def _queue(self, line: str) -> None:
         """Queue one whole line (ending with a newline) for the next write."""

@@ -12,7 +12,6 @@ covers the app and Casbin allows that grant's role there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from gateway.errors import ConfigError
 # Placeholders for requests with no app: org-level operations and the gateway's own API.
 ORG_TARGET = "*"
 GATEWAY_TARGET = "_gateway"
-_CACHE_LIMIT = 65_536
+_CACHE_LIMIT = 65_536  # verdicts kept; the cache is replaced whole when full
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,21 +163,3 @@ def decide(grants: tuple[Grant, ...], policy: PolicyEngine, *, app: str | None, 
     why = f" (denied by policy line: {', '.join(last_rule)})" if last_rule and last_rule[-1] == "deny" else ""
     return Decision(False, f"token '{token_name}' does not grant {action} on {target_desc}; "
                            f"its role(s) there: {roles}{why}", None, last_rule)
-
-
-class EnvironmentResolver:
-    """App name -> environment: the first `environments.rules` glob that matches, else the default."""
-
-    def __init__(self, rules: tuple[tuple[str, str], ...], default: str) -> None:
-        self.rules = rules
-        self.default = default
-        self._cache: dict[str, str] = {}
-
-    def resolve(self, app: str) -> str:
-        env = self._cache.get(app)
-        if env is None:
-            env = next((name for glob, name in self.rules if fnmatchcase(app, glob)), self.default)
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache = {}
-            self._cache[app] = env
-        return env

@@ -1,29 +1,40 @@
-"""Per-token rate limits: a token bucket per jti.
+"""Per-token rate limits: a token bucket per jti, with per-role limits.
 
-`RateLimiter` keeps the buckets in this process (the SQLite deployment: one instance). A shared
-store provides its own limiter with the same `check` so that instances share one bucket.
+A `Bucket` keeps one bucket per key: `LocalBuckets` in this process (the SQLite deployment: one
+instance), or the store's shared one (`TokenStore.rate_buckets`: Redis, so that instances share one
+bucket per token). `RateLimits` picks a token's limit from its roles and spends from the bucket
+of that limit; it is what the request path calls, with the verified claims.
 
 `rate_limit.requests_per_second` refills, `rate_limit.burst` is the bucket size; 0 disables.
-Buckets of tokens not seen for a minute are dropped, so memory follows active tokens only.
+Each of a token's roles has its limit (its `rate_limit.roles` entry, else the default) and the
+token gets the most generous one: unlimited (0) if any role is, else the highest rate, then the
+largest burst. Buckets of tokens not seen for a minute are dropped, so memory follows active
+tokens only.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
+from gateway.core.tokens import Claims
 from gateway.errors import RateLimited
 
 
-class Limiter(Protocol):
-    async def check(self, key: str, token_name: str) -> None:
-        """Raises RateLimited when `key` is over its rate."""
+class Bucket(Protocol):
+    async def take(self, key: str, token_name: str) -> None:
+        """Spend one request of `key`'s bucket; raises RateLimited when it is empty."""
         ...
 
 
-class RateLimiter:
+BucketFactory = Callable[[float, int], Bucket]
+
+
+class LocalBuckets:
+    """Token buckets in this process's memory."""
+
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = max(burst, 1) if rate > 0 else 0
@@ -35,7 +46,7 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    async def check(self, key: str, token_name: str) -> None:
+    async def take(self, key: str, token_name: str) -> None:
         if not self.enabled:
             return
         now = self.clock()
@@ -44,9 +55,45 @@ class RateLimiter:
         if tokens < 1.0:
             self._buckets[key] = (tokens, now)
             retry = math.ceil((1.0 - tokens) / self.rate)
-            raise RateLimited(f"token '{token_name}' is over its rate of {self.rate:g} requests/s "
-                              f"(burst {self.burst}); retry after {retry}s", retry_after_s=retry)
+            raise RateLimited(over_rate_message(token_name, self.rate, self.burst, retry), retry_after_s=retry)
         self._buckets[key] = (tokens - 1.0, now)
         if now - self._last_sweep > 60:
             self._last_sweep = now
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
+
+
+def over_rate_message(token_name: str, rate: float, burst: int, retry_s: int) -> str:
+    return f"token '{token_name}' is over its rate of {rate:g} requests/s (burst {burst}); retry after {retry_s}s"
+
+
+class RateLimits:
+    """The rate limit of each token, by its roles; one bucket per distinct limit."""
+
+    def __init__(self, make: BucketFactory, default: tuple[float, int],
+                 roles: Mapping[str, tuple[float, int]] | None = None) -> None:
+        self.make = make
+        self.default = default
+        self.roles = dict(roles or {})
+        self._buckets: dict[tuple[float, int], Bucket] = {}
+        self._chosen: dict[frozenset[str], tuple[float, int]] = {}
+
+    def limits_for(self, roles: Iterable[str]) -> tuple[float, int]:
+        candidates = [self.roles.get(role, self.default) for role in roles] or [self.default]
+        if any(rate <= 0 for rate, _ in candidates):
+            return (0.0, 0)
+        return max(candidates)
+
+    async def check(self, claims: Claims) -> None:
+        """Spend one request of the token's bucket; raises RateLimited when it is empty."""
+        roles = frozenset(grant.role for grant in claims.grants)
+        limits = self._chosen.get(roles)
+        if limits is None:
+            limits = self.limits_for(roles)
+            if len(self._chosen) < 4096:  # role combinations are few; bounded all the same
+                self._chosen[roles] = limits
+        if limits[0] <= 0:
+            return
+        bucket = self._buckets.get(limits)
+        if bucket is None:
+            bucket = self._buckets[limits] = self.make(*limits)
+        await bucket.take(claims.jti, claims.name)

@@ -1,35 +1,42 @@
 """Refusals of the token exchange, in the RFC 6749 section 5.2 shape.
 
-Shared by the exchange (oidc.py) and the issuers' key cache (oidc_keys.py), which both refuse
-id tokens; kept apart so neither has to import the other for them.
+Shared by the exchange (exchange.py) and the issuers' key cache (keys.py), which both refuse
+id tokens; kept apart so neither has to import the other for them. They are `GatewayError`s, so
+the request frame audits them like any refusal; the exchange endpoint renders them in the RFC
+shape (`body`, `headers`).
 """
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+from typing import Any
+
+from gateway.errors import GatewayError
 
 # At most one JWKS fetch per issuer per this many seconds (also a 503's Retry-After).
 REFETCH_INTERVAL_S = 30
 
-class ExchangeError(Exception):
+class ExchangeError(GatewayError):
     """A refusal in the RFC 6749 section 5.2 shape. `description` goes to the client; `detail`
     (more, e.g. each rule's reason) only to the audit log."""
 
     def __init__(self, code: str, description: str, *, status: int = 400, detail: str | None = None,
                  retry_after_s: int | None = None) -> None:
-        super().__init__(description)
+        headers = dict(NO_STORE)
+        if retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, retry_after_s))
+        super().__init__(description, headers=headers)
         self.code = code
         self.description = description
         self.status = status
         self.detail = detail
         self.retry_after_s = retry_after_s
 
-    def response(self, request_id: str) -> JSONResponse:
-        headers = {**NO_STORE, "x-request-id": request_id}
-        if self.retry_after_s is not None:
-            headers["Retry-After"] = str(max(1, self.retry_after_s))
-        return JSONResponse({"error": self.code, "error_description": self.description}, status_code=self.status,
-                            headers=headers)
+    @property
+    def audit_reason(self) -> str:
+        return f"{self.code}: {self.description}" + (f" [{self.detail}]" if self.detail else "")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "error_description": self.description}
 
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,13 +45,10 @@ from urllib.parse import parse_qsl
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
-from gateway.core.audit import new_record
 from gateway.core.grants import GrantError, parse_grant, parse_grants
 from gateway.errors import ConfigError, GatewayError
-from gateway.oidc.errors import NO_STORE, ExchangeError, invalid_grant, invalid_request, unavailable
+from gateway.oidc.errors import ExchangeError, invalid_grant, invalid_request, unavailable
 from gateway.oidc.keys import JWKS_TTL_S, IssuerKeys, parse_jwks
 from gateway.oidc.rules import (
     ALGORITHMS,
@@ -73,7 +69,6 @@ from gateway.oidc.rules import (
 
 if TYPE_CHECKING:
     from gateway.core.registry import TokenRegistry
-    from gateway.state import GatewayState
     from gateway.store import TokenStore
 
 __all__ = [
@@ -93,7 +88,6 @@ __all__ = [
     "TrustRule",
     "decode_unverified",
     "evaluate",
-    "exchange_endpoint",
     "issuer_id",
     "key_claims",
     "parse_form",
@@ -161,7 +155,8 @@ class TokenExchanger:
         await self.keys.close()
 
     async def exchange(self, form: Mapping[str, str], record: dict[str, Any]) -> ExchangeResult:
-        """Exchange a parsed form; `record` (the audit record) learns the issuer, rules and key claims."""
+        """Exchange a parsed form; `record` (the audit record's extra fields) learns the issuer, rules
+        and key claims."""
         token = self._check_form(form)
         if not self.rules:
             raise invalid_grant("this gateway trusts no OIDC issuer (oidc.trust is empty)")
@@ -296,7 +291,7 @@ class TokenExchanger:
                                 "request a new one from the CI platform")
 
 
-# --- the HTTP endpoint (POST /_gateway/v1/token/exchange) -----------------------------------------
+# --- the form of POST /_gateway/v1/token/exchange (api/exchange.py) -------------------------------
 
 def parse_form(body: bytes) -> dict[str, str]:
     """An application/x-www-form-urlencoded body; a parameter given twice is refused (RFC 6749 3.2)."""
@@ -311,49 +306,3 @@ def parse_form(body: bytes) -> dict[str, str]:
             raise invalid_request(f"parameter {name} is given more than once")
         form[name] = value
     return form
-
-
-def exchange_endpoint(state: GatewayState) -> Callable[[Request], Any]:
-    """The route handler: not bearer-authenticated (the subject token is the credential), audited
-    like every admin operation, with the rule names and the job's key claims added."""
-
-    async def run(request: Request) -> Response:
-        started = time.perf_counter()
-        request_id = uuid.uuid4().hex
-        record = new_record(request_id, client_ip=request.client.host if request.client else "",
-                            method=request.method, path=request.url.path, action="gateway:exchange")
-        record.update(rule=None, issuer=None, claims=None)
-        try:
-            if request.url.query:
-                raise invalid_request("send the parameters in the form body, never in the query string")
-            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if content_type != "application/x-www-form-urlencoded":
-                raise invalid_request("send the request as application/x-www-form-urlencoded (RFC 8693)")
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_FORM_BYTES:
-                    raise invalid_request(f"the body is larger than {MAX_FORM_BYTES} bytes")
-            exchanger = state.oidc
-            if exchanger is None:
-                raise invalid_grant("this gateway trusts no OIDC issuer (oidc.trust is empty)")
-            result = await exchanger.exchange(parse_form(body), record)
-            record.update(decision="allow", status=200, jti=result.jti, sub=result.subject, token_name=result.name,
-                          reason=f"minted {result.jti} ({', '.join(result.grants)}) for {result.expires_in}s "
-                                 f"by trust rule(s) {', '.join(result.rules)}")
-            return JSONResponse(result.body(), headers={**NO_STORE, "x-request-id": request_id})
-        except ExchangeError as error:
-            record.update(status=error.status, reason=f"{error.code}: {error.description}"
-                          + (f" [{error.detail}]" if error.detail else ""))
-            return error.response(request_id)
-        except Exception as exc:  # fail closed, and say so in the RFC shape
-            record.update(status=500, reason=f"server_error: {exc.__class__.__name__}")
-            return ExchangeError("server_error", "the exchange failed inside the gateway; nothing was minted",
-                                 status=500).response(request_id)
-        finally:
-            duration = time.perf_counter() - started
-            record["duration_ms"] = round(duration * 1000, 3)
-            state.audit.emit(record)
-            state.metrics.observe(record["decision"], "gateway:exchange", record["status"], duration, None)
-
-    return run

@@ -6,7 +6,9 @@ appends to a change feed (`changes_since`) that other gateway processes poll to 
 cache entries; that is how a revocation made by the CLI reaches a running server.
 
 Backends: `sqlite:///PATH` (this package's `sqlite.py`) and `redis://`, `rediss://`, `unix://`,
-`redis+sentinel://` (`redis.py`, shared by several instances). `open_store` picks one by URL.
+`redis+sentinel://` (`redis.py`, shared by several instances); `backends.open_store` picks one by
+URL. Besides the records, a store offers what it can share between instances: rate-limit buckets
+and (Redis only) the audit stream.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.errors import ConfigError
-
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.core.audit_sinks import Sink
+    from gateway.core.ratelimit import Bucket
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,18 @@ class TokenStore(Protocol):
         """True the first time `key` is claimed before `expires_at` (a replay cache), False after."""
         ...
 
+    def rate_buckets(self, rate: float, burst: int) -> Bucket:
+        """Token buckets at this rate: in this process, or shared by every instance on the store."""
+        ...
+
+    def audit_sink(self, maxlen: int) -> Sink | None:
+        """The `redis` audit sink on this store, or None when the store has no stream to offer."""
+        ...
+
+    async def wait_for_change(self, cursor: str, timeout_s: float) -> None:
+        """Return when the change feed may have moved past `cursor`, or after `timeout_s`."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
-
-
-def open_store(config: Config) -> TokenStore:
-    """The backend `store.url` names."""
-    scheme = config.store_url.partition(":")[0]
-    if scheme == "sqlite":
-        from gateway.store.sqlite import SqliteStore
-
-        return SqliteStore(config.store_sqlite_path())
-    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
-        from gateway.store.redis import RedisStore
-
-        return RedisStore(config.store_url, prefix=config.store_prefix, timeout_ms=config.store_timeout_ms)
-    raise ConfigError(f"store.url scheme {scheme!r} is not supported yet; use sqlite:///PATH")

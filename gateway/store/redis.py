@@ -10,8 +10,8 @@ Keys (all under `store.prefix`, default `scopegate:`):
     epoch            string a random id written when the feed starts; gone after FLUSHALL or a restart
                             without persistence, which tells every instance to forget its cache
     once:{key}       string the replay cache of `claim_once`, expiring at the claim's expiry
-    rl:{jti}         hash   a shared token bucket (`RedisRateLimiter`, gateway/store/redis_ratelimit.py)
-    audit            stream the `redis` audit sink (gateway/audit.py)
+    rl:{jti}         hash   a shared token bucket (`RedisBuckets`, gateway/store/redis_ratelimit.py)
+    audit            stream the `redis` audit sink (gateway/store/redis_audit.py)
 
 Every write that changes what a token may do (put, revoke with its cascade, shorten) is one Lua
 script, so it and its change-feed entry land together. Cursors of the feed are
@@ -39,13 +39,16 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.core.audit_sinks import Sink
+from gateway.core.ratelimit import Bucket
 from gateway.errors import StateUnavailable
 from gateway.store import TokenRecord
-from gateway.store.redis_ratelimit import BUCKET_SCRIPT, RedisRateLimiter
+from gateway.store.redis_audit import RedisSink
+from gateway.store.redis_ratelimit import BUCKET_SCRIPT, RedisBuckets
 from gateway.store.redis_scripts import FEED, PUT, REVOKE, SHORTEN, TOUCH
 from gateway.store.redis_url import connect, redact
 
-__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_MS", "FEED_MAXLEN", "RedisRateLimiter", "RedisStore", "redact"]
+__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_MS", "FEED_MAXLEN", "RedisBuckets", "RedisStore", "redact"]
 
 DEFAULT_PREFIX = "scopegate:"
 DEFAULT_TIMEOUT_MS = 500
@@ -182,6 +185,14 @@ class RedisStore:
         async with self._guard("rate limit"):
             allowed, wait = await self._bucket(keys=[f"{self.prefix}rl:{key}"], args=[rate, burst, ttl_ms])
         return 0 if int(allowed) == 1 else max(1, int(wait))
+
+    def rate_buckets(self, rate: float, burst: int) -> Bucket:
+        """Buckets shared by every instance on this Redis."""
+        return RedisBuckets(self, rate, burst)
+
+    def audit_sink(self, maxlen: int) -> Sink | None:
+        """The `redis` audit sink: a stream next to the token records."""
+        return RedisSink(self.client, self.prefix + "audit", maxlen)
 
     async def ping(self) -> None:
         async with self._guard("ping"):

@@ -2,19 +2,18 @@
 
 With several instances behind one load balancer, a bucket per process would let a token through
 once per instance; one bucket in Redis, refilled and taken by one atomic script, holds the limit
-across all of them. The script lives here with the limiter; `RedisStore.take` runs it under the
+across all of them. The script lives here with the buckets; `RedisStore.take` runs it under the
 store's timeout budget, so a slow or unreachable Redis fails closed like every other store call.
+`RedisStore.rate_buckets` makes these for the request path's `RateLimits` (core/ratelimit.py).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from gateway.core.ratelimit import over_rate_message
 from gateway.errors import RateLimited
-
-if TYPE_CHECKING:
-    from gateway.store.redis import RedisStore
 
 BUCKET_SCRIPT = """
 -- KEYS: bucket.  ARGV: rate per second, burst, ttl ms.  Returns {allowed 0|1, wait ms}.
@@ -45,11 +44,17 @@ return {allowed, wait}
 """
 
 
-class RedisRateLimiter:
-    """The token bucket of `gateway.ratelimit.RateLimiter`, kept in Redis and shared by every
+class BucketScriptRunner(Protocol):
+    async def take(self, key: str, *, rate: float, burst: int) -> int:
+        """Run BUCKET_SCRIPT for `key`: 0 when a request was taken, else the wait in ms."""
+        ...
+
+
+class RedisBuckets:
+    """The token buckets of `gateway.core.ratelimit.LocalBuckets`, kept in Redis and shared by every
     instance: one atomic script per request refills and takes (`RedisStore.take`)."""
 
-    def __init__(self, store: RedisStore, rate: float, burst: int) -> None:
+    def __init__(self, store: BucketScriptRunner, rate: float, burst: int) -> None:
         self.store = store
         self.rate = rate
         self.burst = max(burst, 1) if rate > 0 else 0
@@ -58,11 +63,10 @@ class RedisRateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    async def check(self, key: str, token_name: str) -> None:
+    async def take(self, key: str, token_name: str) -> None:
         if not self.enabled:
             return
         wait_ms = await self.store.take(key, rate=self.rate, burst=self.burst)
         if wait_ms:
             retry = math.ceil(wait_ms / 1000)
-            raise RateLimited(f"token '{token_name}' is over its rate of {self.rate:g} requests/s "
-                              f"(burst {self.burst}); retry after {retry}s", retry_after_s=retry)
+            raise RateLimited(over_rate_message(token_name, self.rate, self.burst, retry), retry_after_s=retry)

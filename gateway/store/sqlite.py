@@ -7,11 +7,14 @@ thread hop, and the hot path reaches the store only on a cache miss.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
 from pathlib import Path
 
+from gateway.core.audit_sinks import Sink
+from gateway.core.ratelimit import Bucket, LocalBuckets
 from gateway.errors import StateUnavailable
 from gateway.store import TokenRecord
 
@@ -138,6 +141,17 @@ class SqliteStore:
             self._db.rollback()
             raise
         return bool(claimed)
+
+    def rate_buckets(self, rate: float, burst: int) -> Bucket:
+        """One instance per SQLite file: buckets in this process."""
+        return LocalBuckets(rate, burst)
+
+    def audit_sink(self, maxlen: int) -> Sink | None:
+        return None  # no shared stream: the redis sink needs a Redis store
+
+    async def wait_for_change(self, cursor: str, timeout_s: float) -> None:
+        """SQLite cannot say when another process writes: the change feed is polled."""
+        await asyncio.sleep(timeout_s)
 
     async def ping(self) -> None:
         self._run("SELECT 1")

@@ -19,6 +19,7 @@ import yaml
 
 from gateway.core.grants import APP_NAME
 from gateway.core.jsonbody import load_strict
+from gateway.core.rules import ProducedAction
 from gateway.errors import BadRequest, ConfigError, Forbidden, UnknownRoute
 
 AppSource = Literal["path", "body", "none"]
@@ -94,6 +95,13 @@ class RouteTable:
         actions = {r.action for r in self.routes}
         actions.update(r.refine.action for r in self.routes if r.refine)
         return actions
+
+    def produced_actions(self) -> list[ProducedAction]:
+        """The actions requests can be decided on, for the policy's cross-reference check (routes
+        that are always denied or answered by the gateway are never decided)."""
+        return [ProducedAction(action, route.source) for route in self.routes
+                if not route.deny_always and not route.answer_gateway
+                for action in (route.action, *([route.refine.action] if route.refine else []))]
 
     def resolve(self, method: str, path: str) -> RouteMatch:
         parts = path.split("/")[1:]

@@ -122,7 +122,7 @@ class UpstreamClient:
                    body: bytes | AsyncIterator[bytes] | None) -> UpstreamResponse:
         if self._session is None:
             raise UpstreamUnavailable("the upstream client is not started")
-        url = URL(self.base + target.decode("ascii"), encoded=True)
+        url = upstream_url(self.base, target)
         started = time.perf_counter()
         try:
             response = await self._session.request(method, url, headers=headers, data=body, allow_redirects=False,
@@ -135,3 +135,19 @@ class UpstreamClient:
             raise
         headers_out = [(k, v) for k, v in response.raw_headers if k.lower() not in DROP_RESPONSE]
         return UpstreamResponse(response.status, headers_out, response.content_length, response, started)
+
+
+def upstream_url(base: str, target: bytes) -> URL:
+    """The upstream URL of an authorized target, which aiohttp sends byte for byte (`encoded=True`:
+    no re-encoding, no normalization). yarl drops an empty query, so a target ending in a bare '?'
+    keeps it as the last byte of the path: the upstream reads the target the gateway read."""
+    text = base + target.decode("ascii")
+    if text.endswith("?") and text.count("?") == 1:
+        url = URL(text[:-1], encoded=True)
+        return url.with_path(url.raw_path + "?", encoded=True)
+    return URL(text, encoded=True)
+
+
+def ms_since(started: float) -> float:
+    """Milliseconds since `started` (a perf_counter reading), as audit records carry them."""
+    return round((time.perf_counter() - started) * 1000, 3)

@@ -28,7 +28,7 @@ from gateway.app import GatewayApp
 from gateway.cli.local import LocalAdmin
 from gateway.config import Config, load_config
 from gateway.core.keyring import Keyring
-from gateway.state import GatewayState
+from gateway.services import Services
 from tests.conftest import REPO, write_config
 from tests.servers import ServerThread
 
@@ -195,7 +195,7 @@ class Gateway:
     """A real gateway (the production uvicorn stack) in front of `upstream_url`."""
 
     config: Config
-    state: GatewayState
+    services: Services
     server: ServerThread
     _tokens: dict[tuple[str, ...], str] = field(default_factory=dict)
 
@@ -205,9 +205,9 @@ class Gateway:
         config = load_config(write_config(folder, upstream_url, **sections))
         if not config.tokens_keyring.exists():
             Keyring.generate(config.tokens_keyring).save()
-        state = GatewayState.build(config)
-        server = ServerThread(GatewayApp(state), gateway_stack=True).start()
-        return cls(config, state, server)
+        services = Services.build(config)
+        server = ServerThread(GatewayApp(services), gateway_stack=True).start()
+        return cls(config, services, server)
 
     @property
     def url(self) -> str:

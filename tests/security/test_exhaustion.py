@@ -25,7 +25,7 @@ from gateway.app import GatewayApp
 from gateway.config import load_config
 from gateway.core.keyring import Keyring
 from gateway.server import uvicorn_config
-from gateway.state import GatewayState
+from gateway.services import Services
 from tests.conftest import CREDENTIAL_ENV, RunningGateway, write_config
 from tests.security.harness import (
     CREDENTIAL,
@@ -226,7 +226,7 @@ def capped_gateway(folder: Path, cap: int) -> tuple[RunningGateway, ServerThread
         patch.setenv(CREDENTIAL_ENV, CREDENTIAL)
         config = load_config(write_config(folder, recorder_server.url))
         Keyring.generate(config.tokens_keyring).save()
-        state = GatewayState.build(config)
+        state = Services.build(config)
     server = ServerThread(GatewayApp(state), gateway_stack=True)
     server.server.config.limit_concurrency = cap
     server.start()

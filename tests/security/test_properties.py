@@ -74,12 +74,13 @@ def targets(draw: st.DrawFn) -> tuple[str, bytes]:
 @example(request=("GET", b"/v1/apps/web-staging/..%2fweb-prod"))
 @example(request=("GET", b"/v1/apps/web%2dprod/machines"))
 @example(request=("GET", b"/v1/apps/web-staging?/../web-prod"))
+@example(request=("GET", b"/v1/apps/web-staging?"))  # a bare '?' is forwarded as received
 @given(request=targets())
 def test_resolved_app_is_the_app_a_go_upstream_reads(request: tuple[str, bytes]) -> None:
     method, raw_target = request
-    raw_path, _, raw_query = raw_target.partition(b"?")
+    raw_path, mark, raw_query = raw_target.partition(b"?")
     try:
-        target = canonicalize(raw_path, raw_query)
+        target = canonicalize(raw_path, raw_query, has_query=bool(mark))
         resolved = resolve_request(TABLE.resolve(method, target.path), target.raw_query, None)
     except (BadRequest, UnknownRoute, Forbidden):
         return
@@ -106,6 +107,7 @@ def token(shared: RunningGateway) -> str:
 @example(target=("GET", b"/v1/apps/web-staging/../web-prod/machines"))
 @example(target=("GET", b"/v1/apps/web-staging;/../web-prod"))
 @example(target=("DELETE", b"/v1/apps/web-staging/machines/m1%2f..%2f..%2fweb-prod"))
+@example(target=("GET", b"/v1/apps/web-staging?"))
 @given(target=targets())
 def test_every_forwarded_request_acts_on_the_authorized_app(target: tuple[str, bytes], shared: RunningGateway,
                                                             token: str) -> None:

@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.core.grants import parse_grant
 from gateway.core.keyring import Keyring, new_key
 from gateway.core.tokens import PREFIX, TokenIssuer
-from gateway.store import TokenRecord, open_store
+from gateway.store import TokenRecord
+from gateway.store.backends import open_store
 from tests.conftest import RunningGateway
 from tests.security.harness import (
     Answer,
@@ -232,7 +233,7 @@ def register(gateway: RunningGateway, token: str) -> None:
 
 
 def forge_for(gateway: RunningGateway) -> Forge:
-    return Forge(gateway.state.keyring, gateway.config.tokens_issuer, gateway.config.tokens_audience)
+    return Forge(gateway.services.keyring, gateway.config.tokens_issuer, gateway.config.tokens_audience)
 
 
 def get(gateway: RunningGateway, token: str | None = None, *, scheme: str = "Bearer", target: bytes = TARGET,

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import Grant
-from gateway.core.policy import EnvironmentResolver, PolicyEngine, decide
+from gateway.core.policy import PolicyEngine, decide
 from gateway.errors import BadRequest, GatewayError
 from gateway.surfaces.paths import canonicalize
 from gateway.surfaces.routes import RouteTable, resolve_request

@@ -1,0 +1,132 @@
+"""The decision core's front door: who is asking, may they, and how often.
+
+Every surface and the gateway's own API go through an `Authorizer`:
+
+1. `authenticate`: the `Authorization` header values -> verified, registered, unrevoked `Claims`;
+2. `decide`: the claims and the `Check`s a request needs (one `(app, action)` each; a GraphQL
+   document may need several) -> a `Ruling`: allowed only if every check is, under one `Rules`;
+3. `constraints`: what an allowed request's body must satisfy, under the same rules;
+4. `rate_limit`: one request spent from the token's bucket.
+
+It knows nothing about HTTP: surfaces turn requests into checks. Rules are replaced whole on a
+reload (`install`); a request decided while a reload lands keeps the rules it started with for
+its constraints, and its decision is not cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from gateway.core.audit import AuditRecord, what_part, who_part
+from gateway.core.constraints import Constraint
+from gateway.core.decision_cache import CachedDecision, DecisionCache
+from gateway.core.environments import EnvironmentResolver
+from gateway.core.policy import Decision, decide
+from gateway.core.ratelimit import LocalBuckets, RateLimits
+from gateway.core.registry import TokenRegistry
+from gateway.core.rules import Rules
+from gateway.core.tokens import Claims, TokenVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One thing a request does: `action` on `app` (None: the organization) in environment `env`.
+    `org_filtered`: an org-level listing the surface filters down to the token's apps."""
+
+    action: str
+    app: str | None = None
+    env: str | None = None
+    org_filtered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ruling:
+    """A decision and the rules it was taken under."""
+
+    decision: Decision
+    rules: Rules
+    generation: int
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+
+class Authorizer:
+    rules: Rules  # set by `install` before the gateway serves (services.py)
+
+    def __init__(self, verifier: TokenVerifier, registry: TokenRegistry, environments: EnvironmentResolver,
+                 limits: RateLimits | None = None) -> None:
+        self.verifier = verifier
+        self.registry = registry
+        self.environments = environments
+        self.limits = limits or RateLimits(LocalBuckets, (0.0, 0))  # unlimited until configured
+        self.decisions = DecisionCache()
+
+    def install(self, rules: Rules) -> None:
+        """Serve `rules` from now on (a reload): cached decisions of the old ones are never used."""
+        self.rules = rules
+
+    async def authenticate(self, authorization: list[bytes]) -> Claims:
+        """The caller's verified, registered, unrevoked token claims; raises Unauthenticated."""
+        claims = self.verifier.verify_authorization(authorization)
+        await self.registry.check(claims)
+        return claims
+
+    def environment(self, app: str) -> str:
+        return self.environments.resolve(app)
+
+    def check(self, action: str, app: str | None, *, org_filtered: bool = False) -> Check:
+        """The check of `action` on `app`, its environment resolved."""
+        return Check(action, app, None if app is None else self.environments.resolve(app), org_filtered)
+
+    def decide(self, claims: Claims, checks: Sequence[Check]) -> Ruling:
+        """Allowed iff every check is (grants ∩ policy, DESIGN section 4); the first refusal otherwise."""
+        rules = self.rules
+        generation = rules.policy.generation
+        decisions = []
+        for check in checks:
+            decision = decide(claims.grants, rules.policy, app=check.app, env=check.env, action=check.action,
+                              token_name=claims.name, org_filtered=check.org_filtered)
+            if not decision.allowed:
+                return Ruling(decision, rules, generation)
+            decisions.append(decision)
+        if not decisions:
+            return Ruling(Decision(False, "the request names nothing this gateway can authorize"), rules, generation)
+        if len(decisions) == 1:
+            return Ruling(decisions[0], rules, generation)
+        reason = "; ".join(dict.fromkeys(d.reason for d in decisions))
+        return Ruling(Decision(True, reason, decisions[0].grant, decisions[0].rule), rules, generation)
+
+    def decide_gateway(self, claims: Claims, action: str) -> Ruling:
+        """May the token perform `action` (gateway:*) on the gateway's own API?"""
+        rules = self.rules
+        decision = decide(claims.grants, rules.policy, app=None, env=None, action=action, token_name=claims.name,
+                          gateway_target=True)
+        return Ruling(decision, rules, rules.policy.generation)
+
+    def constraints(self, ruling: Ruling, check: Check) -> tuple[Constraint, ...]:
+        """The constraints an allowed check's body must satisfy, under the rules it was decided under."""
+        grant = ruling.decision.grant
+        if grant is None or check.app is None or check.env is None:
+            return ()
+        return ruling.rules.constraints.applicable(grant.role, check.env, check.action)
+
+    def cached(self, claims: Claims, key: Hashable) -> CachedDecision | None:
+        """The allowing decision this token got for the request `key` under the current rules."""
+        return self.decisions.get(self.rules, claims, key)
+
+    def remember(self, claims: Claims, key: Hashable, ruling: Ruling, record: AuditRecord) -> None:
+        """Keep an allowing ruling for `key` with the audit parts of `record` (filled for it)."""
+        if ruling.allowed:
+            entry = CachedDecision(claims, ruling.decision, who_part(record), what_part(record))
+            self.decisions.put(ruling.rules, ruling.generation, claims, key, entry)
+
+    async def rate_limit(self, claims: Claims) -> None:
+        await self.limits.check(claims)
+
+    @property
+    def cache_hits(self) -> int:
+        """Decisions served from a cache: whole requests (DecisionCache) and policy verdicts."""
+        return self.decisions.hits + self.rules.policy.cache_hits

@@ -1,0 +1,123 @@
+"""`scopegate serve --dev` (like `vault server -dev`).
+
+An ephemeral keyring and SQLite store in a temporary folder, a sandbox upstream in a thread of
+this process that emulates a small part of the Machines API, a token-admin token and a sample
+deployer token printed with curl lines to try. Everything is gone when the process stops. Never
+for production: it binds 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from gateway.app import GatewayApp
+from gateway.cli.local import LocalAdmin
+from gateway.config import Config, build_config
+from gateway.core.keyring import Keyring
+from gateway.dev.sandbox import create_sandbox_app
+from gateway.errors import ConfigError
+from gateway.server import bind, serve
+from gateway.services import Services
+
+
+class SandboxThread:
+    """The sandbox upstream, served by uvicorn on a free loopback port in a daemon thread."""
+
+    def __init__(self, credential: str) -> None:
+        self.sock = bind("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(create_sandbox_app(expected_token=credential), log_level="warning",
+                                access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=lambda: self.server.run(sockets=[self.sock]),
+                                       name="sandbox-upstream", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise ConfigError("the dev sandbox upstream did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+
+
+def run_dev(args: argparse.Namespace) -> int:
+    host = args.host or "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("--dev binds loopback only (127.0.0.1); it is not for serving others")
+    if args.workers != 1:
+        raise ConfigError("--dev runs one worker")
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that kills
+    # the process before `finally` can remove the ephemeral keyring. Exit through Python instead.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    folder = Path(tempfile.mkdtemp(prefix="scopegate-dev-"))
+    credential = secrets.token_urlsafe(32)
+    sandbox = SandboxThread(credential)
+    try:
+        sandbox.start()
+        config = build_config(
+            {"upstream": {"url": f"http://127.0.0.1:{sandbox.port}"},
+             "tokens": {"keyring": str(folder / "keyring.json")},
+             "store": {"url": f"sqlite:///{folder / 'state.db'}"},
+             "audit": {"sinks": ["stdout"]}},
+            base_dir=Path.cwd(), source="(dev)", environ={})
+        keyring = Keyring.generate(config.tokens_keyring)
+        keyring.save()
+        admin_token, deploy_token = asyncio.run(_dev_tokens(config, keyring))
+        services = Services.build(config, credential=credential)
+        sock = bind(host, 8080 if args.port is None else args.port)
+        base = f"http://{host}:{sock.getsockname()[1]}"
+        _print_dev_banner(base, admin_token, deploy_token)
+        serve(GatewayApp(services), sock)
+    finally:
+        sandbox.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # the server has already shut down gracefully
+
+
+async def _dev_tokens(config: Config, keyring: Keyring) -> tuple[str, str]:
+    admin = LocalAdmin.open(config, keyring)
+    try:
+        token_admin = await admin.registry.mint(grants=["token-admin@gateway"], ttl_s=86400, name="dev-admin",
+                                                subject="dev:admin")
+        deployer = await admin.registry.mint(grants=["deployer@app:web-staging"], ttl_s=86400,
+                                             name="dev-deploy-web-staging", subject="dev:ci")
+    finally:
+        await admin.close()
+    return token_admin.token, deployer.token
+
+
+def _print_dev_banner(base: str, admin_token: str, deploy_token: str) -> None:
+    print(f"""
+Scopegate dev mode: ephemeral keys and store, sandbox upstream (never use in production).
+
+Listening on {base}
+
+Token-admin token (grant token-admin@gateway):
+  export SCOPEGATE_ADMIN_TOKEN={admin_token}
+Sample deploy token (grant deployer@app:web-staging):
+  export DEPLOY_TOKEN={deploy_token}
+
+Allowed (deployer may read web-staging's machines):
+  curl -s -H "Authorization: Bearer $DEPLOY_TOKEN" {base}/v1/apps/web-staging/machines
+Denied with 403 (the token does not cover web-prod):
+  curl -s -H "Authorization: Bearer $DEPLOY_TOKEN" {base}/v1/apps/web-prod/machines
+""", flush=True)

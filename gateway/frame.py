@@ -1,0 +1,77 @@
+"""The request frame: what every request does around its own work, on every surface and endpoint.
+
+A surface (Machines API, ...), the gateway's own API and the token exchange each do their own
+work inside `RequestFrame.run`, which gives the request an id and a clock, an `AuditRecord` that
+says "denied" until the work says otherwise, and on the way out, whatever happened:
+
+- a `GatewayError` becomes the caller's rendering of it (JSON error body, GraphQL errors, RFC
+  6749 body) and the record says why it was refused;
+- any other exception is logged without detail, answered 500 and recorded as `internal_error`
+  (fail closed: nothing is forwarded after it);
+- the audit line is written and the request metrics observed, allowed or denied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from gateway.core.audit import AuditLog, AuditRecord
+from gateway.core.tokens import Claims
+from gateway.errors import GatewayError, StateUnavailable
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("scopegate")
+T = TypeVar("T")
+
+
+class RequestFrame:
+    __slots__ = ("audit", "metrics", "record", "started")
+
+    def __init__(self, audit: AuditLog, metrics: GatewayMetrics, *, client_ip: str, method: str, path: str,
+                 action: str | None = None) -> None:
+        self.started = time.perf_counter()
+        self.audit = audit
+        self.metrics = metrics
+        self.record = AuditRecord(uuid.uuid4().hex, client_ip, method, path, action)
+
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    def identify(self, claims: Claims) -> None:
+        """The request is made with this token (the record names it, never its text)."""
+        record = self.record
+        record.jti, record.sub, record.token_name, record.who = claims.jti, claims.sub, claims.name, None
+
+    def allow(self, reason: str) -> None:
+        record = self.record
+        record.decision, record.reason, record.what = "allow", reason, None
+
+    async def run(self, work: Callable[[], Awaitable[T]], render: Callable[[GatewayError], Awaitable[T]]) -> T:
+        """`work()`, or `render(error)` when it fails; audited and measured either way."""
+        try:
+            return await work()
+        except GatewayError as error:
+            self.record.deny(error.status, error.audit_reason)
+            if isinstance(error, StateUnavailable):
+                self.metrics.store_failed()
+            return await render(error)
+        except Exception as exc:  # fail closed on anything unforeseen, and say nothing of it
+            log.exception("request %s failed: %s", self.request_id, exc.__class__.__name__)
+            self.record.deny(500, "internal_error")
+            return await render(GatewayError("the gateway failed on this request; it was not forwarded"))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        duration = time.perf_counter() - self.started
+        record = self.record
+        record.duration_ms = round(duration * 1000, 3)
+        self.audit.emit(record)
+        upstream_ms = record.upstream_ms
+        self.metrics.observe(record.decision, record.action, record.status, duration,
+                             None if upstream_ms is None else upstream_ms / 1000)

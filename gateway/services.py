@@ -1,0 +1,148 @@
+"""The composition root: everything a running gateway holds, built once from the configuration.
+
+`Services.build` loads and checks every file the gateway needs (keyring, policy, constraints,
+route maps, store, audit sinks) so that a bad configuration stops the start with a message
+instead of failing requests later, and wires the parts together: the decision core
+(`Authorizer`), the upstream client, the surfaces, the token exchange. `start`/`stop` own what
+needs an event loop: the upstream session, the issuers' key fetcher, and the watch loops
+(watch.py) that keep policy, keys and token records current. Nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.config import Config
+from gateway.core.audit import AuditLog
+from gateway.core.audit_sinks import Sink, sinks_from_config
+from gateway.core.authorizer import Authorizer
+from gateway.core.environments import EnvironmentResolver
+from gateway.core.keyring import Keyring
+from gateway.core.policy import PolicyEngine
+from gateway.core.ratelimit import RateLimits
+from gateway.core.registry import TokenRegistry
+from gateway.core.tokens import TokenIssuer, TokenVerifier
+from gateway.errors import ConfigError, StateUnavailable
+from gateway.metrics import GatewayMetrics
+from gateway.oidc.exchange import TokenExchanger
+from gateway.store import TokenStore
+from gateway.store.backends import open_store
+from gateway.surfaces import Surface
+from gateway.surfaces.machines.surface import MachinesSurface
+from gateway.upstream.client import UpstreamClient
+from gateway.watch import CACHE_LEASE_S, FileWatcher, Reloader, follow_files, follow_store, load_policy, watched_files
+
+log = logging.getLogger("scopegate")
+
+
+@dataclass
+class Services:
+    config: Config
+    store: TokenStore
+    authorizer: Authorizer
+    audit: AuditLog
+    upstream: UpstreamClient
+    surfaces: list[Surface]
+    reloader: Reloader
+    metrics: GatewayMetrics
+    exchanger: TokenExchanger | None = None  # CI token exchange (oidc.trust); None: nothing trusted
+    ready: bool = False
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(cls, config: Config, *, credential: str | None = None) -> Services:
+        keyring = Keyring.load(config.tokens_keyring)
+        store = open_store(config)
+        metrics = GatewayMetrics()
+        audit = AuditLog()  # its sinks are opened last, once everything else is known to be good
+        upstream = UpstreamClient(
+            config.upstream_url, auth_scheme=config.upstream_auth_scheme,
+            credential=credential if credential is not None else config.upstream_credential(),
+            connect_timeout_s=config.upstream_connect_timeout_s, read_timeout_s=config.upstream_read_timeout_s)
+        registry = TokenRegistry(store, TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience),
+                                 known_roles=set, default_ttl_s=config.tokens_default_ttl_s,
+                                 max_ttl_s=config.tokens_max_ttl_s)
+        authorizer = Authorizer(TokenVerifier(keyring, config.tokens_issuer, config.tokens_audience), registry,
+                                EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
+                                                    config.environment_default))
+        surfaces: list[Surface] = [
+            MachinesSurface(list(config.routes), authorizer=authorizer, upstream=upstream, audit=audit,
+                            metrics=metrics, max_body_bytes=config.limits_max_body_bytes),
+        ]
+        reloader = Reloader(config, authorizer, surfaces, metrics)
+        reloader.install(*load_policy(config, surfaces))  # the rules come from the policy and the route maps
+        roles = authorizer.rules.policy.roles()
+        authorizer.limits = build_rate_limits(config, store, roles)
+        exchanger = TokenExchanger(config.oidc_trust, registry=registry, store=store,
+                                   gateway_audience=config.tokens_audience,
+                                   known_roles=roles) if config.oidc_trust else None
+        audit.open(sinks_from_config(config.audit_sinks, config.base_dir, redis_sink=redis_sink(config, store)))
+        return cls(config=config, store=store, authorizer=authorizer, audit=audit, upstream=upstream,
+                   surfaces=surfaces, reloader=reloader, metrics=metrics, exchanger=exchanger)
+
+    @property
+    def registry(self) -> TokenRegistry:
+        return self.authorizer.registry
+
+    @property
+    def keyring(self) -> Keyring:
+        return self.authorizer.verifier.keyring
+
+    @property
+    def machines(self) -> MachinesSurface:
+        """The Machines API surface (explain answers for it)."""
+        return next(surface for surface in self.surfaces if isinstance(surface, MachinesSurface))
+
+    @property
+    def policy(self) -> PolicyEngine:
+        return self.authorizer.rules.policy
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        # Cached token records are trusted only while the change feed keeps being read.
+        self.registry.lease_s = CACHE_LEASE_S
+        try:
+            await self.registry.start()
+        except StateUnavailable as exc:
+            # Start anyway, refusing with 503 until the store answers (the sync loop retries).
+            self.registry.mark_unavailable(exc.message)
+            log.warning("the token store is unavailable at start; requests get 503 until it answers")
+        if self.exchanger is not None:
+            await self.exchanger.start()  # the HTTP client for issuers' discovery documents and JWKS
+        watcher = FileWatcher(watched_files(self.config))
+        self._tasks = [asyncio.create_task(follow_store(self.registry, self.store, self.metrics)),
+                       asyncio.create_task(follow_files(watcher, self.reloader, self.config.tokens_keyring))]
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.upstream.close()
+        if self.exchanger is not None:
+            await self.exchanger.close()
+        await self.audit.drain()  # the redis sink ships over the store's connection
+        await self.store.close()
+        self.audit.close()
+
+
+def redis_sink(config: Config, store: TokenStore) -> Callable[[], Sink] | None:
+    """The `redis` audit sink's maker, when the store can offer one."""
+    sink = store.audit_sink(config.audit_redis_maxlen) if "redis" in config.audit_sinks else None
+    return None if sink is None else (lambda: sink)
+
+
+def build_rate_limits(config: Config, store: TokenStore, known_roles: set[str]) -> RateLimits:
+    """`rate_limit.requests_per_second`/`burst`, with `rate_limit.roles` overrides, in the store's buckets."""
+    for item in config.rate_limit_roles:
+        if item.role not in known_roles:
+            raise ConfigError(f"rate_limit.roles: role {item.role!r} is not in the policy; known roles: "
+                              f"{', '.join(sorted(known_roles))}")
+    return RateLimits(store.rate_buckets, (config.rate_limit_requests_per_second, config.rate_limit_burst),
+                      {item.role: (item.requests_per_second, item.burst) for item in config.rate_limit_roles})

@@ -1,0 +1,195 @@
+"""The Machines API surface: canonicalize → authenticate → resolve → decide → rate-limit → forward → audit.
+
+`MachinesSurface.handle` is the request path of DESIGN section 2 for `/v1/...`, top to bottom.
+Fail closed: any exception before the upstream call becomes an error response and nothing is
+forwarded; the request frame (gateway/frame.py) writes the audit record, allowed or denied.
+
+A request line that repeats (same method and target) skips the parsing it already passed
+(request_lines.py), and a token that repeats it gets the decision it got the first time
+(core/decision_cache.py); every other step runs on every request: the token's signature and
+registration, the Host and length checks, the rate limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from gateway.core.audit import AuditLog
+from gateway.core.authorizer import Authorizer, Ruling
+from gateway.core.constraints import enforce
+from gateway.core.tokens import Claims
+from gateway.errors import Forbidden, GatewayError, Unauthenticated
+from gateway.frame import RequestFrame
+from gateway.metrics import GatewayMetrics
+from gateway.surfaces import SurfaceLoad
+from gateway.surfaces.http import (
+    BodyStream,
+    RequestHeaders,
+    Scope,
+    client_ip,
+    keep_headers,
+    printable,
+    read_body,
+    relay,
+    request_target,
+    send_error,
+    send_json,
+)
+from gateway.surfaces.machines.listing import LISTING_LIMIT, filter_app_listing
+from gateway.surfaces.machines.ownership import volume_ownership
+from gateway.surfaces.machines.request_lines import RequestLine, RequestLineCache
+from gateway.surfaces.paths import Target, canonicalize
+from gateway.surfaces.routes import RouteTable, resolve_request
+from gateway.upstream.client import UpstreamClient, ms_since
+
+
+class MachinesSurface:
+    name = "machines"
+
+    def __init__(self, route_files: list[Path], *, authorizer: Authorizer, upstream: UpstreamClient,
+                 audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int) -> None:
+        self.route_files = route_files
+        self.authorizer = authorizer
+        self.upstream = upstream
+        self.audit = audit
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.routes = RouteTable(())
+        self.lines = RequestLineCache()
+
+    def serves(self, path: str) -> bool:
+        return True  # every path no other surface serves: unknown ones are refused as unknown_route
+
+    def load(self) -> SurfaceLoad:
+        routes = RouteTable.load(self.route_files)
+
+        def install() -> None:
+            self.routes = routes
+
+        return SurfaceLoad(routes.produced_actions(), install)
+
+    def ready(self) -> bool:
+        return bool(self.routes.routes)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        raw_path, raw_query, has_query = request_target(scope)
+        frame = RequestFrame(self.audit, self.metrics, client_ip=client_ip(scope), method=scope["method"],
+                             path=printable(raw_path))
+
+        async def refuse(error: GatewayError) -> None:
+            await send_error(send, error, frame.request_id)
+
+        await frame.run(lambda: self.handle(frame, scope, receive, send, raw_path, raw_query, has_query), refuse)
+
+    async def handle(self, frame: RequestFrame, scope: Scope, receive: Any, send: Any, raw_path: bytes,
+                     raw_query: bytes, has_query: bool) -> None:
+        authorizer, record, method = self.authorizer, frame.record, scope["method"]
+        # 1. canonicalize: one meaning per target, or a 400 (a known line passed this before).
+        routes = self.routes
+        line = self.lines.get(routes, authorizer.environments, method, raw_path, raw_query, has_query)
+        target = line.target if line is not None else canonicalize(raw_path, raw_query, has_query=has_query)
+        if len(raw_path) > 512:
+            record.path = target.raw_path.decode("ascii")
+        headers = RequestHeaders(scope["headers"])
+        # 2. authenticate: a valid, registered, unrevoked token, never one from the query string.
+        claims = await self.authenticate(headers, target)
+        frame.identify(claims)
+        # 3. resolve: route, app, action, environment (the body is read only where it names the app).
+        if line is None or self.routes is not routes:
+            line, body = await self.resolve(method, target, record.path, receive)
+        else:
+            body = None
+        check = line.check
+        record.action, record.app, record.env = check.action, check.app, check.env
+        headers.check_declared_length(self.max_body_bytes)
+        if line.resolved.route.answer_gateway:
+            # About the caller's own token, which it already holds: no grant needed, nothing forwarded.
+            record.decision, record.status = "allow", 200
+            record.reason = "answered by the gateway about the caller's token"
+            await send_json(send, 200, describe_token(claims), frame.request_id)
+            return
+        # 4. decide: grants ∩ policy, then the constraints on the body; a repeated request line
+        # gets the decision this token got for it before.
+        cached = authorizer.cached(claims, line)
+        if cached is not None:
+            frame.allow(cached.decision.reason)
+            record.who, record.what = cached.who, cached.what
+        else:
+            ruling = authorizer.decide(claims, [check])
+            if not ruling.allowed:
+                raise Forbidden(ruling.decision.reason)
+            body, constrained = await self.enforce_constraints(ruling, line, body, receive, frame.request_id)
+            frame.allow(ruling.decision.reason)
+            if line.cacheable and not constrained:
+                authorizer.remember(claims, line, ruling, record)
+        # 5. rate-limit, 6. forward (7. audit: the frame, whatever happened).
+        await authorizer.rate_limit(claims)
+        record.status = await self.forward(scope, receive, send, frame, target, line, claims, body, headers.has_body)
+
+    async def authenticate(self, headers: RequestHeaders, target: Target) -> Claims:
+        if target.raw_query:
+            query = unquote_to_bytes(target.raw_query).lower()
+            if b"sgt_" in query or b"access_token" in query:
+                raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
+        return await self.authorizer.authenticate(headers.authorization)
+
+    async def resolve(self, method: str, target: Target, path: str, receive: Any) -> tuple[RequestLine, bytes | None]:
+        routes = self.routes
+        match = routes.resolve(method, target.path)
+        body = await read_body(receive, self.max_body_bytes) if match.route.needs_body else None
+        resolved = resolve_request(match, target.raw_query, body)
+        check = self.authorizer.check(resolved.action, resolved.app, org_filtered=resolved.route.filter_apps)
+        line = RequestLine(method, target, path, resolved, check)
+        self.lines.put(routes, self.authorizer.environments, line)
+        return line, body
+
+    async def enforce_constraints(self, ruling: Ruling, line: RequestLine, body: bytes | None, receive: Any,
+                                  request_id: str) -> tuple[bytes | None, bool]:
+        """(the body, read if a constraint needed it; whether any constraint applied)."""
+        constraints = self.authorizer.constraints(ruling, line.check)
+        if not constraints:
+            return body, False
+        if body is None:
+            body = await read_body(receive, self.max_body_bytes)
+        assert line.check.app is not None  # constraints apply to app-level checks only
+        await enforce(constraints, app=line.check.app, body=body,
+                      ownership=volume_ownership(self.upstream, request_id))
+        return body, True
+
+    async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
+                      line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
+        record = frame.record
+        headers = self.upstream.build_headers(scope["headers"], client_ip=record.client_ip,
+                                              scheme=scope.get("scheme", "http"), request_id=frame.request_id)
+        payload: Any = body
+        stream = None
+        if body is None and has_body:
+            stream = BodyStream(receive, self.max_body_bytes)
+            payload = stream.chunks()
+        try:
+            response = await self.upstream.send(scope["method"], target.forward_target, headers, payload)
+        except GatewayError:
+            # The client's body broke the limit or the connection mid-stream; the upstream got a
+            # truncated request it will not act on. Say what happened on the client's side.
+            if stream is not None and stream.error is not None:
+                raise stream.error from None
+            raise
+        try:
+            if line.resolved.route.filter_apps and 200 <= response.status < 300:
+                listing = await response.read_all(LISTING_LIMIT)
+                record.upstream_ms = ms_since(response.started)
+                filtered = filter_app_listing(listing, claims, self.authorizer)
+                await send_json(send, 200, filtered, frame.request_id, extra=keep_headers(response.headers))
+                return 200
+            await relay(send, response, frame.request_id)
+            record.upstream_ms = ms_since(response.started)
+            return response.status
+        finally:
+            response.release()
+
+
+def describe_token(claims: Claims) -> dict[str, Any]:
+    return {"source": "scopegate", "jti": claims.jti, "sub": claims.sub, "name": claims.name,
+            "grants": claims.grant_strings(), "iat": claims.iat, "exp": claims.exp, "parent": claims.parent}
