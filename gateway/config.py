@@ -54,7 +54,11 @@ class Config:
     upstream_auth_scheme: str = "Bearer"
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 75.0
+    upstream_graphql_url: str = "https://api.fly.io/graphql"
+    upstream_api_url: str = "https://api.fly.io"
+    upstream_org_slug: str | None = None
     routes: tuple[Path, ...] = ()
+    graphql_map: Path = Path("policies/routes/fly-graphql.yaml")
     policy_model: Path = Path("policies/model.conf")
     policy_policy: Path = Path("policies/policy.csv")
     policy_constraints: Path | None = Path("policies/constraints.yaml")
@@ -153,7 +157,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "auth_scheme": ("upstream_auth_scheme", parsers.auth_scheme),
         "connect_timeout_s": ("upstream_connect_timeout_s", parsers.positive_float),
         "read_timeout_s": ("upstream_read_timeout_s", parsers.positive_float),
+        "graphql_url": ("upstream_graphql_url", parsers.http_url),
+        "api_url": ("upstream_api_url", parsers.http_url),
+        "org_slug": ("upstream_org_slug", parsers.org_slug),
     },
+    "graphql": {"map": ("graphql_map", parsers.path_value)},
     "policy": {"model": ("policy_model", parsers.path_value), "policy": ("policy_policy", parsers.path_value),
                "constraints": ("policy_constraints", parsers.optional_path)},
     "environments": {"rules": ("environment_rules", _env_rules), "default": ("environment_default", parsers.nonempty)},
@@ -175,7 +183,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
     },
     "oidc": {"trust": ("oidc_trust", _trust_rules)},
 }
-_PATH_FIELDS = {"upstream_token_file", "policy_model", "policy_policy", "policy_constraints", "tokens_keyring"}
+_PATH_FIELDS = {"upstream_token_file", "policy_model", "policy_policy", "policy_constraints", "tokens_keyring",
+                "graphql_map"}
 _STRUCTURED = {"environment_rules", "oidc_trust", "audit_sinks", "routes", "rate_limit_roles"}
 
 
@@ -243,7 +252,7 @@ def build_config(raw: Mapping[str, Any], *, base_dir: Path, source: str,
             resolved[name] = tuple(_resolve(base_dir, v) for v in value)
         else:
             resolved[name] = value
-    for name in ("policy_model", "policy_policy", "policy_constraints", "tokens_keyring"):
+    for name in ("policy_model", "policy_policy", "policy_constraints", "tokens_keyring", "graphql_map"):
         resolved.setdefault(name, _resolve(base_dir, str(getattr(Config, name))))
     config = Config(base_dir=base_dir, source=source, **resolved)
     if config.tokens_default_ttl_s > config.tokens_max_ttl_s:

@@ -5,6 +5,7 @@ caller adds which key it was)."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -79,6 +80,14 @@ def http_url(value: Any) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError("expected a plain base URL without credentials, query or fragment")
     return text
+
+
+def org_slug(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", value):
+        raise ValueError("must be a Fly organization slug (lowercase letters, digits and '-'), e.g. acme")
+    return value
 
 
 def auth_scheme(value: Any) -> str:

@@ -32,6 +32,7 @@ from gateway.oidc.exchange import TokenExchanger
 from gateway.store import TokenStore
 from gateway.store.backends import open_store
 from gateway.surfaces import Surface
+from gateway.surfaces.graphql.surface import GraphQLSurface, load_schema
 from gateway.surfaces.machines.surface import MachinesSurface
 from gateway.upstream.client import UpstreamClient
 from gateway.watch import CACHE_LEASE_S, FileWatcher, Reloader, follow_files, follow_store, load_policy, watched_files
@@ -45,11 +46,12 @@ class Services:
     store: TokenStore
     authorizer: Authorizer
     audit: AuditLog
-    upstream: UpstreamClient
+    upstream: UpstreamClient  # the Machines API's
     surfaces: list[Surface]
     reloader: Reloader
     metrics: GatewayMetrics
     exchanger: TokenExchanger | None = None  # CI token exchange (oidc.trust); None: nothing trusted
+    upstreams: list[UpstreamClient] = field(default_factory=list)  # every surface's, started and stopped here
     ready: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
@@ -59,10 +61,14 @@ class Services:
         store = open_store(config)
         metrics = GatewayMetrics()
         audit = AuditLog()  # its sinks are opened last, once everything else is known to be good
-        upstream = UpstreamClient(
-            config.upstream_url, auth_scheme=config.upstream_auth_scheme,
-            credential=credential if credential is not None else config.upstream_credential(),
-            connect_timeout_s=config.upstream_connect_timeout_s, read_timeout_s=config.upstream_read_timeout_s)
+        secret = credential if credential is not None else config.upstream_credential()
+
+        def upstream_at(url: str) -> UpstreamClient:
+            return UpstreamClient(url, auth_scheme=config.upstream_auth_scheme, credential=secret,
+                                  connect_timeout_s=config.upstream_connect_timeout_s,
+                                  read_timeout_s=config.upstream_read_timeout_s)
+
+        upstream, graphql_upstream = upstream_at(config.upstream_url), upstream_at(config.upstream_graphql_url)
         registry = TokenRegistry(store, TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience),
                                  known_roles=set, default_ttl_s=config.tokens_default_ttl_s,
                                  max_ttl_s=config.tokens_max_ttl_s)
@@ -70,8 +76,10 @@ class Services:
                                 EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                                     config.environment_default))
         surfaces: list[Surface] = [
+            GraphQLSurface(config.graphql_map, schema=load_schema(), authorizer=authorizer, upstream=graphql_upstream,
+                           audit=audit, metrics=metrics, org_slug=config.upstream_org_slug),
             MachinesSurface(list(config.routes), authorizer=authorizer, upstream=upstream, audit=audit,
-                            metrics=metrics, max_body_bytes=config.limits_max_body_bytes),
+                            metrics=metrics, max_body_bytes=config.limits_max_body_bytes),  # serves the rest
         ]
         reloader = Reloader(config, authorizer, surfaces, metrics)
         reloader.install(*load_policy(config, surfaces))  # the rules come from the policy and the route maps
@@ -82,7 +90,8 @@ class Services:
                                    known_roles=roles) if config.oidc_trust else None
         audit.open(sinks_from_config(config.audit_sinks, config.base_dir, redis_sink=redis_sink(config, store)))
         return cls(config=config, store=store, authorizer=authorizer, audit=audit, upstream=upstream,
-                   surfaces=surfaces, reloader=reloader, metrics=metrics, exchanger=exchanger)
+                   surfaces=surfaces, reloader=reloader, metrics=metrics, exchanger=exchanger,
+                   upstreams=[upstream, graphql_upstream])
 
     @property
     def registry(self) -> TokenRegistry:
@@ -102,7 +111,8 @@ class Services:
         return self.authorizer.rules.policy
 
     async def start(self) -> None:
-        await self.upstream.start()
+        for upstream in self.upstreams:
+            await upstream.start()
         # Cached token records are trusted only while the change feed keeps being read.
         self.registry.lease_s = CACHE_LEASE_S
         try:
@@ -124,7 +134,8 @@ class Services:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.upstream.close()
+        for upstream in self.upstreams:
+            await upstream.close()
         if self.exchanger is not None:
             await self.exchanger.close()
         await self.audit.drain()  # the redis sink ships over the store's connection

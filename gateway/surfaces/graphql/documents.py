@@ -1,0 +1,245 @@
+"""GraphQL documents: parsed, bounded, validated against Fly's schema and analyzed, once each.
+
+`DocumentAnalyzer.analyze(text)` returns what a document asks for: one `RootUse` per root field of
+every operation in it (aliases, fragments and several operations included), each with its rule
+from the operation map, its arguments as written and the actions of the fields read below it. The
+result, or the refusal, is cached by the document's SHA-256, so a repeated document costs a hash
+and a lookup.
+
+A hostile document is refused cheaply, in order: its length, then its token count (the parser
+stops counting), then its depth, aliases and fields (one linear pass; a fragment is measured once
+however often it is spread), and only then full validation (~1 ms for a flyctl document).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLCompositeType,
+    GraphQLError,
+    GraphQLObjectType,
+    GraphQLSchema,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    OperationType,
+    SelectionSetNode,
+    ValueNode,
+    get_named_type,
+    parse,
+    validate,
+)
+from graphql.utilities import value_from_ast_untyped
+
+from gateway.errors import BadRequest, Forbidden, GatewayError, UnknownRoute
+from gateway.surfaces.graphql.operations import OperationMap, RootRule
+
+MAX_DOCUMENT_BYTES = 32 * 1024
+MAX_TOKENS = 4_000
+MAX_DEPTH = 12
+MAX_ALIASES = 20
+MAX_FIELDS = 400
+MAX_OPERATIONS = 5
+CACHE_LIMIT = 2_048
+
+
+@dataclass(frozen=True, slots=True)
+class RootUse:
+    """One root field a document selects."""
+
+    rule: RootRule
+    response_key: str  # its alias, else its name: where its answer is in `data`
+    arguments: dict[str, ValueNode]
+    defaults: dict[str, Any]  # the operation's variable defaults
+    field_actions: tuple[str, ...]  # actions of the fields read below it (App.secrets: secrets:list)
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    uses: tuple[RootUse, ...]
+    operations: int
+    mutations: tuple[str, ...] = field(default=())
+
+
+class DocumentAnalyzer:
+    def __init__(self, schema: GraphQLSchema, operations: OperationMap) -> None:
+        self.schema = schema
+        self.operations = operations
+        self._cache: dict[bytes, Document | tuple[type[GatewayError], str]] = {}
+        self.parsed = 0  # documents parsed and validated (the rest came from the cache)
+
+    def analyze(self, text: str) -> Document:
+        if len(text) > MAX_DOCUMENT_BYTES:  # before hashing or parsing anything
+            raise BadRequest(f"the GraphQL document is longer than {MAX_DOCUMENT_BYTES} characters")
+        key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        cached = self._cache.get(key)
+        if cached is None:
+            try:
+                cached = self._analyze(text)
+            except GatewayError as error:
+                cached = (type(error), error.message)
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache = {}
+            self._cache[key] = cached
+        if isinstance(cached, Document):
+            return cached
+        error_class, message = cached
+        raise error_class(message)
+
+    def _analyze(self, text: str) -> Document:
+        self.parsed += 1
+        try:
+            document = parse(text, no_location=True, max_tokens=MAX_TOKENS)
+        except GraphQLError as exc:
+            raise BadRequest(f"the GraphQL document does not parse: {exc.message}") from None
+        fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+        operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+        if not operations:
+            raise BadRequest("the GraphQL document has no operation")
+        if len(operations) > MAX_OPERATIONS:
+            raise BadRequest(f"the GraphQL document has more than {MAX_OPERATIONS} operations")
+        measure = _Measure(fragments)
+        for operation in operations:
+            measure.selection_set(operation.selection_set, 1)
+        errors = validate(self.schema, document, max_errors=5)
+        if errors:
+            raise BadRequest("the GraphQL document is not valid against Fly's schema: "
+                             + "; ".join(error.message for error in errors))
+        uses: list[RootUse] = []
+        mutations: list[str] = []
+        for operation in operations:
+            if operation.operation == OperationType.SUBSCRIPTION:
+                raise UnknownRoute("GraphQL subscriptions are not served through the gateway")
+            kind = "mutation" if operation.operation == OperationType.MUTATION else "query"
+            root_type = self.schema.mutation_type if kind == "mutation" else self.schema.query_type
+            assert root_type is not None  # validation checked the operation against the schema
+            defaults = {d.variable.name.value: value_from_ast_untyped(d.default_value)
+                        for d in operation.variable_definitions or () if d.default_value is not None}
+            for node in _fields(operation.selection_set, fragments):
+                name = node.name.value
+                if name == "__typename":
+                    continue
+                rule = self.operations.roots.get((kind, name))
+                if rule is None:
+                    raise UnknownRoute(f"GraphQL {kind} field {name!r} is not served through the gateway; "
+                                       "it is denied")
+                if rule.deny_reason is not None:
+                    raise Forbidden(f"GraphQL {kind} field {name!r} is always denied through the gateway: "
+                                    f"{rule.deny_reason}")
+                if kind == "mutation":
+                    mutations.append(name)
+                actions = self._traverse(node, root_type.fields[name].type, fragments, f"{kind} {name}")
+                uses.append(RootUse(rule, node.alias.value if node.alias else name,
+                                    {a.name.value: a.value for a in node.arguments or ()}, defaults,
+                                    tuple(dict.fromkeys(actions))))
+        return Document(tuple(uses), len(operations), tuple(mutations))
+
+    def _traverse(self, node: FieldNode, field_type: Any, fragments: dict[str, FragmentDefinitionNode],
+                  where: str) -> list[str]:
+        """The actions of the fields selected below `node`; raises Forbidden for a field the map does not
+        let a token read (the traversal rule of docs/graphql.md)."""
+        named = get_named_type(field_type)
+        if node.selection_set is None or not isinstance(named, GraphQLCompositeType):
+            return []
+        actions: list[str] = []
+        stack: list[tuple[SelectionSetNode, Any, str]] = [(node.selection_set, named, where)]
+        while stack:
+            selection_set, parent, path = stack.pop()
+            for selection in selection_set.selections:
+                if isinstance(selection, FieldNode):
+                    name = selection.name.value
+                    if name == "__typename":
+                        continue
+                    allowed = self.operations.types.get(parent.name, {})
+                    rule = allowed.get(name)
+                    if rule is None or not isinstance(parent, GraphQLObjectType):
+                        raise Forbidden(f"{path}: field {parent.name}.{name} is not readable through the gateway "
+                                        "(docs/graphql.md lists what is)")
+                    if rule.action:
+                        actions.append(rule.action)
+                    child = get_named_type(parent.fields[name].type)
+                    if selection.selection_set is not None and isinstance(child, GraphQLCompositeType):
+                        stack.append((selection.selection_set, child, f"{path}.{name}"))
+                elif isinstance(selection, FragmentSpreadNode | InlineFragmentNode):
+                    fragment = fragments[selection.name.value] if isinstance(selection, FragmentSpreadNode) \
+                        else selection
+                    condition = fragment.type_condition
+                    target = self.schema.type_map.get(condition.name.value) if condition is not None else parent
+                    stack.append((fragment.selection_set, target, path))
+        return actions
+
+
+def _fields(selection_set: SelectionSetNode, fragments: dict[str, FragmentDefinitionNode]) -> Iterable[FieldNode]:
+    """The fields of a root selection set, through fragments (validation ruled out fragment cycles)."""
+    for selection in selection_set.selections:
+        if isinstance(selection, FieldNode):
+            yield selection
+        elif isinstance(selection, InlineFragmentNode):
+            yield from _fields(selection.selection_set, fragments)
+        elif isinstance(selection, FragmentSpreadNode):
+            fragment = fragments.get(selection.name.value)
+            if fragment is not None:
+                yield from _fields(fragment.selection_set, fragments)
+
+
+class _Measure:
+    """Depth, aliases and fields of a document before validation, each fragment measured once."""
+
+    def __init__(self, fragments: dict[str, FragmentDefinitionNode]) -> None:
+        self.fragments = fragments
+        self._sizes: dict[str, tuple[int, int, int]] = {}  # fragment -> (depth, aliases, fields)
+        self._open: set[str] = set()
+
+    def selection_set(self, selection_set: SelectionSetNode, depth: int) -> tuple[int, int, int]:
+        deepest, aliases, fields = depth, 0, 0
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                fields += 1
+                aliases += selection.alias is not None
+                if selection.selection_set is not None:
+                    below = self.selection_set(selection.selection_set, depth + 1)
+                    deepest, aliases, fields = max(deepest, below[0]), aliases + below[1], fields + below[2]
+            elif isinstance(selection, FragmentSpreadNode | InlineFragmentNode):
+                sub = self._fragment(selection.name.value) if isinstance(selection, FragmentSpreadNode) \
+                    else self.selection_set(selection.selection_set, 0)
+                deepest, aliases, fields = max(deepest, depth + sub[0]), aliases + sub[1], fields + sub[2]
+            self._check(deepest, aliases, fields)
+        return deepest, aliases, fields
+
+    def _fragment(self, name: str) -> tuple[int, int, int]:
+        known = self._sizes.get(name)
+        if known is not None:
+            return known
+        fragment = self.fragments.get(name)
+        if fragment is None or name in self._open:
+            return (0, 0, 0)  # unknown or cyclic: validation refuses it next
+        self._open.add(name)
+        size = self.selection_set(fragment.selection_set, 0)
+        self._open.discard(name)
+        self._sizes[name] = size
+        return size
+
+    @staticmethod
+    def _check(depth: int, aliases: int, fields: int) -> None:
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"the GraphQL document is nested deeper than {MAX_DEPTH} levels")
+        if aliases > MAX_ALIASES:
+            raise BadRequest(f"the GraphQL document has more than {MAX_ALIASES} aliases")
+        if fields > MAX_FIELDS:
+            raise BadRequest(f"the GraphQL document selects more than {MAX_FIELDS} fields (fragments counted "
+                             "every time they are spread)")
+
+
+def argument_value(node: ValueNode, variables: dict[str, Any]) -> Any:
+    """A field argument's value as the upstream will read it: literal, or from the variables."""
+    return value_from_ast_untyped(node, variables)
+
+
+__all__ = ["Document", "DocumentAnalyzer", "DocumentNode", "RootUse", "argument_value"]
