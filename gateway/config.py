@@ -59,6 +59,7 @@ class Config:
     upstream_org_slug: str | None = None
     routes: tuple[Path, ...] = ()
     graphql_map: Path = Path("policies/routes/fly-graphql.yaml")
+    rest_routes: tuple[Path, ...] = ()
     policy_model: Path = Path("policies/model.conf")
     policy_policy: Path = Path("policies/policy.csv")
     policy_constraints: Path | None = Path("policies/constraints.yaml")
@@ -162,6 +163,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "org_slug": ("upstream_org_slug", parsers.org_slug),
     },
     "graphql": {"map": ("graphql_map", parsers.path_value)},
+    "rest": {"routes": ("rest_routes", parsers.string_list)},
     "policy": {"model": ("policy_model", parsers.path_value), "policy": ("policy_policy", parsers.path_value),
                "constraints": ("policy_constraints", parsers.optional_path)},
     "environments": {"rules": ("environment_rules", _env_rules), "default": ("environment_default", parsers.nonempty)},
@@ -185,7 +187,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
 }
 _PATH_FIELDS = {"upstream_token_file", "policy_model", "policy_policy", "policy_constraints", "tokens_keyring",
                 "graphql_map"}
-_STRUCTURED = {"environment_rules", "oidc_trust", "audit_sinks", "routes", "rate_limit_roles"}
+_STRUCTURED = {"environment_rules", "oidc_trust", "audit_sinks", "routes", "rate_limit_roles", "rest_routes"}
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *,
@@ -244,11 +246,13 @@ def build_config(raw: Mapping[str, Any], *, base_dir: Path, source: str,
         values.update(_parse_key(section, key, value, f"environment variable {name}"))
     if "routes" not in values:
         values["routes"] = ("policies/routes/fly-machines.yaml",)
+    if "rest_routes" not in values:
+        values["rest_routes"] = ("policies/routes/fly-api.yaml",)
     resolved: dict[str, Any] = {}
     for name, value in values.items():
         if name in _PATH_FIELDS:
             resolved[name] = None if value is None else _resolve(base_dir, value)
-        elif name == "routes":
+        elif name in ("routes", "rest_routes"):
             resolved[name] = tuple(_resolve(base_dir, v) for v in value)
         else:
             resolved[name] = value

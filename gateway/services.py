@@ -34,6 +34,7 @@ from gateway.store.backends import open_store
 from gateway.surfaces import Surface
 from gateway.surfaces.graphql.surface import GraphQLSurface, load_schema
 from gateway.surfaces.machines.surface import MachinesSurface
+from gateway.surfaces.rest.surface import RestSurface
 from gateway.upstream.client import UpstreamClient
 from gateway.watch import CACHE_LEASE_S, FileWatcher, Reloader, follow_files, follow_store, load_policy, watched_files
 
@@ -68,7 +69,8 @@ class Services:
                                   connect_timeout_s=config.upstream_connect_timeout_s,
                                   read_timeout_s=config.upstream_read_timeout_s)
 
-        upstream, graphql_upstream = upstream_at(config.upstream_url), upstream_at(config.upstream_graphql_url)
+        upstream, graphql_upstream, rest_upstream = (upstream_at(url) for url in (
+            config.upstream_url, config.upstream_graphql_url, config.upstream_api_url))
         registry = TokenRegistry(store, TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience),
                                  known_roles=set, default_ttl_s=config.tokens_default_ttl_s,
                                  max_ttl_s=config.tokens_max_ttl_s)
@@ -78,6 +80,9 @@ class Services:
         surfaces: list[Surface] = [
             GraphQLSurface(config.graphql_map, schema=load_schema(), authorizer=authorizer, upstream=graphql_upstream,
                            audit=audit, metrics=metrics, org_slug=config.upstream_org_slug),
+            RestSurface(list(config.rest_routes), authorizer=authorizer, upstream=rest_upstream, audit=audit,
+                        metrics=metrics, max_body_bytes=config.limits_max_body_bytes, store=store,
+                        org_slug=config.upstream_org_slug),
             MachinesSurface(list(config.routes), authorizer=authorizer, upstream=upstream, audit=audit,
                             metrics=metrics, max_body_bytes=config.limits_max_body_bytes),  # serves the rest
         ]
@@ -91,7 +96,7 @@ class Services:
         audit.open(sinks_from_config(config.audit_sinks, config.base_dir, redis_sink=redis_sink(config, store)))
         return cls(config=config, store=store, authorizer=authorizer, audit=audit, upstream=upstream,
                    surfaces=surfaces, reloader=reloader, metrics=metrics, exchanger=exchanger,
-                   upstreams=[upstream, graphql_upstream])
+                   upstreams=[upstream, graphql_upstream, rest_upstream])
 
     @property
     def registry(self) -> TokenRegistry:
@@ -104,7 +109,7 @@ class Services:
     @property
     def machines(self) -> MachinesSurface:
         """The Machines API surface (explain answers for it)."""
-        return next(surface for surface in self.surfaces if isinstance(surface, MachinesSurface))
+        return next(surface for surface in self.surfaces if type(surface) is MachinesSurface)
 
     @property
     def policy(self) -> PolicyEngine:

@@ -42,7 +42,8 @@ def load_policy(config: Config, surfaces: list[Surface]) -> tuple[Rules, list[Su
 
 
 def watched_files(config: Config) -> list[Path]:
-    return [config.policy_model, config.policy_policy, *config.routes, config.graphql_map, config.tokens_keyring,
+    return [config.policy_model, config.policy_policy, *config.routes, *config.rest_routes, config.graphql_map,
+            config.tokens_keyring,
             *([config.policy_constraints] if config.policy_constraints else [])]
 
 

@@ -297,6 +297,19 @@ def test_claim_once_is_a_replay_cache(make_store: Callable[[], TokenStore]) -> N
     run(using(make_store, work))
 
 
+def test_remembered_facts_are_recalled_until_they_expire(make_store: Callable[[], TokenStore]) -> None:
+    async def work(store: TokenStore) -> None:
+        assert await store.recall("release:r1") is None
+        await store.remember("release:r1", "web-staging", expires_at=later(300))
+        await store.remember("release:r2", "web-prod", expires_at=later(-10))  # already expired
+        assert await store.recall("release:r1") == "web-staging"
+        assert await store.recall("release:r2") is None
+        await store.remember("release:r1", "web-other", expires_at=later(300))  # the newest answer wins
+        assert await store.recall("release:r1") == "web-other"
+
+    run(using(make_store, work))
+
+
 # --- Redis specifics: keys, expiry, the feed's resets -------------------------------------------
 
 def test_keys_live_under_the_prefix_and_claims_expire(redis_server: RedisServer) -> None:

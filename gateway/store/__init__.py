@@ -69,6 +69,15 @@ class TokenStore(Protocol):
         """True the first time `key` is claimed before `expires_at` (a replay cache), False after."""
         ...
 
+    async def remember(self, key: str, value: str, *, expires_at: int) -> None:
+        """Keep `value` under `key` until `expires_at` (what a surface learned from an allowed answer,
+        e.g. which app a release id belongs to), shared by every instance on the store."""
+        ...
+
+    async def recall(self, key: str) -> str | None:
+        """The value `remember` kept under `key`, unless expired."""
+        ...
+
     def rate_buckets(self, rate: float, burst: int) -> Bucket:
         """Token buckets at this rate: in this process, or shared by every instance on the store."""
         ...

@@ -10,6 +10,7 @@ Keys (all under `store.prefix`, default `scopegate:`):
     epoch            string a random id written when the feed starts; gone after FLUSHALL or a restart
                             without persistence, which tells every instance to forget its cache
     once:{key}       string the replay cache of `claim_once`, expiring at the claim's expiry
+    fact:{key}       string a fact a surface remembers (`remember`/`recall`: a release id's app), expiring
     rl:{jti}         hash   a shared token bucket (`RedisBuckets`, gateway/store/redis_ratelimit.py)
     audit            stream the `redis` audit sink (gateway/store/redis_audit.py)
 
@@ -178,6 +179,18 @@ class RedisStore:
         async with self._guard("claim"):
             claimed = await self.client.set(f"{self.prefix}once:{key}", "1", nx=True, exat=until)
         return bool(claimed)
+
+    async def remember(self, key: str, value: str, *, expires_at: int) -> None:
+        async with self._guard("remember"):
+            if expires_at <= int(time.time()):
+                await self.client.delete(f"{self.prefix}fact:{key}")
+            else:
+                await self.client.set(f"{self.prefix}fact:{key}", value, exat=expires_at)
+
+    async def recall(self, key: str) -> str | None:
+        async with self._guard("recall"):
+            value = await self.client.get(f"{self.prefix}fact:{key}")
+        return None if value is None else (value.decode() if isinstance(value, bytes) else str(value))
 
     async def take(self, key: str, *, rate: float, burst: int) -> int:
         """One request from the shared bucket `key`: 0 when allowed, else the ms to wait."""

@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS once (
     key TEXT PRIMARY KEY,
     expires_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS facts (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     jti TEXT NOT NULL
@@ -141,6 +146,21 @@ class SqliteStore:
             self._db.rollback()
             raise
         return bool(claimed)
+
+    async def remember(self, key: str, value: str, *, expires_at: int) -> None:
+        self._run("BEGIN IMMEDIATE")
+        try:
+            self._run("DELETE FROM facts WHERE expires_at < ?", (int(time.time()),))
+            self._run("INSERT OR REPLACE INTO facts (key, value, expires_at) VALUES (?, ?, ?)",
+                      (key, value, expires_at))
+            self._run("COMMIT")
+        except BaseException:
+            self._db.rollback()
+            raise
+
+    async def recall(self, key: str) -> str | None:
+        rows = self._run("SELECT value FROM facts WHERE key = ? AND expires_at >= ?", (key, int(time.time())))
+        return str(rows[0][0]) if rows else None
 
     def rate_buckets(self, rate: float, burst: int) -> Bucket:
         """One instance per SQLite file: buckets in this process."""

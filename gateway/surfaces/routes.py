@@ -22,7 +22,10 @@ from gateway.core.jsonbody import load_strict
 from gateway.core.rules import ProducedAction
 from gateway.errors import BadRequest, ConfigError, Forbidden, UnknownRoute
 
-AppSource = Literal["path", "body", "none"]
+# path: a path parameter; body: JSON body field(s); none: org level; org: a path parameter that must
+# name the gateway's own organization (decided as org level); lookup: an id whose app the gateway
+# remembered from an earlier allowed answer (`remember`).
+AppSource = Literal["path", "body", "none", "org", "lookup"]
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _FALSE = frozenset({"", "0", "f", "false", "no", "off"})
 
@@ -47,6 +50,7 @@ class Route:
     deny_always: bool = False
     answer_gateway: bool = False
     filter_apps: bool = False
+    remember: str | None = None  # the answer's `<remember>.id` belongs to the request's app
     reason: str = ""
     source: str = ""
 
@@ -185,7 +189,8 @@ def _load_file(file: Path) -> list[Route]:
     return routes
 
 
-_ROUTE_KEYS = {"operation", "method", "path", "action", "app", "refine", "deny", "answer", "filter", "reason"}
+_ROUTE_KEYS = {"operation", "method", "path", "action", "app", "refine", "deny", "answer", "filter", "remember",
+               "reason"}
 
 
 def _route_from(item: Any, where: str) -> Route:
@@ -214,13 +219,14 @@ def _route_from(item: Any, where: str) -> Route:
             params.append(None)
     kind, _, spec = item["app"].partition(":")
     app_fields: tuple[str, ...] = ()
-    if kind == "path" and spec in params:
+    if kind in ("path", "org", "lookup") and spec in params:
         app_fields = (spec,)
     elif kind == "body" and spec:
         app_fields = tuple(spec.split("|"))
     elif kind != "none" or spec:
         raise ConfigError(
-            f"{where}: app {item['app']!r} must be path:<param in the path>, body:<field>[|<field>] or none")
+            f"{where}: app {item['app']!r} must be path:<param in the path>, body:<field>[|<field>], "
+            "org:<param>, lookup:<param> or none")
     refine = None
     if "refine" in item:
         raw = item["refine"]
@@ -233,6 +239,10 @@ def _route_from(item: Any, where: str) -> Route:
     answer = item.get("answer")
     if answer not in (None, "gateway"):
         raise ConfigError(f"{where}: answer must be `gateway` when present")
+    remember = item.get("remember")
+    if remember is not None and (not isinstance(remember, str) or kind != "body"):
+        raise ConfigError(f"{where}: remember names the answer's object (e.g. release), on a route whose app is "
+                          "in the body")
     filter_ = item.get("filter")
     if filter_ not in (None, "apps") or (filter_ == "apps" and kind != "none"):
         raise ConfigError(f"{where}: filter must be `apps`, on an org-level route (app: none)")
@@ -241,11 +251,11 @@ def _route_from(item: Any, where: str) -> Route:
         app_source=_app_source(kind),
         app_fields=app_fields, segments=tuple(segments), params=tuple(params), refine=refine,
         deny_always=deny == "always", answer_gateway=answer == "gateway", filter_apps=filter_ == "apps",
+        remember=remember,
         reason=str(item.get("reason", "")), source=where,
     )
 
 
 def _app_source(kind: str) -> AppSource:
-    if kind == "path":
-        return "path"
-    return "body" if kind == "body" else "none"
+    sources: dict[str, AppSource] = {"path": "path", "body": "body", "org": "org", "lookup": "lookup"}
+    return sources.get(kind, "none")

@@ -34,7 +34,8 @@ class RequestLine:
 
     @property
     def cacheable(self) -> bool:
-        return not self.resolved.route.needs_body and \
+        """Only lines whose meaning is the target's alone: not an app from the body or the store."""
+        return self.resolved.route.app_source in ("path", "none") and \
             len(self.target.raw_path) + len(self.target.raw_query) <= LINE_MAX_TARGET
 
 

@@ -1,0 +1,120 @@
+"""Fly's REST API surface (`/api/v1/...`): organizations, builds, releases and logs, per app.
+
+The request path is the Machines API's (a route map: canonicalize → authenticate → resolve →
+decide → rate-limit → forward → audit, surfaces/machines/surface.py); what differs is resolving:
+
+- `GET /api/v1/organizations/{slug}` (every `fly deploy` calls it) is an org-level read allowed only
+  for the gateway's own organization (`upstream.org_slug`);
+- `PATCH /api/v1/releases/{id}` names no app: the gateway remembers, in the store, the app of every
+  release id an allowed `POST /api/v1/releases` answered with, and refuses ids it did not see;
+- `POST /api/v1/builds/depot_builder` asks for a Depot builder: only one scoped to the app
+  (`builder_scope: app`, flyctl's `--depot-scope=app`), never the organization's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.core.audit import AuditLog
+from gateway.core.authorizer import Authorizer
+from gateway.core.jsonbody import load_strict
+from gateway.core.tokens import Claims
+from gateway.errors import BadRequest, Forbidden, GatewayError
+from gateway.frame import RequestFrame
+from gateway.metrics import GatewayMetrics
+from gateway.store import TokenStore
+from gateway.surfaces.http import Scope, keep_headers
+from gateway.surfaces.machines.request_lines import RequestLine
+from gateway.surfaces.machines.surface import MachinesSurface
+from gateway.surfaces.paths import Target
+from gateway.upstream.client import UpstreamClient, ms_since
+
+REMEMBER_S = 7 * 86400  # a release is reported on within minutes; a week is plenty
+ANSWER_LIMIT = 4 * 1024 * 1024
+PREFIX = "/api/v1/"
+
+
+class RestSurface(MachinesSurface):
+    name = "rest"
+
+    def __init__(self, route_files: list[Path], *, authorizer: Authorizer, upstream: UpstreamClient,
+                 audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int, store: TokenStore,
+                 org_slug: str | None) -> None:
+        super().__init__(route_files, authorizer=authorizer, upstream=upstream, audit=audit, metrics=metrics,
+                         max_body_bytes=max_body_bytes)
+        self.store = store
+        self.org_slug = org_slug
+
+    def serves(self, path: str) -> bool:
+        return path.startswith(PREFIX)
+
+    async def resolve(self, method: str, target: Target, path: str, receive: Any) -> tuple[RequestLine, bytes | None]:
+        line, body = await super().resolve(method, target, path, receive)
+        route = line.resolved.route
+        if route.app_source == "org":
+            slug = self.routes.resolve(method, target.path).params[route.app_fields[0]]
+            if self.org_slug is None or slug != self.org_slug:
+                raise Forbidden(f"organization {slug!r} is not the one this gateway serves"
+                                + (f" ({self.org_slug})" if self.org_slug else " (upstream.org_slug is not set)"))
+        elif route.app_source == "lookup":
+            release = self.routes.resolve(method, target.path).params[route.app_fields[0]]
+            app = await self.store.recall(f"release:{release}")
+            if app is None:
+                raise Forbidden(f"release {release!r} was not created through this gateway; its app is unknown, "
+                                "so it cannot be authorized")
+            check = self.authorizer.check(line.resolved.action, app)
+            line = RequestLine(line.method, line.target, line.path, line.resolved, check)  # never cached
+        if route.operation == "Builds_depot_builder":
+            scope = _field(body, "builder_scope")
+            if scope != "app":
+                raise Forbidden(f"a Depot builder scoped to the {scope or 'organization'} builds for every app of it; "
+                                "ask for one scoped to the app (fly deploy --depot-scope=app)")
+        return line, body
+
+    async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
+                      line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
+        remember = line.resolved.route.remember
+        if remember is None:
+            return await super().forward(scope, receive, send, frame, target, line, claims, body, has_body)
+        headers = self.upstream.build_headers(scope["headers"], client_ip=frame.record.client_ip,
+                                              scheme=scope.get("scheme", "http"), request_id=frame.request_id)
+        response = await self.upstream.send(scope["method"], target.forward_target, headers, body)
+        try:
+            answer = await response.read_all(ANSWER_LIMIT)
+            frame.record.upstream_ms = ms_since(response.started)
+        finally:
+            response.release()
+        if 200 <= response.status < 300:
+            await self._remember(remember, answer, line)
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": [*keep_headers(response.headers), *_length_and_type(response.headers, answer),
+                                (b"x-request-id", frame.request_id.encode("ascii"))]})
+        await send({"type": "http.response.body", "body": answer, "more_body": False})
+        return response.status
+
+    async def _remember(self, kind: str, answer: bytes, line: RequestLine) -> None:
+        try:
+            document = json.loads(answer)
+            identifier = document[kind]["id"]
+        except (ValueError, KeyError, TypeError):
+            return  # nothing to remember: a later PATCH of it is refused, not misattributed
+        if isinstance(identifier, str | int) and line.check.app is not None:
+            await self.store.remember(f"{kind}:{identifier}", line.check.app, expires_at=int(time.time()) + REMEMBER_S)
+
+
+def _field(body: bytes | None, name: str) -> Any:
+    if not body:
+        return None
+    try:
+        document = load_strict(body)
+    except GatewayError:
+        raise BadRequest("the body is not a JSON object") from None
+    return document.get(name.casefold()) if isinstance(document, dict) else None
+
+
+def _length_and_type(headers: list[tuple[bytes, bytes]], body: bytes) -> list[tuple[bytes, bytes]]:
+    kept = [(k, v) for k, v in headers if k.lower() in (b"content-type", b"content-encoding")]
+    return [*kept, (b"content-length", str(len(body)).encode("ascii"))]
