@@ -275,14 +275,16 @@ def test_the_operation_map_is_checked_against_the_schema_and_the_policy(tmp_path
     broken.write_text(text)
     with pytest.raises(ConfigError, match=why):
         produced = OperationMap.load(broken, load_schema()).produced_actions()
-        machines = RouteTable.load([REPO / "policies/routes/fly-machines.yaml"]).produced_actions()
+        machines = RouteTable.load([REPO / "policies/routes/fly-machines.yaml",
+                                    REPO / "policies/routes/fly-api.yaml"]).produced_actions()
         check_cross_references(PolicyEngine(REPO / "policies/model.conf", REPO / "policies/policy.csv"),
                                [*produced, *machines])
 
 
 def test_the_shipped_map_loads_and_matches_the_policy() -> None:
     produced = OperationMap.load(REPO / "policies/routes/fly-graphql.yaml", load_schema()).produced_actions()
-    machines = RouteTable.load([REPO / "policies/routes/fly-machines.yaml"]).produced_actions()
+    machines = RouteTable.load([REPO / "policies/routes/fly-machines.yaml",
+                                REPO / "policies/routes/fly-api.yaml"]).produced_actions()
     check_cross_references(PolicyEngine(REPO / "policies/model.conf", REPO / "policies/policy.csv"),
                            [*produced, *machines])
     assert {"apps:read", "secrets:write", "secrets:list"} <= {p.action for p in produced}
@@ -301,3 +303,31 @@ def test_an_unreachable_graphql_upstream_is_502(tmp_path: Path, upstream: tuple[
         assert response.json()["errors"][0]["extensions"]["code"] == "UPSTREAM_UNAVAILABLE"
     finally:
         running.server.stop()
+
+
+FLYCTL_DOCUMENTS = sorted((REPO / "tests/contract/flyctl_documents").glob("*.graphql"))
+
+
+@pytest.mark.parametrize("path", FLYCTL_DOCUMENTS, ids=lambda p: p.stem)
+def test_every_document_flyctl_sends_is_served(gql: RunningGateway, deployer: str, path: Path) -> None:
+    """The documents the real flyctl sent (recorded by tests/contract/test_flyctl_sandbox.py) pass
+    the map's root fields and traversal rule for a deployer of the app they name."""
+    query = path.read_text()
+    variables = {"appName": "web-staging", "imageRef": "registry.fly.io/web-staging:v2", "limit": 5,
+                 "image": "flyio/postgres", "flyVersion": "v1", "admin": False}
+    document = documents.DocumentAnalyzer(load_schema(), OperationMap.load(
+        REPO / "policies/routes/fly-graphql.yaml", load_schema())).analyze(query)
+    used = {name for use in document.uses for name in _variables_of(query) if name in variables}
+    body = json.dumps({"query": query, "variables": {k: variables[k] for k in used}}).encode()
+    gql.upstream.reply = Reply(body=b'{"data":{"organizations":{"nodes":[]}}}')
+    forwarded(post(gql, deployer, None, raw=body), gql, deployer, body)
+
+
+def _variables_of(query: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\$([A-Za-z_]+)", query))
+
+
+def test_flyctls_documents_were_recorded() -> None:
+    assert len(FLYCTL_DOCUMENTS) >= 8  # tests/contract/flyctl_documents: one file per document flyctl sent

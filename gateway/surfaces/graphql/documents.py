@@ -25,6 +25,7 @@ from graphql import (
     FragmentSpreadNode,
     GraphQLCompositeType,
     GraphQLError,
+    GraphQLInterfaceType,
     GraphQLObjectType,
     GraphQLSchema,
     InlineFragmentNode,
@@ -159,7 +160,7 @@ class DocumentAnalyzer:
                         continue
                     allowed = self.operations.types.get(parent.name, {})
                     rule = allowed.get(name)
-                    if rule is None or not isinstance(parent, GraphQLObjectType):
+                    if rule is None or not isinstance(parent, GraphQLObjectType | GraphQLInterfaceType):
                         raise Forbidden(f"{path}: field {parent.name}.{name} is not readable through the gateway "
                                         "(docs/graphql.md lists what is)")
                     if rule.action:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from graphql import GraphQLObjectType, GraphQLSchema
+from graphql import GraphQLInterfaceType, GraphQLObjectType, GraphQLSchema
 
 from gateway.core.rules import ProducedAction
 from gateway.errors import ConfigError
@@ -77,9 +77,9 @@ class OperationMap:
         types: dict[str, dict[str, FieldRule]] = {}
         for type_name, fields in (document.get("types") or {}).items():
             graphql_type = schema.type_map.get(type_name)
-            if not isinstance(graphql_type, GraphQLObjectType) or not isinstance(fields, list):
-                raise ConfigError(f"{path}: types.{type_name} must be an object type of the schema with a list "
-                                  "of its fields")
+            if not isinstance(graphql_type, GraphQLObjectType | GraphQLInterfaceType) or not isinstance(fields, list):
+                raise ConfigError(f"{path}: types.{type_name} must be an object or interface type of the schema "
+                                  "with a list of its fields")
             types[type_name] = {}
             for entry in fields:
                 name, rule = _field_rule(entry, f"{path}: types.{type_name}")
