@@ -332,7 +332,7 @@ def test_regions(client: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("GET", "/v1/apps/web-prod/volumes"),
+        ("POST", "/v1/apps/web-prod/volumes"),  # GET answers an empty list (flyctl asks)
         ("POST", "/v1/apps/web-prod/deploy_token"),
         ("PUT", "/v1/apps/web-prod"),  # a known path, but not this method
         ("GET", "/v1/tokens/current"),

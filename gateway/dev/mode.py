@@ -25,6 +25,7 @@ from gateway.cli.local import LocalAdmin
 from gateway.config import Config, build_config
 from gateway.core.keyring import Keyring
 from gateway.dev.sandbox import create_sandbox_app
+from gateway.dev.sandbox_state import SANDBOX_ORG_SLUG
 from gateway.errors import ConfigError
 from gateway.server import bind, serve
 from gateway.services import Services
@@ -70,7 +71,9 @@ def run_dev(args: argparse.Namespace) -> int:
     try:
         sandbox.start()
         config = build_config(
-            {"upstream": {"url": f"http://127.0.0.1:{sandbox.port}"},
+            {"upstream": {"url": f"http://127.0.0.1:{sandbox.port}",
+                          "graphql_url": f"http://127.0.0.1:{sandbox.port}/graphql",
+                          "api_url": f"http://127.0.0.1:{sandbox.port}", "org_slug": SANDBOX_ORG_SLUG},
              "tokens": {"keyring": str(folder / "keyring.json")},
              "store": {"url": f"sqlite:///{folder / 'state.db'}"},
              "audit": {"sinks": ["stdout"]}},
@@ -120,4 +123,9 @@ Allowed (deployer may read web-staging's machines):
   curl -s -H "Authorization: Bearer $DEPLOY_TOKEN" {base}/v1/apps/web-staging/machines
 Denied with 403 (the token does not cover web-prod):
   curl -s -H "Authorization: Bearer $DEPLOY_TOKEN" {base}/v1/apps/web-prod/machines
+
+flyctl through the gateway (Machines API, GraphQL and REST API all point here):
+  export FLY_API_TOKEN=$DEPLOY_TOKEN FLY_FLAPS_BASE_URL={base} FLY_API_BASE_URL={base} FLY_UIEX_BASE_URL={base}
+  export FLY_TRACE_COLLECTOR_URL=127.0.0.1 FLY_SEND_METRICS=0 FLY_NO_UPDATE_CHECK=1
+  fly deploy --image registry.fly.io/web-staging:v2 -a web-staging --dns-checks=false
 """, flush=True)

@@ -31,7 +31,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.dev.sandbox_api import api_routes
+from gateway.dev.sandbox_graphql import graphql_routes
 from gateway.dev.sandbox_state import (
+    SANDBOX_ORG_SLUG,
     App,
     SandboxError,
     SandboxState,
@@ -42,7 +45,7 @@ from gateway.dev.sandbox_state import (
     timestamp,
 )
 
-__all__ = ["SandboxError", "SandboxState", "create_sandbox_app"]
+__all__ = ["SANDBOX_ORG_SLUG", "SandboxError", "SandboxState", "create_sandbox_app"]
 
 _REGIONS = {"iad": "Ashburn, Virginia (US)", "ord": "Chicago, Illinois (US)", "lhr": "London, United Kingdom",
             "ams": "Amsterdam, Netherlands", "nrt": "Tokyo, Japan", "syd": "Sydney, Australia"}
@@ -311,7 +314,10 @@ async def _render_error(request: Request, exc: Exception) -> Response:
 
 
 class _RequireUpstreamToken:
-    """Refuses every HTTP request whose Authorization is not exactly `Bearer <expected_token>`."""
+    """Refuses every HTTP request whose Authorization is not exactly `Bearer <expected_token>`.
+
+    GraphQL and the REST API under /api/v1 also take `FlyV1 <expected_token>`: fly-go sends that
+    scheme there whenever the token is a macaroon, while the Machines API keeps insisting on Bearer."""
 
     def __init__(self, app: ASGIApp, expected_token: str) -> None:
         self.app, self.expected = app, expected_token.encode()
@@ -321,7 +327,9 @@ class _RequireUpstreamToken:
             supplied = Headers(scope=scope).getlist("authorization")
             scheme, _, credential = (supplied[0] if len(supplied) == 1 else "").partition(" ")
             matches = hmac.compare_digest(credential.encode("latin-1"), self.expected)
-            if scheme.lower() != "bearer" or not matches:
+            path = scope["path"]
+            flyv1_ok = path == "/graphql" or path.startswith("/api/v1/")
+            if scheme.lower() not in (("bearer", "flyv1") if flyv1_ok else ("bearer",)) or not matches:
                 await JSONResponse({"error": "unauthorized"}, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -344,14 +352,16 @@ def _routes() -> list[Route]:
         Route(f"{app}/secrets", secrets_collection, methods=["GET", "POST"]),
         Route(f"{app}/secrets/{{secret_name}}", secret, methods=["GET", "POST", "DELETE"]),
         Route("/v1/platform/regions", regions, methods=["GET"]),
+        *graphql_routes(),
+        *api_routes(),
         # Last and for every method, so a known path with an unemulated method also says so plainly.
         Route("/{path:path}", not_emulated, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
     ]
 
 
 def create_sandbox_app(*, expected_token: str, seed: bool = True) -> Starlette:
-    """A fresh sandbox; with `seed`, apps web-staging, web-prod and api-staging in org `personal`
-    each get one started machine and a `DATABASE_URL` secret."""
+    """A fresh sandbox; with `seed`, apps web-staging, web-prod and api-staging in org
+    `SANDBOX_ORG_SLUG` each get one started machine, one release and a `DATABASE_URL` secret."""
     if not expected_token:
         raise ValueError("expected_token must be a non-empty string")
     state = SandboxState()

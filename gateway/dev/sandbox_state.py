@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["App", "SandboxError", "SandboxState", "grant_lease", "image_ref", "lease_json", "public_secret",
-           "timestamp"]
+__all__ = ["SANDBOX_ORG_SLUG", "App", "Org", "SandboxError", "SandboxState", "grant_lease", "image_ref",
+           "lease_json", "public_secret", "timestamp"]
+
+# The one organization the sandbox has. Fly names every user's own org "personal", and the seeded
+# apps, the SDK contract tests and dev mode's `upstream.org_slug` all use that slug.
+SANDBOX_ORG_SLUG = "personal"
 
 _SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DEFAULT_LEASE_TTL = 30
@@ -25,6 +29,35 @@ _DEFAULT_LEASE_TTL = 30
 
 def timestamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _numeric_id() -> int:
+    return secrets.randbelow(10**9) + 10**8  # Fly's internal numeric ids are plain positive integers
+
+
+def org_numeric_id(slug: str) -> int:
+    """Derived from the slug, so an app's JSON can name its org's id without holding the `Org`."""
+    return int.from_bytes(hashlib.sha256(slug.encode()).digest()[:4], "big") + 10**8
+
+
+@dataclass
+class Org:
+    """An organization: flyctl reads it over uiex REST (`GET /api/v1/organizations/{slug}`) and GraphQL."""
+
+    slug: str
+    name: str
+    id: str = field(default_factory=lambda: "org_" + secrets.token_hex(6))
+
+    @property
+    def internal_numeric_id(self) -> int:
+        return org_numeric_id(self.slug)
+
+    def to_uiex(self) -> dict[str, Any]:
+        """uiex's `Organization` (flyctl internal/uiex/organizations.go)."""
+        return {"id": self.id, "internal_numeric_id": self.internal_numeric_id, "slug": self.slug,
+                "raw_slug": self.slug, "paid_plan": True, "personal": self.slug == "personal",
+                "billing_status": "CURRENT", "provisions_beta_extensions": False, "name": self.name,
+                "billable": True, "remote_builder_image": "docker-hub-mirror.fly.io/flyio/rchab:sandbox"}
 
 
 @dataclass
@@ -39,13 +72,23 @@ class App:
     leases: dict[str, dict[str, Any]] = field(default_factory=dict)  # Lease, by machine id
     secrets: dict[str, dict[str, Any]] = field(default_factory=dict)  # AppSecret with its value
     secrets_version: int = 0
+    internal_numeric_id: int = field(default_factory=_numeric_id)
+    releases: list[dict[str, Any]] = field(default_factory=list)  # uiex Release, newest last
+    logs: list[dict[str, Any]] = field(default_factory=list)  # fly-go LogEntry, oldest first
 
     def to_json(self) -> dict[str, Any]:
+        organization = {"name": self.org_slug, "slug": self.org_slug,
+                        "internal_numeric_id": org_numeric_id(self.org_slug)}
         return {
             "id": self.id, "name": self.name, "machine_count": len(self.machines), "volume_count": 0,
             "network": self.network, "status": "deployed" if self.machines else "pending",
-            "organization": {"name": self.org_slug, "slug": self.org_slug},
+            "internal_numeric_id": self.internal_numeric_id, "organization": organization,
         }
+
+    def log(self, message: str, instance: str = "", region: str = "iad", provider: str = "app") -> None:
+        self.logs.append({"id": secrets.token_hex(8), "timestamp": timestamp(), "message": message,
+                          "level": "info", "instance": instance, "region": region,
+                          "meta": {"instance": instance, "region": region, "event": {"provider": provider}}})
 
     def live_lease(self, machine_id: str) -> dict[str, Any] | None:
         lease = self.leases.get(machine_id)
@@ -73,6 +116,39 @@ class SandboxState:
     """Everything one sandbox knows; each app gets its own, so two sandboxes never share data."""
 
     apps: dict[str, App] = field(default_factory=dict)
+    orgs: dict[str, Org] = field(default_factory=lambda: {SANDBOX_ORG_SLUG: Org(SANDBOX_ORG_SLUG, "Sandbox")})
+    builds: dict[int, dict[str, Any]] = field(default_factory=dict)  # uiex builds, by id
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)  # GraphQL Image, by ref
+
+    def new_release(self, app: App, image: str, strategy: str, definition: Any, user: str) -> dict[str, Any]:
+        """A release as uiex `POST /api/v1/releases` makes it: pending until flyctl PATCHes its status."""
+        release = {"id": "rel_" + secrets.token_hex(8), "version": len(app.releases) + 1, "stable": False,
+                   "in_progress": True, "status": "pending", "strategy": strategy or "ROLLING", "user": user,
+                   "created_at": timestamp(), "image_ref": image, "definition": definition,
+                   "description": f"Deploy image {image}", "reason": "deploy", "metadata": None}
+        app.releases.append(release)
+        app.log(f"Release v{release['version']} created for image {image}", provider="app")
+        return release
+
+    def release(self, release_id: str) -> tuple[App, dict[str, Any]]:
+        for app in self.apps.values():
+            for release in app.releases:
+                if release["id"] == release_id:
+                    return app, release
+        raise SandboxError(404, f"release {release_id} not found")
+
+    def image(self, ref: str) -> dict[str, Any]:
+        """The GraphQL `Image` that Fly resolves for a reference; made up, but stable per reference."""
+        if ref not in self.images:
+            parts = image_ref(ref)
+            digest = "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
+            self.images[ref] = {"id": "img_" + digest[7:19], "digest": digest, "ref": ref,
+                                "registry": parts["registry"], "repository": parts["repository"],
+                                "tag": parts["tag"], "absoluteRef": f"{ref.partition('@')[0]}@{digest}",
+                                "compressedSize": 31_457_280, "compressedSizeFull": "31457280",
+                                "label": parts["tag"], "createdAt": timestamp(), "config": {},
+                                "configDigest": {}, "manifest": {"schemaVersion": 2}}
+        return self.images[ref]
 
     def new_machine(self, app: App, config: dict[str, Any], region: str, name: str | None) -> dict[str, Any]:
         taken = {mid for a in self.apps.values() for mid in a.machines}
@@ -90,10 +166,18 @@ class SandboxState:
     def seed(self) -> None:
         for name in ("web-staging", "web-prod", "api-staging"):
             app = self.apps[name] = App(name=name, org_slug="personal")
-            config = {"image": f"registry.fly.io/{name}:deployment-1", "guest": {"cpus": 1, "memory_mb": 256}}
+            image = f"registry.fly.io/{name}:deployment-1"
+            # The metadata flyctl stamps on the machines it deploys; without it `fly deploy` and
+            # `fly status` treat the machine as foreign ("not part of Fly Launch") and leave it alone.
+            metadata = {"fly_platform_version": "v2", "fly_process_group": "app", "fly_release_version": "1"}
+            config: dict[str, Any] = {"image": image, "guest": {"cpus": 1, "memory_mb": 256}, "metadata": metadata}
             self.new_machine(app, config, "iad", f"{name}-1")
             app.put_secret("DATABASE_URL", f"postgres://sandbox@db.internal/{name}")
             app.secrets_version = 1
+            release = self.new_release(app, image, "ROLLING", None, "sandbox@scopegate.dev")
+            release.update(status="complete", in_progress=False, stable=True)
+            for machine in app.machines.values():
+                app.log("Listening on 0.0.0.0:8080", machine["id"], machine["region"])
 
 
 class SandboxError(Exception):
