@@ -25,6 +25,7 @@ from gateway.core.keyring import Keyring
 from gateway.core.policy import PolicyEngine
 from gateway.core.ratelimit import RateLimits
 from gateway.core.registry import TokenRegistry
+from gateway.core.rules import ProducedAction
 from gateway.core.tokens import TokenIssuer, TokenVerifier
 from gateway.errors import ConfigError, StateUnavailable
 from gateway.metrics import GatewayMetrics
@@ -32,9 +33,11 @@ from gateway.oidc.exchange import TokenExchanger
 from gateway.store import TokenStore
 from gateway.store.backends import open_store
 from gateway.surfaces import Surface
+from gateway.surfaces.graphql.operations import OperationMap
 from gateway.surfaces.graphql.surface import GraphQLSurface, load_schema
 from gateway.surfaces.machines.surface import MachinesSurface
 from gateway.surfaces.rest.surface import RestSurface
+from gateway.surfaces.routes import RouteTable
 from gateway.upstream.client import UpstreamClient
 from gateway.watch import CACHE_LEASE_S, FileWatcher, Reloader, follow_files, follow_store, load_policy, watched_files
 
@@ -146,6 +149,14 @@ class Services:
         await self.audit.drain()  # the redis sink ships over the store's connection
         await self.store.close()
         self.audit.close()
+
+
+def produced_actions(config: Config) -> list[ProducedAction]:
+    """What every surface's route map produces, read without building a gateway (for
+    `scopegate policy check`); the same files `Services.build` loads into the surfaces."""
+    return [*RouteTable.load(config.routes).produced_actions(),
+            *RouteTable.load(config.rest_routes).produced_actions(),
+            *OperationMap.load(config.graphql_map, load_schema()).produced_actions()]
 
 
 def redis_sink(config: Config, store: TokenStore) -> Callable[[], Sink] | None:

@@ -764,3 +764,10 @@ def test_gateway_refuses_revoked_token_within_one_second(gateway: RunningGateway
     assert "revoked" in response.json()["message"]
     assert len(gateway.upstream.received) == before  # the refused request reached nothing
     assert elapsed <= 1.0, f"revocation took {elapsed:.2f}s to reach the running gateway"
+
+
+def test_key_ids_never_start_with_a_dash() -> None:
+    """A kid is typed on command lines (`scopegate keys retire KID`): '-x...' would read as an option."""
+    from gateway.core.keyring import new_key
+
+    assert not any(new_key().kid.startswith("-") for _ in range(2000))  # ~1 in 64 would without the guard

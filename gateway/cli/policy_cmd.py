@@ -24,6 +24,7 @@ from gateway.core.grants import GrantError, parse_grants
 from gateway.core.policy import PolicyEngine
 from gateway.core.rules import load_rules
 from gateway.errors import ConfigError
+from gateway.services import produced_actions
 from gateway.surfaces.machines.explain import explain
 from gateway.surfaces.routes import RouteTable
 
@@ -54,7 +55,7 @@ def register(sub: Any) -> None:
 def _load(config: Config) -> tuple[RouteTable, PolicyEngine, EnvironmentResolver]:
     routes = RouteTable.load(config.routes)
     policy = load_rules(config.policy_model, config.policy_policy, config.policy_constraints,
-                        routes.produced_actions()).policy
+                        produced_actions(config)).policy
     environments = EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                        config.environment_default)
     return routes, policy, environments

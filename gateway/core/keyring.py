@@ -50,10 +50,14 @@ class SigningKey:
 
 
 def new_key(now: int | None = None) -> SigningKey:
-    private = Ed25519PrivateKey.generate()
-    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    # kid: a short thumbprint of the public key, so it names the key and nothing else.
-    kid = _b64url(hashlib.sha256(raw).digest())[:16]
+    while True:
+        private = Ed25519PrivateKey.generate()
+        raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        # kid: a short thumbprint of the public key, so it names the key and nothing else. Never a
+        # leading '-', which a command line would read as an option (`scopegate keys retire -h...`).
+        kid = _b64url(hashlib.sha256(raw).digest())[:16]
+        if not kid.startswith("-"):
+            break
     return SigningKey(kid, private, "active", int(now if now is not None else time.time()))
 
 

@@ -295,7 +295,9 @@ def time_problems(claims: Mapping[str, Any], now: int) -> list[str]:
     elif iat > now + LEEWAY_S:
         problems.append(f"the token claims to be issued {format_duration(int(iat - now))} in the future (iat)")
     elif now - iat > MAX_AGE_S + LEEWAY_S:
-        problems.append(f"the token was issued {format_duration(int(now - iat))} ago; id tokens are accepted for "
+        age = int(now - iat)
+        shown = format_duration(age - age % 60)  # whole minutes: "30m", however long the request took
+        problems.append(f"the token was issued {shown} ago; id tokens are accepted for "
                         f"{format_duration(MAX_AGE_S)} after they are issued: request one right before exchanging")
     return problems
 

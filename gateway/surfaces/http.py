@@ -94,7 +94,8 @@ class BodyStream:
         seen = 0
         while True:
             try:
-                message = await asyncio.wait_for(self.receive(), BODY_IDLE_TIMEOUT_S)
+                async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):  # no task per message, unlike wait_for
+                    message = await self.receive()
             except TimeoutError:
                 self.error = RequestTimeout(f"the request body stalled for {BODY_IDLE_TIMEOUT_S:g}s; send it promptly")
                 raise self.error from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ MAX_REQUEST_BYTES = 256 * 1024
 MAX_BATCH = 10
 ANSWER_LIMIT = 8 * 1024 * 1024  # an answer the gateway filters (organizations) is read whole
 _REQUEST_KEYS = frozenset({"query", "variables", "operationName"})
-_CODES = {"forbidden": "FORBIDDEN", "unknown_route": "FORBIDDEN", "unauthenticated": "UNAUTHENTICATED",
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# fly-go knows UNAUTHORIZED (flyctl then suggests logging in again); the rest are the gateway's codes.
+_CODES = {"forbidden": "FORBIDDEN", "unknown_route": "FORBIDDEN", "unauthenticated": "UNAUTHORIZED",
           "bad_request": "BAD_REQUEST"}
 
 
@@ -80,7 +83,10 @@ class GraphQLSurface:
                              path="/graphql")
 
         async def refuse(error: GatewayError) -> None:
-            await send_json(send, error.status, graphql_error_body(error, frame.request_id), frame.request_id,
+            # HTTP 200, as Fly's own GraphQL API answers refusals: fly-go's GraphQL client (what flyctl
+            # runs) reads `errors` only from a 200 and prints "non-200 status code" for anything else.
+            # The refusal's own status is in `extensions.status` and in the audit record.
+            await send_json(send, 200, graphql_error_body(error, frame.request_id), frame.request_id,
                             headers=error.headers)
 
         await frame.run(lambda: self.handle(frame, scope, receive, send), refuse)
@@ -106,8 +112,9 @@ class GraphQLSurface:
         checks = [check for document, variables in documents for check in self.checks(document, variables)]
         first = checks[0] if checks else None
         record.action, record.app, record.env = (first.action, first.app, first.env) if first else (None, None, None)
-        record.extra = {"graphql": [f"{'mutation' if use.rule.operation == 'mutation' else 'query'} "
-                                    f"{use.rule.field}" for document, _ in documents for use in document.uses]}
+        uses = [use for document, _ in documents for use in document.uses]
+        if len(uses) > 1:  # the record's action and app name the first; the others are listed
+            record.extra = {"graphql": [f"{use.rule.operation} {use.rule.field}" for use in uses]}
         # 4. decide: every check must be allowed.
         ruling = self.authorizer.decide(claims, checks)
         if not ruling.allowed:
@@ -207,9 +214,11 @@ class GraphQLSurface:
 def parse_requests(body: bytes) -> list[tuple[str, dict[str, Any]]]:
     """(document, variables) of each request in the body: one JSON object, or a batch (an array)."""
     try:
-        parsed = json.loads(body, object_pairs_hook=_no_duplicate_keys)
-        json.dumps(parsed).encode("utf-8")  # lone surrogates would be read differently upstream
-    except (ValueError, UnicodeEncodeError) as exc:
+        text = body.decode("utf-8")  # strict: no surrogates smuggled in as bytes
+        parsed = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(parsed).encode("utf-8")  # a lone surrogate would be read differently upstream
+    except (ValueError, UnicodeError) as exc:
         raise BadRequest(f"the GraphQL request is not valid JSON ({exc}); send "
                          '{"query": "...", "variables": {...}}') from None
     batch = parsed if isinstance(parsed, list) else [parsed]
@@ -246,5 +255,5 @@ def graphql_error_body(error: GatewayError, request_id: str) -> dict[str, Any]:
     """The gateway's error body, with the `errors` list GraphQL clients (flyctl) print."""
     body: dict[str, Any] = error_body(error, request_id)
     code = _CODES.get(error.code, error.code.upper())
-    return {"errors": [{"message": body["message"], "extensions": {"code": code, "request_id": request_id}}],
-            **body}
+    extensions = {"code": code, "status": error.status, "request_id": request_id}
+    return {"errors": [{"message": body["message"], "extensions": extensions}], **body}
