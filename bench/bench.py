@@ -244,7 +244,7 @@ def start_upstream(procs: Processes, folder: Path, use_nginx: bool) -> tuple[Pro
 
 def write_gateway_config(folder: Path, upstream_url: str) -> Path:
     document = {
-        "upstream": {"url": upstream_url, "token_env": CREDENTIAL_ENV},
+        "upstream": {"url": upstream_url, "token_env": CREDENTIAL_ENV, "graphql_url": upstream_url + "/graphql"},
         "policy": {"model": str(REPO / "policies/model.conf"), "policy": str(REPO / "policies/policy.csv")},
         "routes": [str(REPO / "policies/routes/fly-machines.yaml")],
         "environments": {"rules": [{"app": "*-staging", "env": "staging"}, {"app": "*-prod", "env": "production"}],
@@ -339,6 +339,34 @@ def http_matrix(urls: dict[str, str], servers: dict[str, Proc], token: str, seco
     matrix["paired_ratio"] = {c: statistics.median(g.rps / b.rps for g, b in zip(runs["gateway"][c],
                                                                                      runs["baseline"][c], strict=True))
                               for c in CONCURRENCIES}
+    return matrix
+
+
+GRAPHQL_CONCURRENCIES = (1, 10)
+GRAPHQL_RATIO = 0.8
+# flyctl's ResolveImageForApp, as `fly deploy --image` sends it.
+GRAPHQL_BODY = json.dumps({
+    "query": "query ($appName: String!, $imageRef: String!) { app(name: $appName) { id image(ref: $imageRef) "
+             "{ id digest ref compressedSize: compressedSizeFull manifest } } }",
+    "variables": {"appName": "web-staging", "imageRef": "registry.fly.io/web-staging:deployment-01"}}).encode()
+
+
+def graphql_matrix(urls: dict[str, str], servers: dict[str, Proc], token: str, seconds: float, rounds: int,
+                   use_wrk: bool) -> dict[str, Any]:
+    """POST /graphql through the gateway (parse cache, app check, decision) and the bare pass-through."""
+    runs: dict[str, dict[int, list[LoadResult]]] = {t: {c: [] for c in GRAPHQL_CONCURRENCIES} for t in urls}
+    for round_index in range(rounds):
+        for c in GRAPHQL_CONCURRENCIES:
+            for target in (list(urls) if round_index % 2 == 0 else list(reversed(urls))):
+                result = check(measure(servers[target], urls[target] + "/graphql", concurrency=c, seconds=seconds,
+                                       token=token, use_wrk=use_wrk, body=GRAPHQL_BODY), f"graphql {target} c={c}")
+                runs[target][c].append(result)
+                log(f"  round {round_index + 1}/{rounds} graphql {target:9s} c={c:<3d} {result.rps:9,.0f} req/s  "
+                    f"p50 {result.p50_us / 1000:6.3f} ms")
+    matrix: dict[str, Any] = {t: {c: median_result(runs[t][c]) for c in GRAPHQL_CONCURRENCIES} for t in urls}
+    matrix["paired_ratio"] = {c: statistics.median(g.rps / b.rps for g, b in zip(runs["gateway"][c],
+                                                                                     runs["baseline"][c], strict=True))
+                              for c in GRAPHQL_CONCURRENCIES}
     return matrix
 
 
@@ -520,6 +548,13 @@ def budget_lines(results: dict[str, Any]) -> list[dict[str, str]]:
         lines.append({"metric": f"--workers 2 / --workers 1 req/s, c={w['concurrency']}",
                       "value": f"{ratio:.2f}x ({w['workers2']['rps']:,.0f} / {w['workers1']['rps']:,.0f})",
                       "budget": f">= {WORKERS_RATIO}x", "status": verdict})
+    if "graphql" in results:
+        g = results["graphql"]
+        for c in GRAPHQL_CONCURRENCIES:
+            ratio = g["paired_ratio"][c]
+            lines.append({"metric": f"GraphQL req/s, gateway / baseline, c={c} (issue 13)",
+                          "value": f"{ratio:.2f}x ({g['gateway'][c]['rps']:,.0f} / {g['baseline'][c]['rps']:,.0f})",
+                          "budget": f">= {GRAPHQL_RATIO}x", "status": status(ratio >= GRAPHQL_RATIO)})
     return lines
 
 
@@ -655,7 +690,7 @@ def parse_args() -> argparse.Namespace:
                         help="largest token store for the decision path (BENCH_MAX_TOKENS; 100000)")
     parser.add_argument("--soak-concurrency", type=int, default=int(env("BENCH_SOAK_CONCURRENCY", "50")))
     parser.add_argument("--workers-concurrency", type=int, default=int(env("BENCH_WORKERS_CONCURRENCY", "50")))
-    parser.add_argument("--skip", action="append", default=[], choices=("decision", "soak", "workers"),
+    parser.add_argument("--skip", action="append", default=[], choices=("decision", "soak", "workers", "graphql"),
                         help="leave a part out (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also record the gateway under load with py-spy (collapsed stacks in bench/results/)")
@@ -736,6 +771,14 @@ def main() -> int:
             f"x {args.seconds:g}s")
         servers = {"direct": upstream, "baseline": baseline, "gateway": gateway}
         results["http"] = http_matrix(urls, servers, token, args.seconds, args.rounds, use_wrk)
+        if "graphql" not in args.skip:
+            log("GraphQL: POST /graphql (flyctl's ResolveImageForApp), gateway against the bare pass-through")
+            gql = {"baseline": baseline_url, "gateway": gateway_url}
+            for name, url in gql.items():
+                check(run_load(url + "/graphql", concurrency=10, seconds=2, token=token, use_wrk=use_wrk,
+                               body=GRAPHQL_BODY), f"warm-up graphql {name}")
+            results["graphql"] = graphql_matrix(gql, {"baseline": baseline, "gateway": gateway}, token, args.seconds,
+                                                args.rounds, use_wrk)
         if "soak" not in args.skip:
             log(f"soak: {args.soak:,} requests over {len(soak_tokens)} tokens and 1,000 paths")
             results["soak"] = soak(gateway, gateway_url, soak_tokens, args.soak, use_wrk,

@@ -47,19 +47,20 @@ def wrk_available() -> bool:
 
 def run_load(url: str, *, concurrency: int, seconds: float, token: str | None = None,
              tokens: list[str] | None = None, paths: list[str] | None = None, limit: int | None = None,
-             use_wrk: bool | None = None) -> LoadResult:
-    """Closed-loop load on `url` for `seconds` (or until `limit` responses, when given)."""
+             use_wrk: bool | None = None, body: bytes | None = None) -> LoadResult:
+    """Closed-loop load on `url` for `seconds` (or until `limit` responses, when given); with `body`,
+    every request is a POST of it as application/json (a GraphQL request), else a GET."""
     if use_wrk is None:
         use_wrk = wrk_available()
     if use_wrk:
         return _run_wrk(url, concurrency=concurrency, seconds=seconds, token=token, tokens=tokens, paths=paths,
-                        limit=limit)
+                        limit=limit, body=body)
     return asyncio.run(_run_python(url, concurrency=concurrency, seconds=seconds, token=token, tokens=tokens,
-                                   paths=paths, limit=limit))
+                                   paths=paths, limit=limit, body=body))
 
 
 def _run_wrk(url: str, *, concurrency: int, seconds: float, token: str | None, tokens: list[str] | None,
-             paths: list[str] | None, limit: int | None) -> LoadResult:
+             paths: list[str] | None, limit: int | None, body: bytes | None = None) -> LoadResult:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SG_")}
     with tempfile.TemporaryDirectory(prefix="sg-wrk-") as folder:
         if token:
@@ -72,6 +73,9 @@ def _run_wrk(url: str, *, concurrency: int, seconds: float, token: str | None, t
             env["SG_PATHS_FILE"] = str(Path(folder) / "paths")
         if limit:
             env["SG_LIMIT"] = str(limit)
+        if body is not None:
+            (Path(folder) / "body").write_bytes(body)
+            env["SG_BODY_FILE"] = str(Path(folder) / "body")
         # One wrk thread: on this 2-core machine every cycle wrk takes is one the server loses.
         command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
                    "--latency", "-s", str(WRK_SCRIPT), url]
@@ -88,7 +92,7 @@ def _run_wrk(url: str, *, concurrency: int, seconds: float, token: str | None, t
 
 
 async def _run_python(url: str, *, concurrency: int, seconds: float, token: str | None, tokens: list[str] | None,
-                      paths: list[str] | None, limit: int | None) -> LoadResult:
+                      paths: list[str] | None, limit: int | None, body: bytes | None = None) -> LoadResult:
     import aiohttp
     from yarl import URL
 
@@ -102,14 +106,15 @@ async def _run_python(url: str, *, concurrency: int, seconds: float, token: str 
         while time.perf_counter() < deadline and (not limit or counters["sent"] < limit):
             i = counters["sent"]
             counters["sent"] += 1
-            headers = {}
+            headers = {} if body is None else {"Content-Type": "application/json"}
             chosen = tokens[i % len(tokens)] if tokens else token
             if chosen:
                 headers["Authorization"] = f"Bearer {chosen}"
             target = origin + paths[i % len(paths)] if paths else url
             start = time.perf_counter_ns()
             try:
-                async with session.get(target, headers=headers) as response:
+                async with session.request("GET" if body is None else "POST", target, headers=headers,
+                                           data=body) as response:
                     await response.read()
                     if not 200 <= response.status < 400:
                         counters["non2xx"] += 1

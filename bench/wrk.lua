@@ -23,6 +23,16 @@ if token ~= nil and token ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. token
 end
 
+-- SG_BODY_FILE: every request is a POST of this file's bytes as application/json (GraphQL).
+local body_file = os.getenv("SG_BODY_FILE")
+if body_file ~= nil and body_file ~= "" then
+  local handle = io.open(body_file, "rb")
+  wrk.method = "POST"
+  wrk.body = handle:read("*a")
+  handle:close()
+  wrk.headers["Content-Type"] = "application/json"
+end
+
 local tokens = lines(os.getenv("SG_TOKENS_FILE"))
 local paths = lines(os.getenv("SG_PATHS_FILE"))
 if #tokens > 0 or #paths > 0 then

@@ -27,7 +27,10 @@ class GatewayApp:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.api = create_api_app(services)
-        self.surfaces = services.surfaces
+        # The last surface serves every path no other one does (the Machines API); the others are
+        # asked only for paths under one of their prefixes, so most requests cost one startswith.
+        *self.specific, self.default = services.surfaces
+        self.prefixes = tuple(prefix for surface in self.specific for prefix in surface.prefixes)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -36,10 +39,14 @@ class GatewayApp:
             if path.startswith(OWN_PREFIXES):
                 await self.api(scope, receive, send)
                 return
-            for surface in self.surfaces:
-                if surface.serves(path):
-                    await surface(scope, receive, send)
-                    return
+            if path.startswith(self.prefixes):
+                for surface in self.specific:
+                    if surface.serves(path):
+                        await surface(scope, receive, send)
+                        return
+            if self.default.serves(path):
+                await self.default(scope, receive, send)
+                return
             await send_error(send, UnknownRoute(f"no API of this gateway serves {path}; it is denied"), "")
         elif kind == "lifespan":
             await self._lifespan(receive, send)

@@ -16,13 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.config import Config, build_config
 from gateway.core.policy import PolicyEngine
 from gateway.core.rules import check_cross_references
 from gateway.errors import ConfigError
+from gateway.services import produced_actions
 from gateway.surfaces.graphql import documents
 from gateway.surfaces.graphql.operations import OperationMap
 from gateway.surfaces.graphql.surface import load_schema
-from gateway.surfaces.routes import RouteTable
 from tests.conftest import CREDENTIAL_ENV, REPO, UPSTREAM_SECRET, RunningGateway, start_gateway
 from tests.servers import RecordingUpstream, Reply, ServerThread
 
@@ -92,7 +93,8 @@ def forwarded(response: httpx.Response, gql: RunningGateway, token: str, body: b
 # --- allowed ---------------------------------------------------------------------------------------
 
 def test_flyctls_resolve_image_for_its_own_app_is_forwarded_byte_for_byte(gql: RunningGateway, deployer: str) -> None:
-    payload = {"query": RESOLVE_IMAGE, "variables": {"appName": "web-staging", "imageRef": "registry.fly.io/x:1"}}
+    payload = {"query": RESOLVE_IMAGE, "variables": {"appName": "web-staging",
+                                                     "imageRef": "registry.fly.io/web-staging:deployment-1"}}
     body = json.dumps(payload).encode()
     forwarded(post(gql, deployer, payload, raw=body), gql, deployer, body)
     record = gql.audit_records()[-1]
@@ -166,7 +168,8 @@ def test_deployers_still_cannot_write_production_secrets(gql: RunningGateway) ->
 @pytest.mark.parametrize(("name", "payload", "why"), [
     ("name and id", {"query": "{ app(name: \"web-staging\", id: \"web-prod\") { id } }"}, "exactly one"),
     ("no app", {"query": "{ app { id } }"}, "exactly one"),
-    ("number", {"query": "query ($n: String) { app(name: $n) { id } }", "variables": {"n": 5}}, "app name"),
+    ("number", {"query": "query ($n: String) { app(name: $n) { id } }", "variables": {"n": 5}},
+     "String cannot represent a non string value"),
     ("not a name", {"query": "{ app(name: \"Web_Prod\") { id } }"}, "app name"),
 ])
 def test_an_unreadable_app_argument_is_a_400(gql: RunningGateway, deployer: str, name: str,
@@ -279,18 +282,22 @@ def test_the_operation_map_is_checked_against_the_schema_and_the_policy(tmp_path
     broken.write_text(text)
     with pytest.raises(ConfigError, match=why):
         produced = OperationMap.load(broken, load_schema()).produced_actions()
-        machines = RouteTable.load([REPO / "policies/routes/fly-machines.yaml",
-                                    REPO / "policies/routes/fly-api.yaml"]).produced_actions()
+        others = [p for p in produced_actions(shipped_config()) if not p.source.startswith(str(MAP))]
         check_cross_references(PolicyEngine(REPO / "policies/model.conf", REPO / "policies/policy.csv"),
-                               [*produced, *machines])
+                               [*produced, *others])
+
+
+def shipped_config() -> Config:
+    return build_config({}, base_dir=REPO, source="(test)", environ={})
+
+
+MAP = REPO / "policies/routes/fly-graphql.yaml"
 
 
 def test_the_shipped_map_loads_and_matches_the_policy() -> None:
-    produced = OperationMap.load(REPO / "policies/routes/fly-graphql.yaml", load_schema()).produced_actions()
-    machines = RouteTable.load([REPO / "policies/routes/fly-machines.yaml",
-                                REPO / "policies/routes/fly-api.yaml"]).produced_actions()
+    produced = OperationMap.load(MAP, load_schema()).produced_actions()
     check_cross_references(PolicyEngine(REPO / "policies/model.conf", REPO / "policies/policy.csv"),
-                           [*produced, *machines])
+                           produced_actions(shipped_config()))
     assert {"apps:read", "secrets:write", "secrets:list"} <= {p.action for p in produced}
 
 
@@ -347,3 +354,88 @@ def test_comments_and_hashes_in_strings_are_not_tokens(gql: RunningGateway, depl
     query = "# a comment { { {\n" * 150 + "{ app(name: \"web-staging\") { id image(ref: \"x:1#{{{\") { id } } }"
     body = json.dumps({"query": query}).encode()
     forwarded(post(gql, deployer, None, raw=body), gql, deployer, body)
+
+
+# --- the red team's findings, each a regression test -------------------------------------------------
+
+@pytest.mark.parametrize(("name", "query", "why"), [
+    ("internalId beside name", "{ app(name: \"web-staging\", internalId: \"prod-internal-id\") { id } }", "internalId"),
+    ("key beside name", "{ app(name: \"web-staging\", key: \"web-prod\") { id } }", "key"),
+    ("org id beside slug", "{ organization(slug: \"acme\", id: \"other-org-id\") { id } }", "id"),
+    ("another app's image", "{ app(name: \"web-staging\") { image(ref: \"registry.fly.io/web-prod:deployment-01\") "
+                            "{ manifest } } }", "registry.fly.io/web-prod"),
+    ("lookup by id under the app", "{ app(name: \"web-staging\") { machine(id: \"m-of-web-prod\") { id } } }",
+     "App.machine"),
+    ("private image details", "{ latestImageDetails(image: \"registry.fly.io/web-prod:latest\") { digest } }",
+     "registry.fly.io/web-prod"),
+    ("ip in another org", "mutation { allocateIpAddress(input: {appId: \"web-staging\", type: private_v6, "
+                          "organizationId: \"other-org-id\"}) { ipAddress { id } } }", "organizationId"),
+    ("organizations under an alias", "{ organizations { nodes { slug } all: nodes { id slug name } } }", "aliases"),
+    ("organizations in a fragment", "{ organizations { ... on OrganizationConnection { nodes { slug name } } } }",
+     "fragments"),
+    ("organizations without slug", "{ organizations { nodes { id name } } }", "slug"),
+    ("total under an alias", "{ organizations { nodes { slug } n: totalCount } }", "aliases"),
+])
+def test_what_a_document_reaches_beyond_its_root_fields_is_refused(gql: RunningGateway, deployer: str, name: str,
+                                                                   query: str, why: str) -> None:
+    assert why in refused(post(gql, deployer, {"query": query}), gql)
+
+
+def test_the_tokens_own_images_and_public_ones_are_read(gql: RunningGateway, deployer: str) -> None:
+    for ref in ("registry.fly.io/web-staging:deployment-02", "registry.fly.io/web-staging@sha256:" + "a" * 64,
+                "docker.io/library/nginx:latest", "nginx"):
+        gql.upstream.clear()
+        payload = {"query": RESOLVE_IMAGE, "variables": {"appName": "web-staging", "imageRef": ref}}
+        body = json.dumps(payload).encode()
+        forwarded(post(gql, deployer, None, raw=body), gql, deployer, body)
+
+
+@pytest.mark.parametrize(("name", "raw", "content_type", "why"), [
+    ("form content type", b'{"query":"{ app(name: \\"web-staging\\") { id } }"}', "application/x-www-form-urlencoded",
+     "application/json"),
+    ("text content type", b'{"query":"{ app(name: \\"web-staging\\") { id } }"}', "text/plain", "application/json"),
+    ("latin-1 charset", b'{"query":"{ app(name: \\"web-staging\\") { id } }"}', "application/json; charset=latin-1",
+     "application/json"),
+    ("lone surrogate", b'{"query":"{ app(name: \\"web-staging\\") { id } }","variables":{"a":"\\ud800\\u0022"}}',
+     "application/json", "not valid JSON"),
+    ("deep nesting", b'{"query":"{ app(name: \\"web-staging\\") { id } }","variables":{"a":' + b"[" * 100_000
+     + b"]" * 100_000 + b"}}", "application/json", "too deeply"),
+    ("variables a string", b'{"query":"{ app(name: \\"web-staging\\") { id } }","variables":""}', "application/json",
+     "object"),
+    ("variables false", b'{"query":"{ app(name: \\"web-staging\\") { id } }","variables":false}', "application/json",
+     "object"),
+    ("unknown input field", b'{"query":"mutation ($i: SetSecretsInput!) { setSecrets(input: $i) { app { id } } }",'
+                            b'"variables":{"i":{"appId":"web-staging","secrets":[],"APPID":"web-prod"}}}',
+     "application/json", "do not fit"),
+])
+def test_bodies_the_upstream_could_read_otherwise_are_refused(gql: RunningGateway, deployer: str, name: str,
+                                                               raw: bytes, content_type: str, why: str) -> None:
+    with gql.client() as client:
+        response = client.post("/graphql", content=raw, headers={"Content-Type": content_type,
+                                                                  "Authorization": f"Bearer {deployer}"})
+    assert why in refused(response, gql, 400, "BAD_REQUEST")
+
+
+def test_an_unterminated_string_flood_is_refused(gql: RunningGateway, deployer: str) -> None:
+    # Quadratic in the first pre-count (every quote rescanned to the end); now one linear pass.
+    message, _ = _timed(gql, deployer, "#x\n\"" + "\\\"" * 5000)
+    assert "tokens" in message or "does not parse" in message
+
+
+def test_the_forwarded_content_type_is_the_gateways(gql: RunningGateway, deployer: str) -> None:
+    with gql.client() as client:
+        client.post("/graphql", content=b'{"query":"{ app(name: \\"web-staging\\") { id } }"}',
+                    headers={"Content-Type": "application/json; charset=utf-8", "Authorization": f"Bearer {deployer}"})
+    (got,) = gql.upstream.received
+    assert got.header("content-type") == ["application/json"]
+
+
+def test_a_batch_audits_every_field_and_app(gql: RunningGateway) -> None:
+    admin = gql.mint("admin@app:web-*")
+    batch = [{"query": "{ app(name: \"web-staging\") { id } }"},
+             {"query": "mutation { deleteApp(appId: \"web-prod\") { organization { id } } }"}]
+    assert post(gql, admin, batch).status_code == 200
+    record = gql.audit_records()[-1]
+    assert record["graphql"] == [
+        {"field": "query app", "action": "apps:read", "app": "web-staging", "env": "staging"},
+        {"field": "mutation deleteApp", "action": "apps:delete", "app": "web-prod", "env": "production"}]

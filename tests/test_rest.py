@@ -42,8 +42,11 @@ def _clean(rest: RunningGateway) -> None:
 
 
 def call(rest: RunningGateway, token: str, method: str, path: str, body: object | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"  # as flyctl's REST client sends it
     with rest.client() as client:
-        return client.request(method, path, headers={"Authorization": f"Bearer {token}"},
+        return client.request(method, path, headers=headers,
                               content=None if body is None else json.dumps(body).encode())
 
 
@@ -119,7 +122,7 @@ def test_release_ids_are_shared_through_the_store(rest: RunningGateway, deployer
     try:
         with second.client() as client:
             answer = client.patch("/api/v1/releases/rel_shared", content=b'{"status":"complete"}',
-                                  headers={"Authorization": f"Bearer {deployer}"})
+                                  headers={"Authorization": f"Bearer {deployer}", "Content-Type": "application/json"})
         assert answer.status_code == 200 and upstream[0].received[-1].raw_path == b"/api/v1/releases/rel_shared"
     finally:
         second.server.stop()
@@ -155,3 +158,53 @@ def test_viewers_read_logs_but_do_not_write_releases(rest: RunningGateway) -> No
     rest.upstream.clear()
     response = call(rest, viewer, "POST", "/api/v1/releases", {"app_name": "web-staging"})
     assert "releases:write" in refused(rest, response)
+
+
+# --- the red team's findings, each a regression test -------------------------------------------------
+
+def send(rest: RunningGateway, token: str, method: str, path: str, body: bytes | None,
+         content_type: str = "application/json") -> httpx.Response:
+    with rest.client() as client:
+        return client.request(method, path, content=body, headers={"Authorization": f"Bearer {token}",
+                                                                    "Content-Type": content_type})
+
+
+@pytest.mark.parametrize(("name", "method", "path", "body", "content_type", "why"), [
+    ("form body beside the JSON app", "POST", "/api/v1/builds?app_name=web-prod",
+     b'{"app_name":"web-staging","x":"&app_name=web-prod&"}', "application/x-www-form-urlencoded", "application/json"),
+    ("query app beside the JSON app", "POST", "/api/v1/builds?app_name=web-prod", b'{"app_name":"web-staging"}',
+     "application/json", "query string"),
+    ("form content type", "POST", "/api/v1/builds", b'{"app_name":"web-staging"}', "application/x-www-form-urlencoded",
+     "application/json"),
+    ("text content type", "POST", "/api/v1/releases", b'{"app_name":"web-staging"}', "text/plain", "application/json"),
+    ("query app beside a cased body key", "POST", "/api/v1/builds?app_name=web-prod", b'{"APP_NAME":"web-staging"}',
+     "application/json", "'APP_NAME'"),
+    ("cased app key", "POST", "/api/v1/releases", b'{"App_Name":"web-staging"}', "application/json", "'App_Name'"),
+    ("nested wrapper naming another app", "POST", "/api/v1/releases",
+     b'{"app_name":"web-staging","release":{"app_name":"web-prod"}}', "application/json", "top level"),
+    ("cased builder scope", "POST", "/api/v1/builds/depot_builder", b'{"app_name":"web-staging","Builder_Scope":"app"}',
+     "application/json", "'Builder_Scope'"),
+    ("builder scope in the query", "POST", "/api/v1/builds/depot_builder?builder_scope=org",
+     b'{"app_name":"web-staging","builder_scope":"app"}', "application/json", "query string"),
+    ("deep nesting", "POST", "/api/v1/builds", b'{"app_name":"web-staging","x":' + b"[" * 100_000 + b"]" * 100_000
+     + b"}", "application/json", "too deeply"),
+    ("query on a release update", "PATCH", "/api/v1/releases/rel_x?id=8", b'{"status":"complete"}', "application/json",
+     "query string"),
+    ("body on logs", "GET", "/api/v1/apps/web-staging/logs", b'{"app_name":"web-prod"}', "application/json",
+     "takes no body"),
+])
+def test_bodies_and_queries_the_upstream_could_read_otherwise_are_refused(
+        rest: RunningGateway, deployer: str, name: str, method: str, path: str, body: bytes, content_type: str,
+        why: str) -> None:
+    response = send(rest, deployer, method, path, body, content_type)
+    assert response.status_code in (400, 403), response.text
+    assert why in response.json()["message"], response.json()["message"]
+    assert rest.upstream.received == []
+
+
+def test_the_forwarded_body_is_json_to_the_upstream(rest: RunningGateway, deployer: str) -> None:
+    response = send(rest, deployer, "POST", "/api/v1/builds", b'{"app_name":"web-staging"}',
+                    "application/json; charset=utf-8")
+    assert response.status_code == 200
+    (got,) = rest.upstream.received
+    assert got.header("content-type") == ["application/json"] and got.body == b'{"app_name":"web-staging"}'

@@ -32,5 +32,7 @@ def load_strict(raw: bytes | None, what: str = "the request body") -> Any:
 
     try:
         return json.loads(raw or b"", object_pairs_hook=pairs_hook, parse_constant=no_constants)
+    except RecursionError:
+        raise BadRequest(f"{what} nests JSON too deeply") from None
     except ValueError:
         raise BadRequest(f"{what} is not valid JSON") from None

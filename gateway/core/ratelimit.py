@@ -85,12 +85,15 @@ class RateLimits:
 
     async def check(self, claims: Claims) -> None:
         """Spend one request of the token's bucket; raises RateLimited when it is empty."""
-        roles = frozenset(grant.role for grant in claims.grants)
-        limits = self._chosen.get(roles)
-        if limits is None:
-            limits = self.limits_for(roles)
-            if len(self._chosen) < 4096:  # role combinations are few; bounded all the same
-                self._chosen[roles] = limits
+        if self.roles:
+            roles = frozenset(grant.role for grant in claims.grants)
+            limits = self._chosen.get(roles)
+            if limits is None:
+                limits = self.limits_for(roles)
+                if len(self._chosen) < 4096:  # role combinations are few; bounded all the same
+                    self._chosen[roles] = limits
+        else:
+            limits = self.default  # one limit for every token: nothing to choose per request
         if limits[0] <= 0:
             return
         bucket = self._buckets.get(limits)

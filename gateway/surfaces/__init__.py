@@ -30,6 +30,7 @@ class Surface(Protocol):
     ASGI app (app.py) hands it the requests whose path it `serves`."""
 
     name: str
+    prefixes: tuple[str, ...]  # every path it serves starts with one of these ("" : any path)
 
     def serves(self, path: str) -> bool: ...
 

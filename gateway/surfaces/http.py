@@ -32,6 +32,22 @@ def request_target(scope: Scope) -> tuple[bytes, bytes, bool]:
     return path, query, bool(query)
 
 
+def is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    """One Content-Type, application/json, UTF-8 if a charset is named: a body read as JSON must be
+    JSON to the upstream too (a form type would let a form parser read other fields from it)."""
+    types = [value for name, value in headers if name == b"content-type"]
+    if len(types) != 1:
+        return False
+    media, _, params = types[0].partition(b";")
+    if media.strip().lower() != b"application/json":
+        return False
+    for param in params.split(b";") if params.strip() else ():
+        key, _, value = param.strip().partition(b"=")
+        if key.strip().lower() != b"charset" or value.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
+            return False
+    return True
+
+
 def printable(raw: bytes) -> str:
     """A raw path fit for a log line: at most 512 bytes, anything but ASCII escaped."""
     return raw[:512].decode("ascii", errors="backslashreplace")

@@ -35,6 +35,8 @@ from graphql import (
     OperationType,
     SelectionSetNode,
     ValueNode,
+    VariableDefinitionNode,
+    VariableNode,
     get_named_type,
     parse,
     validate,
@@ -53,9 +55,11 @@ MAX_FIELDS = 400
 MAX_OPERATIONS = 5
 CACHE_LIMIT = 2_048
 # What the GraphQL lexer reads as tokens (strings, names, numbers, punctuators) and comments, left to
-# right, so a '#' inside a string stays part of the string.
-_TOKEN = re.compile(r'"""(?:[^"\\]|\\.|"(?!""))*"""|"(?:[^"\\\n]|\\.)*"|#[^\n\r]*|\.\.\.|[!$&():=@\[\]{|}]'
-                    r"|-?\d[\d.eE+-]*|[_A-Za-z][_0-9A-Za-z]*")
+# right, so a '#' inside a string stays part of the string. Possessive quantifiers and an optional
+# closing quote keep it linear: an unterminated string is one token to the end of its line (block
+# strings: of the text), never a rescan from every quote.
+_TOKEN = re.compile(r'"""(?:[^"\\]|\\.|"(?!""))*+(?:""")?|"(?:[^"\\\n]|\\.)*+"?|#[^\n\r]*+|\.\.\.'
+                    r"|[!$&():=@\[\]{|}]|-?\d[\d.eE+-]*+|[_A-Za-z][_0-9A-Za-z]*+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +71,21 @@ class RootUse:
     arguments: dict[str, ValueNode]
     defaults: dict[str, Any]  # the operation's variable defaults
     field_actions: tuple[str, ...]  # actions of the fields read below it (App.secrets: secrets:list)
+    arg_checks: tuple[tuple[str, ValueNode, str], ...] = ()  # (where, value as written, kind) per request
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity: part of a decision cache key
 class Document:
     uses: tuple[RootUse, ...]
     operations: int
     mutations: tuple[str, ...] = field(default=())
+    # Each operation's variable definitions: the request's variables are coerced against them.
+    variables: tuple[tuple[VariableDefinitionNode, ...], ...] = field(default=())
+
+    @property
+    def filtered(self) -> tuple[RootUse, ...]:
+        """The root fields whose answer the gateway cuts down (organizations)."""
+        return tuple(use for use in self.uses if use.rule.filter_organizations)
 
 
 class DocumentAnalyzer:
@@ -144,14 +156,19 @@ class DocumentAnalyzer:
                                     f"{rule.deny_reason}")
                 if kind == "mutation":
                     mutations.append(name)
-                actions = self._traverse(node, root_type.fields[name].type, fragments, f"{kind} {name}")
-                uses.append(RootUse(rule, node.alias.value if node.alias else name,
-                                    {a.name.value: a.value for a in node.arguments or ()}, defaults,
-                                    tuple(dict.fromkeys(actions))))
-        return Document(tuple(uses), len(operations), tuple(mutations))
+                where = f"{kind} {name}"
+                arguments = {a.name.value: a.value for a in node.arguments or ()}
+                checks = _root_argument_checks(rule, arguments, where)
+                if rule.filter_organizations:
+                    _check_organizations_shape(node, where)
+                actions = self._traverse(node, root_type.fields[name].type, fragments, where, checks)
+                uses.append(RootUse(rule, node.alias.value if node.alias else name, arguments, defaults,
+                                    tuple(dict.fromkeys(actions)), tuple(checks)))
+        return Document(tuple(uses), len(operations), tuple(mutations),
+                        tuple(tuple(o.variable_definitions or ()) for o in operations))
 
     def _traverse(self, node: FieldNode, field_type: Any, fragments: dict[str, FragmentDefinitionNode],
-                  where: str) -> list[str]:
+                  where: str, checks: list[tuple[str, ValueNode, str]]) -> list[str]:
         """The actions of the fields selected below `node`; raises Forbidden for a field the map does not
         let a token read (the traversal rule of docs/graphql.md)."""
         named = get_named_type(field_type)
@@ -173,6 +190,13 @@ class DocumentAnalyzer:
                                         "(docs/graphql.md lists what is)")
                     if rule.action:
                         actions.append(rule.action)
+                    allowed_args = dict(rule.args)
+                    for argument in selection.arguments or ():
+                        kind = allowed_args.get(argument.name.value)
+                        if kind is None:
+                            raise Forbidden(f"{path}: argument {parent.name}.{name}({argument.name.value}:) is not "
+                                            "accepted through the gateway")
+                        checks.append((f"{path}.{name}({argument.name.value}:)", argument.value, kind))
                     child = get_named_type(parent.fields[name].type)
                     if selection.selection_set is not None and isinstance(child, GraphQLCompositeType):
                         stack.append((selection.selection_set, child, f"{path}.{name}"))
@@ -183,6 +207,54 @@ class DocumentAnalyzer:
                     target = self.schema.type_map.get(condition.name.value) if condition is not None else parent
                     stack.append((fragment.selection_set, target, path))
         return actions
+
+
+def _root_argument_checks(rule: RootRule, arguments: dict[str, ValueNode],
+                          where: str) -> list[tuple[str, ValueNode, str]]:
+    """The root field's arguments: its app's, its `input` (fields checked per request), and those the
+    map lets through; any other refuses the document."""
+    sources = {source.name for source in rule.sources if source.kind in ("arg", "org")}
+    allowed = dict(rule.args)
+    checks: list[tuple[str, ValueNode, str]] = []
+    for name, value in arguments.items():
+        if name in sources or (name == "input" and rule.input_fields):
+            continue
+        kind = allowed.get(name)
+        if kind is None:
+            raise Forbidden(f"{where}: argument {name}: is not accepted through the gateway (it could name "
+                            "something the gateway does not authorize)")
+        checks.append((f"{where}({name}:)", value, kind))
+    return checks
+
+
+_ORGANIZATION_CONNECTION = {"nodes", "edges", "totalCount", "pageInfo", "__typename"}
+
+
+def _check_organizations_shape(node: FieldNode, where: str) -> None:
+    """An answer the gateway filters must have the shape it filters: `nodes { slug ... }` or
+    `edges { node { slug ... } }`, no aliases and no fragments anywhere below (an alias would carry
+    the unfiltered list under another name)."""
+
+    def plain(selection_set: SelectionSetNode | None, context: str) -> dict[str, FieldNode]:
+        fields: dict[str, FieldNode] = {}
+        for selection in selection_set.selections if selection_set else ():
+            if not isinstance(selection, FieldNode) or selection.alias is not None:
+                raise Forbidden(f"{where}: {context} must select plain fields, without aliases or fragments "
+                                "(the gateway cuts this answer down to its own organization)")
+            fields[selection.name.value] = selection
+            plain(selection.selection_set, f"{context}.{selection.name.value}")
+        return fields
+
+    connection = plain(node.selection_set, "organizations")
+    if set(connection) - _ORGANIZATION_CONNECTION:
+        raise Forbidden(f"{where}: organizations may select only {', '.join(sorted(_ORGANIZATION_CONNECTION))}")
+    lists = [plain(connection["nodes"].selection_set, "nodes")] if "nodes" in connection else []
+    if "edges" in connection:
+        edges = plain(connection["edges"].selection_set, "edges")
+        lists.append(plain(edges["node"].selection_set, "edges.node") if "node" in edges else {})
+    if not lists or not all("slug" in organization for organization in lists):
+        raise Forbidden(f"{where}: select `slug` on the organizations (nodes {{ slug }}): the gateway keeps only "
+                        "its own")
 
 
 def _precount(text: str) -> None:
@@ -264,9 +336,13 @@ class _Measure:
                              "every time they are spread)")
 
 
-def argument_value(node: ValueNode, variables: dict[str, Any]) -> Any:
-    """A field argument's value as the upstream will read it: literal, or from the variables."""
-    return value_from_ast_untyped(node, variables)
+def argument_value(node: ValueNode, variables: dict[str, Any], defaults: dict[str, Any]) -> Any:
+    """A field argument's value as the upstream will read it: a literal, a variable (the request's
+    value, else the operation's default; an explicit null stays null), or an object or list of them."""
+    if isinstance(node, VariableNode):
+        name = node.name.value
+        return variables[name] if name in variables else defaults.get(name)
+    return value_from_ast_untyped(node, {**defaults, **variables})
 
 
 __all__ = ["Document", "DocumentAnalyzer", "DocumentNode", "RootUse", "argument_value"]

@@ -19,6 +19,11 @@ from gateway.core.rules import ProducedAction
 from gateway.errors import ConfigError
 
 SourceKind = Literal["arg", "input", "none", "org"]
+# What an argument the map lets through may hold (checked per request, variables resolved):
+#   any           anything (pagination, flags)
+#   app-image     an image reference; on registry.fly.io only in the root field's app's repository
+#   public-image  an image reference anywhere but registry.fly.io (no app's private images)
+ARG_KINDS = frozenset({"any", "app-image", "public-image"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +41,14 @@ class RootRule:
     filter_organizations: bool = False
     deny_reason: str | None = None
     source: str = ""  # where in the map file, for messages
+    args: tuple[tuple[str, str], ...] = ()  # other arguments allowed, with their kind (ARG_KINDS)
+    input_fields: frozenset[str] = frozenset()  # the fields its `input` may carry (the app's included)
 
 
 @dataclass(frozen=True, slots=True)
 class FieldRule:
     action: str | None = None  # reading the field also needs this action on the root field's app
+    args: tuple[tuple[str, str], ...] = ()  # the arguments it may be given, with their kind
 
 
 class OperationMap:
@@ -85,6 +93,10 @@ class OperationMap:
                 name, rule = _field_rule(entry, f"{path}: types.{type_name}")
                 if name not in graphql_type.fields:
                     raise ConfigError(f"{path}: types.{type_name}: the schema has no field {name!r}")
+                unknown = {arg for arg, _ in rule.args} - set(graphql_type.fields[name].args)
+                if unknown:
+                    raise ConfigError(f"{path}: types.{type_name}.{name}: the schema has no argument(s) "
+                                      f"{', '.join(sorted(unknown))}")
                 types[type_name][name] = rule
         return cls(roots, types, path)
 
@@ -96,9 +108,9 @@ def _root_rule(operation: str, field: str, item: Any, root_type: GraphQLObjectTy
         if item.get("deny") != "always" or not isinstance(item.get("reason"), str):
             raise ConfigError(f"{where}: deny must be `always`, with a `reason` for the client")
         return RootRule(operation, field, deny_reason=item["reason"], source=where)
-    unknown = set(item) - {"action", "app", "filter"}
+    unknown = set(item) - {"action", "app", "filter", "args", "input"}
     if unknown or not isinstance(item.get("action"), str) or not isinstance(item.get("app"), str):
-        raise ConfigError(f"{where}: expected action: and app: (and optionally filter: organizations)")
+        raise ConfigError(f"{where}: expected action: and app: (and optionally filter:, args:, input:)")
     if item.get("filter") not in (None, "organizations"):
         raise ConfigError(f"{where}: filter must be `organizations` when present")
     arguments = root_type.fields[field].args
@@ -116,15 +128,36 @@ def _root_rule(operation: str, field: str, item: Any, root_type: GraphQLObjectTy
                               f"or none (arguments: {', '.join(arguments) or 'none'})")
     if any(s.kind in ("none", "org") for s in sources) and item["action"] != "platform:read":
         raise ConfigError(f"{where}: fields without an app (none, org:) may only be platform:read")
+    args = _args(item.get("args"), where)
+    unknown_args = {arg for arg, _ in args} - set(arguments)
+    if unknown_args:
+        raise ConfigError(f"{where}: the schema has no argument(s) {', '.join(sorted(unknown_args))}")
+    input_fields = frozenset(s.name for s in sources if s.kind == "input")
+    if item.get("input") is not None:
+        fields = item["input"]
+        if not input_fields or not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+            raise ConfigError(f"{where}: input: lists the fields of an `input` that names the app (app: input:...)")
+        input_fields |= frozenset(fields)
     return RootRule(operation, field, item["action"], tuple(sources), item.get("filter") == "organizations",
-                    source=where)
+                    source=where, args=args, input_fields=input_fields)
+
+
+def _args(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and v in ARG_KINDS for k, v in raw.items()):
+        raise ConfigError(f"{where}: args maps argument names to one of {', '.join(sorted(ARG_KINDS))}")
+    return tuple(sorted(raw.items()))
 
 
 def _field_rule(entry: Any, where: str) -> tuple[str, FieldRule]:
     if isinstance(entry, str):
         return entry, FieldRule()
     if isinstance(entry, dict) and len(entry) == 1:
-        ((name, action),) = entry.items()
-        if isinstance(name, str) and isinstance(action, str):
-            return name, FieldRule(action)
-    raise ConfigError(f"{where}: each field is a name, or {{name: action}}")
+        ((name, spec),) = entry.items()
+        if isinstance(name, str) and isinstance(spec, str):
+            return name, FieldRule(spec)
+        if isinstance(name, str) and isinstance(spec, dict) and not set(spec) - {"action", "args"} \
+                and isinstance(spec.get("action", ""), str):
+            return name, FieldRule(spec.get("action") or None, _args(spec.get("args"), f"{where}.{name}"))
+    raise ConfigError(f"{where}: each field is a name, {{name: action}} or {{name: {{action: ..., args: {{...}}}}}}")

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from graphql import GraphQLSchema, build_schema
+from graphql.execution.values import get_variable_values
 
 from gateway.core.audit import AuditLog
 from gateway.core.authorizer import Authorizer, Check
+from gateway.core.constraints import image_repository
 from gateway.core.grants import APP_NAME
 from gateway.errors import BadRequest, Forbidden, GatewayError, error_body
 from gateway.frame import RequestFrame
@@ -30,10 +32,20 @@ from gateway.metrics import GatewayMetrics
 from gateway.surfaces import SurfaceLoad
 from gateway.surfaces.graphql.documents import Document, DocumentAnalyzer, RootUse, argument_value
 from gateway.surfaces.graphql.operations import OperationMap
-from gateway.surfaces.http import RequestHeaders, Scope, client_ip, keep_headers, read_body, relay, send_json
+from gateway.surfaces.http import (
+    RequestHeaders,
+    Scope,
+    client_ip,
+    is_json,
+    keep_headers,
+    read_body,
+    relay,
+    send_json,
+)
 from gateway.upstream.client import UpstreamClient, ms_since
 
 SCHEMA_FILE = Path(__file__).with_name("fly-schema.graphql")
+FLY_REGISTRY = "registry.fly.io/"
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_BATCH = 10
 ANSWER_LIMIT = 8 * 1024 * 1024  # an answer the gateway filters (organizations) is read whole
@@ -52,6 +64,7 @@ def load_schema() -> GraphQLSchema:
 
 class GraphQLSurface:
     name = "graphql"
+    prefixes: tuple[str, ...] = ("/graphql",)
 
     def __init__(self, map_file: Path, *, schema: GraphQLSchema, authorizer: Authorizer, upstream: UpstreamClient,
                  audit: AuditLog, metrics: GatewayMetrics, org_slug: str | None) -> None:
@@ -99,61 +112,102 @@ class GraphQLSurface:
         if scope.get("query_string") or b"?" in (scope.get("raw_path") or b""):
             raise BadRequest("send the GraphQL request in the JSON body, never in the query string")
         headers = RequestHeaders(scope["headers"])
+        if not is_json(scope["headers"]):
+            raise BadRequest("send the GraphQL request as Content-Type: application/json (UTF-8)")
         # 2. authenticate
         claims = await self.authorizer.authenticate(headers.authorization)
         frame.identify(claims)
         # 3. resolve: every root field of every operation, and the app each one names.
         headers.check_declared_length(MAX_REQUEST_BYTES)
         body = await read_body(receive, MAX_REQUEST_BYTES)
-        requests = parse_requests(body)
         analyzer = self.analyzer
         assert analyzer is not None  # installed before the gateway serves
-        documents = [(analyzer.analyze(query), variables) for query, variables in requests]
-        checks = [check for document, variables in documents for check in self.checks(document, variables)]
+        documents = [(analyzer.analyze(query), variables) for query, variables in parse_requests(body)]
+        asked = [pair for document, variables in documents for pair in self.checks(document, variables)]
+        checks = tuple(check for _, check in asked)
         first = checks[0] if checks else None
         record.action, record.app, record.env = (first.action, first.app, first.env) if first else (None, None, None)
-        uses = [use for document, _ in documents for use in document.uses]
-        if len(uses) > 1:  # the record's action and app name the first; the others are listed
-            record.extra = {"graphql": [f"{use.rule.operation} {use.rule.field}" for use in uses]}
-        # 4. decide: every check must be allowed.
-        ruling = self.authorizer.decide(claims, checks)
-        if not ruling.allowed:
-            raise Forbidden(ruling.decision.reason)
-        frame.allow(ruling.decision.reason)
+        if len(asked) > 1:  # the record's action and app are the first's; every one is listed
+            record.extra = {"graphql": [{"field": field, "action": check.action, "app": check.app, "env": check.env}
+                                        for field, check in asked]}
+        # 4. decide: every check must be allowed; the same documents asking the same checks get the
+        # decision this token got for them before.
+        key = (tuple(document for document, _ in documents), checks)
+        cached = self.authorizer.cached(claims, key)
+        if cached is not None:
+            frame.allow(cached.decision.reason)
+            record.who, record.what = cached.who, cached.what
+        else:
+            ruling = self.authorizer.decide(claims, checks)
+            if not ruling.allowed:
+                raise Forbidden(ruling.decision.reason)
+            frame.allow(ruling.decision.reason)
+            self.authorizer.remember(claims, key, ruling, record)
         # 5. rate-limit, 6. forward (7. audit: the frame).
         await self.authorizer.rate_limit(claims)
-        filtered = [use for document, _ in documents for use in document.uses if use.rule.filter_organizations]
+        filtered = [use for document, _ in documents for use in document.filtered]
         record.status = await self.forward(scope, send, frame, body, filtered)
 
-    def checks(self, document: Document, variables: dict[str, Any]) -> list[Check]:
-        checks: list[Check] = []
+    def checks(self, document: Document, variables: dict[str, Any]) -> list[tuple[str, Check]]:
+        """What the document asks, with these variables: one check per root field and field action.
+        The variables must be what the operations declare (graphql-core's coercion, as the upstream
+        will do it), and every argument the map lets through must hold what its kind allows."""
+        for definitions in document.variables:
+            if definitions:
+                coerced = get_variable_values(self.schema, definitions, variables, max_errors=3)
+                if isinstance(coerced, list):
+                    raise BadRequest("GraphQL variables do not fit the operation: "
+                                     + "; ".join(error.message for error in coerced))
+        checks: list[tuple[str, Check]] = []
         for use in document.uses:
             app = self.app_of(use, variables)
-            checks.append(self.authorizer.check(use.rule.action, app))
-            checks += [self.authorizer.check(action, app) for action in use.field_actions]
+            self.check_arguments(use, variables, app)
+            field = f"{use.rule.operation} {use.rule.field}"
+            checks.append((field, self.authorizer.check(use.rule.action, app)))
+            checks += [(field, self.authorizer.check(action, app)) for action in use.field_actions]
         return checks
+
+    def check_arguments(self, use: RootUse, variables: dict[str, Any], app: str | None) -> None:
+        if use.rule.input_fields and "input" in use.arguments:
+            given = argument_value(use.arguments["input"], variables, use.defaults)
+            extra = sorted(set(given) - use.rule.input_fields) if isinstance(given, dict) else []
+            if extra:
+                raise Forbidden(f"GraphQL field {use.rule.field}: input field(s) {', '.join(extra)} are not accepted "
+                                f"through the gateway (accepted: {', '.join(sorted(use.rule.input_fields))})")
+        for where, node, kind in use.arg_checks:
+            value = argument_value(node, variables, use.defaults)
+            if kind == "any" or value is None:
+                continue
+            if not isinstance(value, str):
+                raise BadRequest(f"{where} must be an image reference")
+            repository = image_repository(value)
+            if not repository.startswith(FLY_REGISTRY):
+                continue
+            if kind == "public-image" or repository != FLY_REGISTRY + (app or ""):
+                raise Forbidden(f"{where}: {repository} is not an image of "
+                                + (f"app {app}" if kind == "app-image" and app else "a public registry")
+                                + "; the gateway does not read other apps' images")
 
     def app_of(self, use: RootUse, variables: dict[str, Any]) -> str | None:
         """The app `use` names (None: a platform read), however it is spelled; refuses anything else."""
-        where = f"GraphQL field {use.rule.field}"
-        given = {**use.defaults, **variables}
         found: list[tuple[str, Any]] = []
         for source in use.rule.sources:
             if source.kind == "none":
                 return None
             if source.kind == "input":
                 node = use.arguments.get("input")
-                value = argument_value(node, given) if node is not None else None
+                value = argument_value(node, variables, use.defaults) if node is not None else None
                 if isinstance(value, dict) and value.get(source.name) is not None:
                     found.append((f"input.{source.name}", value[source.name]))
                 continue
             node = use.arguments.get(source.name)
             if node is not None:
-                value = argument_value(node, given)
+                value = argument_value(node, variables, use.defaults)
                 if value is not None:
                     found.append((source.name, value))
-        spelled = " or ".join(s.name if s.kind != "input" else f"input.{s.name}" for s in use.rule.sources)
+        where = f"GraphQL field {use.rule.field}"
         if len(found) != 1:
+            spelled = " or ".join(s.name if s.kind != "input" else f"input.{s.name}" for s in use.rule.sources)
             raise BadRequest(f"{where} must name its app in exactly one of {spelled}")
         name, value = found[0]
         if use.rule.sources[0].kind == "org":
@@ -169,6 +223,7 @@ class GraphQLSurface:
     async def forward(self, scope: Scope, send: Any, frame: RequestFrame, body: bytes, filtered: list[RootUse]) -> int:
         headers = self.upstream.build_headers(scope["headers"], client_ip=frame.record.client_ip,
                                               scheme=scope.get("scheme", "http"), request_id=frame.request_id)
+        headers["Content-Type"] = "application/json"  # the type the gateway read the body as, whatever was sent
         response = await self.upstream.send("POST", b"", headers, body)
         try:
             if filtered and 200 <= response.status < 300:
@@ -215,9 +270,12 @@ def parse_requests(body: bytes) -> list[tuple[str, dict[str, Any]]]:
     """(document, variables) of each request in the body: one JSON object, or a batch (an array)."""
     try:
         text = body.decode("utf-8")  # strict: no surrogates smuggled in as bytes
-        parsed = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        parsed = _DECODER.decode(text)
         if _SURROGATE_ESCAPE.search(text):
-            json.dumps(parsed).encode("utf-8")  # a lone surrogate would be read differently upstream
+            # A lone surrogate escape (\ud800) would be read differently by other JSON parsers.
+            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise BadRequest("the GraphQL request nests JSON too deeply") from None
     except (ValueError, UnicodeError) as exc:
         raise BadRequest(f"the GraphQL request is not valid JSON ({exc}); send "
                          '{"query": "...", "variables": {...}}') from None
@@ -233,9 +291,11 @@ def parse_requests(body: bytes) -> list[tuple[str, dict[str, Any]]]:
         if unknown:
             raise BadRequest(f"unknown GraphQL request key(s) {', '.join(unknown)}; send query, variables and "
                              "operationName only")
-        variables = item.get("variables") or {}
+        variables = item.get("variables")
+        if variables is None:
+            variables = {}
         if not isinstance(variables, dict):
-            raise BadRequest("GraphQL variables must be a JSON object")
+            raise BadRequest("GraphQL variables must be a JSON object (or null)")
         if item.get("operationName") is not None and not isinstance(item["operationName"], str):
             raise BadRequest("operationName must be a string")
         requests.append((item["query"], variables))
@@ -243,12 +303,14 @@ def parse_requests(body: bytes) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in document:
-            raise ValueError(f"the key {key!r} appears twice")
-        document[key] = value
+    document = dict(pairs)
+    if len(document) != len(pairs):  # rare: find which key, for the message
+        keys = [key for key, _ in pairs]
+        raise ValueError(f"the key {next(key for key in keys if keys.count(key) > 1)!r} appears twice")
     return document
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)  # one decoder, not one per request
 
 
 def graphql_error_body(error: GatewayError, request_id: str) -> dict[str, Any]:

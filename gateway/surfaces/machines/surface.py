@@ -47,6 +47,7 @@ from gateway.upstream.client import UpstreamClient, ms_since
 
 class MachinesSurface:
     name = "machines"
+    prefixes: tuple[str, ...] = ("",)
 
     def __init__(self, route_files: list[Path], *, authorizer: Authorizer, upstream: UpstreamClient,
                  audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int) -> None:
@@ -98,7 +99,7 @@ class MachinesSurface:
         frame.identify(claims)
         # 3. resolve: route, app, action, environment (the body is read only where it names the app).
         if line is None or self.routes is not routes:
-            line, body = await self.resolve(method, target, record.path, receive)
+            line, body = await self.resolve(scope, method, target, record.path, receive)
         else:
             body = None
         check = line.check
@@ -135,7 +136,8 @@ class MachinesSurface:
                 raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
         return await self.authorizer.authenticate(headers.authorization)
 
-    async def resolve(self, method: str, target: Target, path: str, receive: Any) -> tuple[RequestLine, bytes | None]:
+    async def resolve(self, scope: Scope, method: str, target: Target, path: str,
+                      receive: Any) -> tuple[RequestLine, bytes | None]:
         routes = self.routes
         match = routes.resolve(method, target.path)
         body = await read_body(receive, self.max_body_bytes) if match.route.needs_body else None
@@ -161,8 +163,7 @@ class MachinesSurface:
     async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
                       line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
         record = frame.record
-        headers = self.upstream.build_headers(scope["headers"], client_ip=record.client_ip,
-                                              scheme=scope.get("scheme", "http"), request_id=frame.request_id)
+        headers = self.upstream_headers(scope, frame, body)
         payload: Any = body
         stream = None
         if body is None and has_body:
@@ -188,6 +189,13 @@ class MachinesSurface:
             return response.status
         finally:
             response.release()
+
+
+    def upstream_headers(self, scope: Scope, frame: RequestFrame, body: bytes | None) -> Any:
+        """The headers the upstream gets: the client's, less credentials and hop-by-hop ones, plus
+        the upstream credential and the gateway's own forwarding headers."""
+        return self.upstream.build_headers(scope["headers"], client_ip=frame.record.client_ip,
+                                           scheme=scope.get("scheme", "http"), request_id=frame.request_id)
 
 
 def describe_token(claims: Claims) -> dict[str, Any]:

@@ -20,13 +20,12 @@ from typing import Any
 
 from gateway.core.audit import AuditLog
 from gateway.core.authorizer import Authorizer
-from gateway.core.jsonbody import load_strict
 from gateway.core.tokens import Claims
-from gateway.errors import BadRequest, Forbidden, GatewayError
+from gateway.errors import BadRequest, Forbidden
 from gateway.frame import RequestFrame
 from gateway.metrics import GatewayMetrics
 from gateway.store import TokenStore
-from gateway.surfaces.http import Scope, keep_headers
+from gateway.surfaces.http import Scope, is_json, keep_headers, read_body
 from gateway.surfaces.machines.request_lines import RequestLine
 from gateway.surfaces.machines.surface import MachinesSurface
 from gateway.surfaces.paths import Target
@@ -39,6 +38,7 @@ PREFIX = "/api/v1/"
 
 class RestSurface(MachinesSurface):
     name = "rest"
+    prefixes: tuple[str, ...] = (PREFIX,)
 
     def __init__(self, route_files: list[Path], *, authorizer: Authorizer, upstream: UpstreamClient,
                  audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int, store: TokenStore,
@@ -51,9 +51,20 @@ class RestSurface(MachinesSurface):
     def serves(self, path: str) -> bool:
         return path.startswith(PREFIX)
 
-    async def resolve(self, method: str, target: Target, path: str, receive: Any) -> tuple[RequestLine, bytes | None]:
-        line, body = await super().resolve(method, target, path, receive)
+    async def resolve(self, scope: Scope, method: str, target: Target, path: str,
+                      receive: Any) -> tuple[RequestLine, bytes | None]:
+        line, body = await super().resolve(scope, method, target, path, receive)
         route = line.resolved.route
+        document: dict[str, Any] = {}
+        if method in ("POST", "PUT", "PATCH"):
+            # Every body here is small JSON, read whole: checked with the exact keys a case-sensitive
+            # upstream reads (never folded), and forwarded as read.
+            if body is None:
+                body = await read_body(receive, self.max_body_bytes)
+            document = json_document(scope, body)
+        if route.app_source in ("body", "lookup") and target.has_query:
+            raise BadRequest(f"{method} {route.path} takes no query string (the app is named in the "
+                             f"{'body' if route.app_source == 'body' else 'path'} only)")
         if route.app_source == "org":
             slug = self.routes.resolve(method, target.path).params[route.app_fields[0]]
             if self.org_slug is None or slug != self.org_slug:
@@ -67,20 +78,26 @@ class RestSurface(MachinesSurface):
                                 "so it cannot be authorized")
             check = self.authorizer.check(line.resolved.action, app)
             line = RequestLine(line.method, line.target, line.path, line.resolved, check)  # never cached
-        if route.operation == "Builds_depot_builder":
-            scope = _field(body, "builder_scope")
-            if scope != "app":
-                raise Forbidden(f"a Depot builder scoped to the {scope or 'organization'} builds for every app of it; "
-                                "ask for one scoped to the app (fly deploy --depot-scope=app)")
+        if route.operation == "Builds_depot_builder" and document.get("builder_scope") != "app":
+            scope_name = document.get("builder_scope") or "organization"
+            raise Forbidden(f"a Depot builder scoped to the {scope_name} builds for every app of it; "
+                            "ask for one scoped to the app (fly deploy --depot-scope=app)")
         return line, body
+
+    def upstream_headers(self, scope: Scope, frame: RequestFrame, body: bytes | None) -> Any:
+        headers = super().upstream_headers(scope, frame, body)
+        if body is not None:
+            headers["Content-Type"] = "application/json"  # what the gateway read it as
+        return headers
 
     async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
                       line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
+        if body is None and has_body:
+            raise BadRequest(f"{scope['method']} {line.resolved.route.path} takes no body")
         remember = line.resolved.route.remember
         if remember is None:
             return await super().forward(scope, receive, send, frame, target, line, claims, body, has_body)
-        headers = self.upstream.build_headers(scope["headers"], client_ip=frame.record.client_ip,
-                                              scheme=scope.get("scheme", "http"), request_id=frame.request_id)
+        headers = self.upstream_headers(scope, frame, body)
         response = await self.upstream.send(scope["method"], target.forward_target, headers, body)
         try:
             answer = await response.read_all(ANSWER_LIMIT)
@@ -105,14 +122,44 @@ class RestSurface(MachinesSurface):
             await self.store.remember(f"{kind}:{identifier}", line.check.app, expires_at=int(time.time()) + REMEMBER_S)
 
 
-def _field(body: bytes | None, name: str) -> Any:
-    if not body:
-        return None
+SENSITIVE_KEYS = ("app_name", "builder_scope")
+
+
+def json_document(scope: Scope, body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, read the way a case-sensitive upstream reads it: exact keys, no key
+    twice, `app_name`/`builder_scope` spelled exactly and only at the top level (a `release` wrapper
+    naming another app could be what a framework hands the handler)."""
+    if not is_json(scope["headers"]):
+        raise BadRequest("send the body as Content-Type: application/json (UTF-8)")
     try:
-        document = load_strict(body)
-    except GatewayError:
-        raise BadRequest("the body is not a JSON object") from None
-    return document.get(name.casefold()) if isinstance(document, dict) else None
+        document = json.loads(body.decode("utf-8"), object_pairs_hook=_exact_keys)
+    except RecursionError:
+        raise BadRequest("the body nests JSON too deeply") from None
+    except (ValueError, UnicodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise BadRequest("the body must be a JSON object")
+    _check_keys(document, top=True)
+    return document
+
+
+def _exact_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("a key appears twice")
+    return document
+
+
+def _check_keys(value: Any, *, top: bool) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _check_keys(item, top=False)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            folded = key.casefold()
+            if folded in SENSITIVE_KEYS and (key != folded or not top):
+                raise BadRequest(f"the body names {key!r}; send {folded!r} exactly, once, at the top level")
+            _check_keys(item, top=False)
 
 
 def _length_and_type(headers: list[tuple[bytes, bytes]], body: bytes) -> list[tuple[bytes, bytes]]:
