@@ -13,10 +13,9 @@ from typing import Any
 
 from gateway.api.app import create_api_app
 from gateway.config import load_config
-from gateway.errors import UnknownRoute
+from gateway.errors import ConfigError
 from gateway.server import freeze_startup_heap
 from gateway.services import Services
-from gateway.surfaces.http import send_error
 
 OWN_PREFIXES = ("/_gateway/", "/.well-known/")
 
@@ -30,6 +29,8 @@ class GatewayApp:
         # The last surface serves every path no other one does (the Machines API); the others are
         # asked only for paths under one of their prefixes, so most requests cost one startswith.
         *self.specific, self.default = services.surfaces
+        if self.default.prefixes != ("",):
+            raise ConfigError(f"the last surface ({self.default.name}) must serve every path no other one does")
         self.prefixes = tuple(prefix for surface in self.specific for prefix in surface.prefixes)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -44,10 +45,7 @@ class GatewayApp:
                     if surface.serves(path):
                         await surface(scope, receive, send)
                         return
-            if self.default.serves(path):
-                await self.default(scope, receive, send)
-                return
-            await send_error(send, UnknownRoute(f"no API of this gateway serves {path}; it is denied"), "")
+            await self.default(scope, receive, send)  # it serves every path (unknown ones: unknown_route)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         # websockets: not part of any upstream API, refused by not accepting.

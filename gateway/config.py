@@ -57,6 +57,7 @@ class Config:
     upstream_graphql_url: str = "https://api.fly.io/graphql"
     upstream_api_url: str = "https://api.fly.io"
     upstream_org_slug: str | None = None
+    upstream_registry_url: str = "https://registry.fly.io"
     routes: tuple[Path, ...] = ()
     graphql_map: Path = Path("policies/routes/fly-graphql.yaml")
     rest_routes: tuple[Path, ...] = ()
@@ -77,6 +78,7 @@ class Config:
     audit_sinks: tuple[str, ...] = ("stdout",)
     audit_redis_maxlen: int = 100_000
     limits_max_body_bytes: int = 10 * 1024 * 1024
+    limits_max_blob_bytes: int = 10 * 1024 * 1024 * 1024  # image layers pushed through the registry surface
     rate_limit_requests_per_second: float = 0.0
     rate_limit_burst: int = 0
     rate_limit_roles: tuple[RoleRateLimit, ...] = ()
@@ -161,6 +163,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "graphql_url": ("upstream_graphql_url", parsers.http_url),
         "api_url": ("upstream_api_url", parsers.http_url),
         "org_slug": ("upstream_org_slug", parsers.org_slug),
+        "registry_url": ("upstream_registry_url", parsers.http_url),
     },
     "graphql": {"map": ("graphql_map", parsers.path_value)},
     "rest": {"routes": ("rest_routes", parsers.string_list)},
@@ -177,7 +180,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
     "store": {"url": ("store_url", parsers.store_url), "timeout_ms": ("store_timeout_ms", parsers.positive_int),
               "prefix": ("store_prefix", parsers.key_prefix)},
     "audit": {"sinks": ("audit_sinks", parsers.sinks), "redis_maxlen": ("audit_redis_maxlen", parsers.positive_int)},
-    "limits": {"max_body_bytes": ("limits_max_body_bytes", parsers.positive_int)},
+    "limits": {"max_body_bytes": ("limits_max_body_bytes", parsers.positive_int),
+               "max_blob_bytes": ("limits_max_blob_bytes", parsers.positive_int)},
     "rate_limit": {
         "requests_per_second": ("rate_limit_requests_per_second", parsers.non_negative_float),
         "burst": ("rate_limit_burst", parsers.non_negative_int),

@@ -13,19 +13,30 @@ says "denied" until the work says otherwise, and on the way out, whatever happen
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import unquote_to_bytes
 
 from gateway.core.audit import AuditLog, AuditRecord
 from gateway.core.tokens import Claims
-from gateway.errors import GatewayError, StateUnavailable
+from gateway.errors import GatewayError, StateUnavailable, Unauthenticated
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("scopegate")
 T = TypeVar("T")
+
+
+def refuse_tokens_in_query(raw_query: bytes) -> None:
+    """Tokens travel in the Authorization header only: a query string naming one (however it is
+    percent-encoded) is refused, on every surface and endpoint alike, before anything else."""
+    if raw_query:
+        query = unquote_to_bytes(raw_query).lower()
+        if b"sgt_" in query or b"access_token" in query:
+            raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
 
 
 class RequestFrame:
@@ -51,10 +62,12 @@ class RequestFrame:
         record = self.record
         record.decision, record.reason, record.what = "allow", reason, None
 
-    async def run(self, work: Callable[[], Awaitable[T]], render: Callable[[GatewayError], Awaitable[T]]) -> T:
-        """`work()`, or `render(error)` when it fails; audited and measured either way."""
+    async def run(self, work: Awaitable[T] | Callable[[], Awaitable[T]],
+                  render: Callable[[GatewayError], Awaitable[T]]) -> T:
+        """`work` (a coroutine, or what makes one), or `render(error)` when it fails; audited and
+        measured either way."""
         try:
-            return await work()
+            return await (work if inspect.isawaitable(work) else work())
         except GatewayError as error:
             self.record.deny(error.status, error.audit_reason)
             if isinstance(error, StateUnavailable):

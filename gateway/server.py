@@ -3,7 +3,7 @@
 `TargetProtocol` extends uvicorn's httptools protocol in three ways:
 - it keeps the request line's target as received in the scope extension
   `scopegate.request_target` (httptools parses absolute-form targets and drops fragments before
-  the application sees them, so the gateway could not refuse them); `proxy.request_target`
+  the application sees them, so the gateway could not refuse them); `surfaces.http.request_target`
   prefers it over `raw_path`;
 - a client must finish its request line and headers within `HEADER_TIMEOUT_S` of connecting (or
   of starting the next request on a kept-alive connection), else 408 and the connection closes:

@@ -36,6 +36,8 @@ from gateway.surfaces import Surface
 from gateway.surfaces.graphql.operations import OperationMap
 from gateway.surfaces.graphql.surface import GraphQLSurface, load_schema
 from gateway.surfaces.machines.surface import MachinesSurface
+from gateway.surfaces.registry.surface import RegistrySurface
+from gateway.surfaces.registry.surface import produced_actions as registry_actions
 from gateway.surfaces.rest.surface import RestSurface
 from gateway.surfaces.routes import RouteTable
 from gateway.upstream.client import UpstreamClient
@@ -74,32 +76,41 @@ class Services:
 
         upstream, graphql_upstream, rest_upstream = (upstream_at(url) for url in (
             config.upstream_url, config.upstream_graphql_url, config.upstream_api_url))
+        # The image registry takes the same credential as docker sends it: basic auth, user `x`.
+        registry_upstream = UpstreamClient(config.upstream_registry_url, auth_scheme=config.upstream_auth_scheme,
+                                           credential=secret, basic_user="x",
+                                           connect_timeout_s=config.upstream_connect_timeout_s,
+                                           read_timeout_s=config.upstream_read_timeout_s)
         registry = TokenRegistry(store, TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience),
                                  known_roles=set, default_ttl_s=config.tokens_default_ttl_s,
                                  max_ttl_s=config.tokens_max_ttl_s)
         authorizer = Authorizer(TokenVerifier(keyring, config.tokens_issuer, config.tokens_audience), registry,
                                 EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
-                                                    config.environment_default))
+                                                    config.environment_default),
+                                rate_limits(config, store))
         surfaces: list[Surface] = [
             GraphQLSurface(config.graphql_map, schema=load_schema(), authorizer=authorizer, upstream=graphql_upstream,
                            audit=audit, metrics=metrics, org_slug=config.upstream_org_slug),
             RestSurface(list(config.rest_routes), authorizer=authorizer, upstream=rest_upstream, audit=audit,
                         metrics=metrics, max_body_bytes=config.limits_max_body_bytes, store=store,
                         org_slug=config.upstream_org_slug),
+            RegistrySurface(authorizer=authorizer, upstream=registry_upstream, audit=audit, metrics=metrics,
+                            store=store, max_body_bytes=config.limits_max_body_bytes,
+                            max_blob_bytes=config.limits_max_blob_bytes),
             MachinesSurface(list(config.routes), authorizer=authorizer, upstream=upstream, audit=audit,
                             metrics=metrics, max_body_bytes=config.limits_max_body_bytes),  # serves the rest
         ]
         reloader = Reloader(config, authorizer, surfaces, metrics)
         reloader.install(*load_policy(config, surfaces))  # the rules come from the policy and the route maps
         roles = authorizer.rules.policy.roles()
-        authorizer.limits = build_rate_limits(config, store, roles)
+        check_rate_limit_roles(config, roles)  # before the audit sinks open: a bad key opens no file
         exchanger = TokenExchanger(config.oidc_trust, registry=registry, store=store,
                                    gateway_audience=config.tokens_audience,
                                    known_roles=roles) if config.oidc_trust else None
         audit.open(sinks_from_config(config.audit_sinks, config.base_dir, redis_sink=redis_sink(config, store)))
         return cls(config=config, store=store, authorizer=authorizer, audit=audit, upstream=upstream,
                    surfaces=surfaces, reloader=reloader, metrics=metrics, exchanger=exchanger,
-                   upstreams=[upstream, graphql_upstream, rest_upstream])
+                   upstreams=[upstream, graphql_upstream, rest_upstream, registry_upstream])
 
     @property
     def registry(self) -> TokenRegistry:
@@ -156,7 +167,8 @@ def produced_actions(config: Config) -> list[ProducedAction]:
     `scopegate policy check`); the same files `Services.build` loads into the surfaces."""
     return [*RouteTable.load(config.routes).produced_actions(),
             *RouteTable.load(config.rest_routes).produced_actions(),
-            *OperationMap.load(config.graphql_map, load_schema()).produced_actions()]
+            *OperationMap.load(config.graphql_map, load_schema()).produced_actions(),
+            *registry_actions()]
 
 
 def redis_sink(config: Config, store: TokenStore) -> Callable[[], Sink] | None:
@@ -165,11 +177,14 @@ def redis_sink(config: Config, store: TokenStore) -> Callable[[], Sink] | None:
     return None if sink is None else (lambda: sink)
 
 
-def build_rate_limits(config: Config, store: TokenStore, known_roles: set[str]) -> RateLimits:
+def rate_limits(config: Config, store: TokenStore) -> RateLimits:
     """`rate_limit.requests_per_second`/`burst`, with `rate_limit.roles` overrides, in the store's buckets."""
+    return RateLimits(store.rate_buckets, (config.rate_limit_requests_per_second, config.rate_limit_burst),
+                      {item.role: (item.requests_per_second, item.burst) for item in config.rate_limit_roles})
+
+
+def check_rate_limit_roles(config: Config, known_roles: set[str]) -> None:
     for item in config.rate_limit_roles:
         if item.role not in known_roles:
             raise ConfigError(f"rate_limit.roles: role {item.role!r} is not in the policy; known roles: "
                               f"{', '.join(sorted(known_roles))}")
-    return RateLimits(store.rate_buckets, (config.rate_limit_requests_per_second, config.rate_limit_burst),
-                      {item.role: (item.requests_per_second, item.burst) for item in config.rate_limit_roles})

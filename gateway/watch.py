@@ -74,7 +74,6 @@ class Reloader:
         self.authorizer.install(rules)
         for load in loads:
             load.install()
-        self.authorizer.registry.known_roles = rules.policy.roles
 
     def reload_keyring(self) -> bool:
         try:
@@ -83,9 +82,7 @@ class Reloader:
             self.metrics.reloaded(ok=False)
             log.error("keyring reload refused, the last good keyring keeps serving: %s", exc)
             return False
-        # A retired key must stop verifying at once: forget every cached verification.
-        self.authorizer.verifier.keyring = self.authorizer.registry.issuer.keyring = keyring
-        self.authorizer.verifier.clear_cache()
+        self.authorizer.install_keyring(keyring)
         self.metrics.reloaded(ok=True)
         log.warning("keyring reloaded: active key %s, %d verifying", keyring.active.kid, len(keyring.verifying_keys()))
         return True

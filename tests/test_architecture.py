@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 PACKAGE = REPO / "gateway"
@@ -119,6 +121,48 @@ def violations(importers: list[str], forbidden: tuple[str, ...],
             if within(i, *forbidden) and (name, i) not in allowed]
 
 
+# Who may import whom (docs/architecture.md's table): for each package or module, the parts of the
+# gateway it may import besides itself. `gateway.store` alone is the store's protocol (records);
+# its backends are the composition root's business.
+ALLOWED: dict[str, set[str]] = {
+    "gateway.core": {"gateway.errors", "gateway.durations", "=gateway.store"},
+    "gateway.surfaces": {"gateway.core", "gateway.errors", "gateway.durations", "gateway.frame", "gateway.metrics",
+                         "gateway.upstream", "=gateway.store"},
+    "gateway.upstream": {"gateway.errors"},
+    "gateway.oidc": {"gateway.core", "gateway.errors", "gateway.durations", "=gateway.store"},
+    "gateway.store": {"gateway.core", "gateway.errors", "gateway.config"},
+    "gateway.frame": {"gateway.core", "gateway.errors", "gateway.metrics"},
+    "gateway.metrics": set(),
+    "gateway.errors": set(),
+    "gateway.durations": set(),
+    "gateway.server": {"gateway.errors"},
+    "gateway.config": {"=gateway", "gateway.config_values", "gateway.durations", "gateway.errors",
+                       "gateway.oidc.rules"},
+    "gateway.config_values": {"gateway.durations"},
+    "gateway.watch": {"gateway.config", "gateway.core", "gateway.errors", "gateway.metrics", "gateway.store",
+                      "gateway.surfaces"},
+    "gateway.services": {"gateway.config", "gateway.core", "gateway.errors", "gateway.metrics", "gateway.oidc",
+                         "gateway.store", "gateway.surfaces", "gateway.upstream", "gateway.watch"},
+    "gateway.api": {"gateway", "gateway.core", "gateway.durations", "gateway.errors", "gateway.frame", "gateway.oidc",
+                    "gateway.services", "gateway.surfaces"},
+    "gateway.app": {"gateway.api", "gateway.config", "gateway.errors", "gateway.server", "gateway.services"},
+}
+
+
+def test_every_import_is_one_the_architecture_allows() -> None:
+    breaches = []
+    for name, imports in EDGES.items():
+        rule = max((p for p in ALLOWED if within(name, p)), key=len, default=None)
+        if rule is None:
+            continue  # gateway.cli and gateway.dev: the rules below
+        for imported in imports:
+            if not imported.startswith("gateway") or within(imported, rule):
+                continue
+            if not any(imported == a[1:] if a.startswith("=") else within(imported, a) for a in ALLOWED[rule]):
+                breaches.append(f"{name} -> {imported}")
+    assert breaches == [], "imports the table in docs/architecture.md does not allow"
+
+
 def test_the_decision_core_knows_nothing_of_http_or_surfaces() -> None:
     core = [n for n in EDGES if within(n, "gateway.core")]
     assert len(core) > 10
@@ -133,6 +177,17 @@ def test_nothing_a_gateway_serves_with_imports_the_cli() -> None:
 def test_production_code_never_imports_dev_mode() -> None:
     # Only `scopegate serve --dev` may load the sandbox.
     assert violations([n for n in EDGES if not within(n, "gateway.dev")], ("gateway.dev",), DEV_DOOR) == []
+
+
+def test_the_table_catches_a_breach() -> None:
+    edges = dict(EDGES)
+    try:
+        EDGES["gateway.core.policy"] = EDGES["gateway.core.policy"] | {"gateway.metrics"}
+        with pytest.raises(AssertionError):
+            test_every_import_is_one_the_architecture_allows()
+    finally:
+        EDGES.clear()
+        EDGES.update(edges)
 
 
 def test_the_rules_catch_a_breach() -> None:

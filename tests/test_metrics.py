@@ -73,7 +73,7 @@ def test_requests_are_counted_by_decision_action_and_status(gateway: RunningGate
     assert call(gateway, token, "GET", "/v1/apps/web-staging/machines") == 200
     assert call(gateway, token, "POST", "/v1/apps/web-prod/machines") == 403
     assert call(gateway, None, "GET", "/v1/apps/web-staging/machines") == 401
-    assert call(gateway, token, "GET", "/v2/not-a-route") == 403
+    assert call(gateway, token, "GET", "/v1/not-a-route") == 403
     gateway.upstream.replies[b"/v1/apps/web-staging"] = Reply(status=404, body=b"{}")
     assert call(gateway, token, "GET", "/v1/apps/web-staging") == 404
     assert call(gateway, admin, "GET", "/_gateway/v1/tokens") == 200

@@ -21,6 +21,7 @@ import yaml
 from gateway.app import GatewayApp
 from gateway.config import load_config
 from gateway.core import decision_cache
+from gateway.core.audit import AuditRecord
 from gateway.core.authorizer import Ruling
 from gateway.core.decision_cache import CachedDecision, DecisionCache
 from gateway.core.environments import EnvironmentResolver
@@ -255,13 +256,13 @@ def test_caches_drop_everything_when_the_policy_or_routes_change(gateway: Runnin
     assert decisions.get(services.authorizer.rules, owner, line) is None
     assert lines.get(*_lines(services), "GET", MACHINES.encode(), b"", False) is None
     # A put for a request decided before the reload is ignored.
-    stale = DecisionCache()
-    ruling, entry = _entry(services, owner, line)
-    stale.get(services.authorizer.rules, owner, line)
+    authorizer = services.authorizer
+    ruling, _ = _entry(services, owner, line)
+    authorizer.cached(owner, line)
     assert services.reloader.reload_policy()
-    stale.get(services.authorizer.rules, owner, line)
-    _put(stale, owner, line, ruling, entry)
-    assert stale.entries == {}
+    authorizer.remember(owner, line, ruling, AuditRecord("r", "127.0.0.1", "GET", MACHINES, "machines:read"))
+    assert authorizer.decisions.entries == {}
+    assert authorizer.cached(owner, line) is None
 
 
 def test_caches_stay_within_their_bounds(gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> None:

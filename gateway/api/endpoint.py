@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.core.audit import AuditRecord
 from gateway.core.tokens import Claims
-from gateway.errors import BadRequest, Forbidden, GatewayError, error_body
-from gateway.frame import RequestFrame
+from gateway.errors import Forbidden, GatewayError, error_body
+from gateway.frame import RequestFrame, refuse_tokens_in_query
 from gateway.services import Services
 
 Handler = Callable[[Request, Claims, AuditRecord], Awaitable[Response]]
@@ -40,8 +40,7 @@ def authorized(services: Services, action: str | None, handler: Handler, *,
         frame = open_frame(services, request, action or audit_as or "gateway:self")
 
         async def work() -> Response:
-            if b"sgt_" in request.url.query.encode() or "access_token" in request.query_params:
-                raise BadRequest("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
+            refuse_tokens_in_query(request.scope.get("query_string", b""))
             claims = await services.authorizer.authenticate(
                 [v.encode("latin-1") for v in request.headers.getlist("authorization")])
             frame.identify(claims)

@@ -50,6 +50,7 @@ def exchange_endpoint(services: Services) -> Callable[[Request], Awaitable[Respo
             if not isinstance(error, ExchangeError):  # fail closed, and say so in the RFC shape
                 error = ExchangeError("server_error", "the exchange failed inside the gateway; nothing was minted",
                                       status=500)
+                record.status = error.status  # the record says what the client got
             return JSONResponse(error.body(), status_code=error.status,
                                 headers={**error.headers, "x-request-id": frame.request_id})
 

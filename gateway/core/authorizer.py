@@ -22,8 +22,9 @@ from gateway.core.audit import AuditRecord, what_part, who_part
 from gateway.core.constraints import Constraint
 from gateway.core.decision_cache import CachedDecision, DecisionCache
 from gateway.core.environments import EnvironmentResolver
+from gateway.core.keyring import Keyring
 from gateway.core.policy import Decision, decide
-from gateway.core.ratelimit import LocalBuckets, RateLimits
+from gateway.core.ratelimit import RateLimits
 from gateway.core.registry import TokenRegistry
 from gateway.core.rules import Rules
 from gateway.core.tokens import Claims, TokenVerifier
@@ -42,31 +43,45 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class Ruling:
-    """A decision and the rules it was taken under."""
+    """A decision, the rules it was taken under, and each check's own decision (a request may need
+    several): `check` is the check that decided, the refused one when refused."""
 
     decision: Decision
     rules: Rules
     generation: int
+    decisions: tuple[tuple[Check, Decision], ...] = ()
+    check: Check | None = None
 
     @property
     def allowed(self) -> bool:
         return self.decision.allowed
+
+    def decision_for(self, check: Check) -> Decision | None:
+        return next((decision for asked, decision in self.decisions if asked == check), None)
 
 
 class Authorizer:
     rules: Rules  # set by `install` before the gateway serves (services.py)
 
     def __init__(self, verifier: TokenVerifier, registry: TokenRegistry, environments: EnvironmentResolver,
-                 limits: RateLimits | None = None) -> None:
+                 limits: RateLimits) -> None:
         self.verifier = verifier
         self.registry = registry
         self.environments = environments
-        self.limits = limits or RateLimits(LocalBuckets, (0.0, 0))  # unlimited until configured
+        self.limits = limits
         self.decisions = DecisionCache()
 
     def install(self, rules: Rules) -> None:
-        """Serve `rules` from now on (a reload): cached decisions of the old ones are never used."""
+        """Serve `rules` from now on (a reload): the decisions cached under the old ones are dropped
+        now, and the roles new grants may name are the new policy's."""
         self.rules = rules
+        self.decisions = DecisionCache()
+        self.registry.known_roles = rules.policy.roles
+
+    def install_keyring(self, keyring: Keyring) -> None:
+        """Verify and mint with `keyring` from now on: a retired key stops verifying at once."""
+        self.verifier.keyring = self.registry.issuer.keyring = keyring
+        self.verifier.clear_cache()
 
     async def authenticate(self, authorization: list[bytes]) -> Claims:
         """The caller's verified, registered, unrevoked token claims; raises Unauthenticated."""
@@ -85,19 +100,20 @@ class Authorizer:
         """Allowed iff every check is (grants ∩ policy, DESIGN section 4); the first refusal otherwise."""
         rules = self.rules
         generation = rules.policy.generation
-        decisions = []
+        decided: list[tuple[Check, Decision]] = []
         for check in checks:
             decision = decide(claims.grants, rules.policy, app=check.app, env=check.env, action=check.action,
                               token_name=claims.name, org_filtered=check.org_filtered)
+            decided.append((check, decision))
             if not decision.allowed:
-                return Ruling(decision, rules, generation)
-            decisions.append(decision)
-        if not decisions:
+                return Ruling(decision, rules, generation, tuple(decided), check)
+        if not decided:
             return Ruling(Decision(False, "the request names nothing this gateway can authorize"), rules, generation)
-        if len(decisions) == 1:
-            return Ruling(decisions[0], rules, generation)
-        reason = "; ".join(dict.fromkeys(d.reason for d in decisions))
-        return Ruling(Decision(True, reason, decisions[0].grant, decisions[0].rule), rules, generation)
+        if len(decided) == 1:
+            return Ruling(decided[0][1], rules, generation, tuple(decided), decided[0][0])
+        reason = "; ".join(dict.fromkeys(decision.reason for _, decision in decided))
+        first = decided[0][1]
+        return Ruling(Decision(True, reason, first.grant, first.rule), rules, generation, tuple(decided), decided[0][0])
 
     def decide_gateway(self, claims: Claims, action: str) -> Ruling:
         """May the token perform `action` (gateway:*) on the gateway's own API?"""
@@ -107,21 +123,29 @@ class Authorizer:
         return Ruling(decision, rules, rules.policy.generation)
 
     def constraints(self, ruling: Ruling, check: Check) -> tuple[Constraint, ...]:
-        """The constraints an allowed check's body must satisfy, under the rules it was decided under."""
-        grant = ruling.decision.grant
-        if grant is None or check.app is None or check.env is None:
+        """The constraints an allowed check's body must satisfy: those of the grant that allowed that
+        very check, under the rules it was decided under."""
+        decision = ruling.decision_for(check)
+        if decision is None:
+            raise ValueError(f"{check} was not decided in this ruling")  # a surface's bug: fail closed
+        if decision.grant is None or check.app is None or check.env is None:
             return ()
-        return ruling.rules.constraints.applicable(grant.role, check.env, check.action)
+        return ruling.rules.constraints.applicable(decision.grant.role, check.env, check.action)
 
     def cached(self, claims: Claims, key: Hashable) -> CachedDecision | None:
         """The allowing decision this token got for the request `key` under the current rules."""
         return self.decisions.get(self.rules, claims, key)
 
     def remember(self, claims: Claims, key: Hashable, ruling: Ruling, record: AuditRecord) -> None:
-        """Keep an allowing ruling for `key` with the audit parts of `record` (filled for it)."""
-        if ruling.allowed:
-            entry = CachedDecision(claims, ruling.decision, who_part(record), what_part(record))
-            self.decisions.put(ruling.rules, ruling.generation, claims, key, entry)
+        """Keep an allowing ruling for `key` (under the rules still installed), with the audit parts
+        a repeat writes: who from the claims, what from `record`'s request fields and the ruling."""
+        if not ruling.allowed or ruling.rules is not self.rules or ruling.generation != self.rules.policy.generation:
+            return  # refused, or the rules changed while this request was decided
+        who = who_part(AuditRecord("", "", "", "", jti=claims.jti, sub=claims.sub, token_name=claims.name))
+        what = what_part(AuditRecord("", "", record.method, record.path, record.action, app=record.app,
+                                     env=record.env, decision="allow", reason=ruling.decision.reason))
+        self.decisions.put(ruling.rules, ruling.generation, claims, key,
+                           CachedDecision(claims, ruling.decision, who, what))
 
     async def rate_limit(self, claims: Claims) -> None:
         await self.limits.check(claims)

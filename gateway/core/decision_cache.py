@@ -40,7 +40,9 @@ class DecisionCache:
 
     def get(self, rules: Rules, claims: Claims, key: Hashable) -> CachedDecision | None:
         if self._rules is not rules or self._generation != rules.policy.generation:
+            # New rules (or the policy reloaded in place): nothing cached counts, hits count anew.
             self.entries = {}
+            self.hits = 0
             self._rules, self._generation = rules, rules.policy.generation
             return None
         entry = self.entries.get((claims.jti, key))
@@ -50,9 +52,9 @@ class DecisionCache:
         return entry
 
     def put(self, rules: Rules, generation: int, claims: Claims, key: Hashable, entry: CachedDecision) -> None:
-        """Keep `entry` if `rules` (at `generation`, when the decision was taken) still serve."""
+        """Keep `entry`, decided under `rules` at `generation`, if those are the rules this cache serves."""
         if rules is not self._rules or generation != self._generation:
-            return  # the rules changed while this request was decided
+            return  # decided under other rules than the cache's
         if len(self.entries) >= DECISION_LIMIT:
             self.entries = {}
         self.entries[(claims.jti, key)] = entry

@@ -24,6 +24,7 @@ from gateway.app import GatewayApp
 from gateway.cli.local import LocalAdmin
 from gateway.config import Config, build_config
 from gateway.core.keyring import Keyring
+from gateway.dev.local_registry import LocalRegistry
 from gateway.dev.sandbox import create_sandbox_app
 from gateway.dev.sandbox_state import SANDBOX_ORG_SLUG
 from gateway.errors import ConfigError
@@ -68,12 +69,15 @@ def run_dev(args: argparse.Namespace) -> int:
     folder = Path(tempfile.mkdtemp(prefix="scopegate-dev-"))
     credential = secrets.token_urlsafe(32)
     sandbox = SandboxThread(credential)
+    registry = LocalRegistry(folder / "registry", user="x", password=credential)
     try:
         sandbox.start()
+        registry_url = _start_registry(registry, sandbox.port)
         config = build_config(
             {"upstream": {"url": f"http://127.0.0.1:{sandbox.port}",
                           "graphql_url": f"http://127.0.0.1:{sandbox.port}/graphql",
-                          "api_url": f"http://127.0.0.1:{sandbox.port}", "org_slug": SANDBOX_ORG_SLUG},
+                          "api_url": f"http://127.0.0.1:{sandbox.port}", "org_slug": SANDBOX_ORG_SLUG,
+                          "registry_url": registry_url},
              "tokens": {"keyring": str(folder / "keyring.json")},
              "store": {"url": f"sqlite:///{folder / 'state.db'}"},
              "audit": {"sinks": ["stdout"]}},
@@ -85,11 +89,33 @@ def run_dev(args: argparse.Namespace) -> int:
         sock = bind(host, 8080 if args.port is None else args.port)
         base = f"http://{host}:{sock.getsockname()[1]}"
         _print_dev_banner(base, admin_token, deploy_token)
+        _print_registry_banner(base, registry)
         serve(GatewayApp(services), sock)
     finally:
+        registry.stop()
         sandbox.stop()
         shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def _start_registry(registry: LocalRegistry, sandbox_port: int) -> str:
+    """A real registry behind `/v2/...` when Debian's docker-registry is installed; without it,
+    the sandbox (which serves no `/v2/`) stands in and registry requests get the upstream's 404."""
+    try:
+        return registry.start().url
+    except RuntimeError as exc:
+        print(f"dev mode: no local image registry ({exc})", flush=True)
+        return f"http://127.0.0.1:{sandbox_port}"
+
+
+def _print_registry_banner(base: str, registry: LocalRegistry) -> None:
+    if registry.process is None:
+        return
+    host = base.removeprefix("http://")
+    print(f"""Image registry through the gateway (a local registry at {registry.url}, pushes gated per app):
+  skopeo copy --dest-tls-verify=false --dest-creds x:$DEPLOY_TOKEN oci:./layout:v1 docker://{host}/web-staging:v1
+  crane auth login {host} -u x -p $DEPLOY_TOKEN && crane --insecure ls {host}/web-staging
+""", flush=True)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -11,6 +11,7 @@ dropped; the upstream credential and the gateway's own X-Forwarded-* / X-Request
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -63,9 +64,12 @@ class UpstreamResponse:
 
 class UpstreamClient:
     def __init__(self, base_url: str, *, auth_scheme: str, credential: str, connect_timeout_s: float,
-                 read_timeout_s: float) -> None:
+                 read_timeout_s: float, basic_user: str | None = None) -> None:
         self.base = base_url.rstrip("/")
-        self._authorization = f"{auth_scheme} {credential}"
+        # An image registry takes the credential as HTTP basic auth (`x` / token, as docker logs in):
+        # `basic_user` says so; every other upstream takes `<auth_scheme> <credential>`.
+        self._authorization = (f"{auth_scheme} {credential}" if basic_user is None else
+                               "Basic " + base64.b64encode(f"{basic_user}:{credential}".encode()).decode("ascii"))
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, connect=connect_timeout_s,
                                               sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None

@@ -102,7 +102,7 @@ class GraphQLSurface:
             await send_json(send, 200, graphql_error_body(error, frame.request_id), frame.request_id,
                             headers=error.headers)
 
-        await frame.run(lambda: self.handle(frame, scope, receive, send), refuse)
+        await frame.run(self.handle(frame, scope, receive, send), refuse)
 
     async def handle(self, frame: RequestFrame, scope: Scope, receive: Any, send: Any) -> None:
         record = frame.record
@@ -140,7 +140,15 @@ class GraphQLSurface:
         else:
             ruling = self.authorizer.decide(claims, checks)
             if not ruling.allowed:
+                if ruling.check is not None:  # the record names the field that was refused
+                    record.action, record.app, record.env = ruling.check.action, ruling.check.app, ruling.check.env
                 raise Forbidden(ruling.decision.reason)
+            for check in checks:
+                if self.authorizer.constraints(ruling, check):
+                    # Request-shape constraints judge Machines API bodies; a GraphQL document cannot be
+                    # held to them, so an action they apply to is not done through GraphQL.
+                    raise Forbidden(f"{check.action} on app {check.app} has request-shape constraints the "
+                                    "gateway checks on the Machines API only; use the Machines API for it")
             frame.allow(ruling.decision.reason)
             self.authorizer.remember(claims, key, ruling, record)
         # 5. rate-limit, 6. forward (7. audit: the frame).

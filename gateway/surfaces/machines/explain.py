@@ -1,6 +1,6 @@
 """Dry runs: would this token or grant set be allowed METHOD PATH, and why.
 
-The same steps as the proxy (canonicalize, resolve, decide), without a token check or a
+The same steps as the Machines API surface (canonicalize, resolve, decide), without a token check or a
 forward, returning each intermediate answer so that a person can see where a request stops:
 the route and action, the app and environment, the grant that covered it or why none did, and
 the policy line that decided.

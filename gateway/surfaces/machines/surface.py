@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from gateway.core.audit import AuditLog
 from gateway.core.authorizer import Authorizer, Ruling
 from gateway.core.constraints import enforce
 from gateway.core.tokens import Claims
-from gateway.errors import Forbidden, GatewayError, Unauthenticated
-from gateway.frame import RequestFrame
+from gateway.errors import Forbidden, GatewayError
+from gateway.frame import RequestFrame, refuse_tokens_in_query
 from gateway.metrics import GatewayMetrics
 from gateway.surfaces import SurfaceLoad
 from gateway.surfaces.http import (
@@ -82,7 +81,7 @@ class MachinesSurface:
         async def refuse(error: GatewayError) -> None:
             await send_error(send, error, frame.request_id)
 
-        await frame.run(lambda: self.handle(frame, scope, receive, send, raw_path, raw_query, has_query), refuse)
+        await frame.run(self.handle(frame, scope, receive, send, raw_path, raw_query, has_query), refuse)
 
     async def handle(self, frame: RequestFrame, scope: Scope, receive: Any, send: Any, raw_path: bytes,
                      raw_query: bytes, has_query: bool) -> None:
@@ -130,10 +129,7 @@ class MachinesSurface:
         record.status = await self.forward(scope, receive, send, frame, target, line, claims, body, headers.has_body)
 
     async def authenticate(self, headers: RequestHeaders, target: Target) -> Claims:
-        if target.raw_query:
-            query = unquote_to_bytes(target.raw_query).lower()
-            if b"sgt_" in query or b"access_token" in query:
-                raise Unauthenticated("tokens in the query string are refused; send 'Authorization: Bearer sgt_...'")
+        refuse_tokens_in_query(target.raw_query)
         return await self.authorizer.authenticate(headers.authorization)
 
     async def resolve(self, scope: Scope, method: str, target: Target, path: str,
