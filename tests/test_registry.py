@@ -348,3 +348,53 @@ def test_machines_still_get_the_fly_registry_name(setup: Setup) -> None:
             answer = client.post("/v1/apps/web-staging/machines", json={"config": {"image": image}})
             assert answer.status_code == status, answer.text
             assert len(recorder.received) == (status == 200)
+
+
+# --- the red team's findings, each a regression test -------------------------------------------------
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=b"])
+def test_a_mount_spelled_in_a_form_body_is_refused(setup: Setup, content_type: str) -> None:
+    both = setup.gateway.mint("deployer@app:web-staging", "deployer@app:web-prod")
+    image = make_image(setup.folder, "secret", {"s": b"a production layer"})
+    setup.push(image, "web-prod:secret", both)
+    staging = setup.gateway.mint("deployer@app:web-staging")
+    mark = setup.log.mark()
+    body = f"mount={image.layer_digest}&from=web-prod".encode()
+    if content_type.startswith("multipart"):
+        body = (f'--b\r\nContent-Disposition: form-data; name="mount"\r\n\r\n{image.layer_digest}\r\n--b\r\n'
+                'Content-Disposition: form-data; name="from"\r\n\r\nweb-prod\r\n--b--\r\n').encode()
+    with setup.http(staging) as client:
+        refused = client.post("/v2/web-staging/blobs/uploads/", content=body, headers={"Content-Type": content_type})
+        assert refused.status_code == 400 and errors_of(refused) == "UNSUPPORTED"
+        bare = client.post("/v2/web-staging/blobs/uploads/", content=body,
+                           headers={"Content-Type": "application/octet-stream"})
+        assert bare.status_code == 400  # a body only with ?digest= (monolithic)
+        setup.refused_quietly(mark)
+        assert client.head(f"/v2/web-staging/blobs/{image.layer_digest}").status_code == 404  # nothing mounted
+
+
+def test_the_clients_host_never_reaches_the_registry(setup: Setup) -> None:
+    token = setup.gateway.mint("deployer@app:web-staging")
+    with setup.http(token) as client:
+        started = client.post("/v2/web-staging/blobs/uploads/", headers={"Host": "elsewhere.example, gw"})
+        assert started.status_code == 202 and started.headers["location"].startswith("/v2/web-staging/blobs/uploads/")
+
+
+def test_max_blob_bytes_bounds_the_whole_upload_not_each_request(
+        tmp_path: Path, upstream: tuple[RecordingUpstream, ServerThread], registry: LocalRegistry,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CREDENTIAL_ENV, UPSTREAM_SECRET)
+    setup = open_setup(tmp_path, upstream, registry, limits={"max_blob_bytes": 64 * 1024})
+    try:
+        token = setup.gateway.mint("deployer@app:web-staging")
+        with setup.http(token) as client:
+            location = client.post("/v2/web-staging/blobs/uploads/").headers["location"]
+            for _ in range(2):  # 2 x 32 KiB: the whole 64 KiB
+                patched = client.patch(location, content=b"z" * 32 * 1024,
+                                       headers={"Content-Type": "application/octet-stream"})
+                assert patched.status_code == 202, patched.text
+                location = patched.headers["location"]
+            over = client.patch(location, content=b"z" * 1024, headers={"Content-Type": "application/octet-stream"})
+            assert over.status_code == 413 and "limits.max_blob_bytes" in over.json()["message"]
+    finally:
+        setup.gateway.server.stop()

@@ -192,6 +192,8 @@ def send(rest: RunningGateway, token: str, method: str, path: str, body: bytes |
      "query string"),
     ("body on logs", "GET", "/api/v1/apps/web-staging/logs", b'{"app_name":"web-prod"}', "application/json",
      "takes no body"),
+    ("another app in a release update", "PATCH", "/api/v1/releases/rel_x",
+     b'{"status":"complete","app_name":"web-prod"}', "application/json", "not created through"),
 ])
 def test_bodies_and_queries_the_upstream_could_read_otherwise_are_refused(
         rest: RunningGateway, deployer: str, name: str, method: str, path: str, body: bytes, content_type: str,
@@ -208,3 +210,13 @@ def test_the_forwarded_body_is_json_to_the_upstream(rest: RunningGateway, deploy
     assert response.status_code == 200
     (got,) = rest.upstream.received
     assert got.header("content-type") == ["application/json"] and got.body == b'{"app_name":"web-staging"}'
+
+
+def test_a_release_update_naming_another_app_is_refused(rest: RunningGateway, deployer: str) -> None:
+    rest.upstream.reply = Reply(body=json.dumps({"release": {"id": "rel_named"}}).encode())
+    assert call(rest, deployer, "POST", "/api/v1/releases", {"app_name": "web-staging"}).status_code == 200
+    rest.upstream.clear()
+    response = send(rest, deployer, "PATCH", "/api/v1/releases/rel_named",
+                    b'{"status":"complete","app_name":"web-prod"}')
+    assert response.status_code == 400 and "web-prod" in response.json()["message"]
+    assert rest.upstream.received == []

@@ -105,6 +105,7 @@ class BodyStream:
         self.receive = receive
         self.limit = limit
         self.error: GatewayError | None = None
+        self.received = 0  # bytes passed on so far
 
     async def chunks(self) -> AsyncIterator[bytes]:
         seen = 0
@@ -120,6 +121,7 @@ class BodyStream:
                 raise self.error
             chunk = message.get("body", b"")
             seen += len(chunk)
+            self.received = seen
             if seen > self.limit:
                 self.error = TooLarge(f"request body is larger than limits.max_body_bytes ({self.limit} bytes)")
                 raise self.error

@@ -100,6 +100,7 @@ class RegistrySurface:
         # 1. canonicalize: one endpoint, one repository (= app), only the query keys it defines.
         request = parse(method, raw_path, raw_query, has_query)
         headers = RequestHeaders(scope["headers"])
+        check_body_type(request, scope["headers"], headers.has_body, b"digest=" in raw_query)
         # 2. authenticate: docker's basic auth (password = the token) or a bearer token.
         claims = await self.authorizer.authenticate(token_authorization(headers.authorization))
         frame.identify(claims)
@@ -113,6 +114,11 @@ class RegistrySurface:
         record.action, record.app, record.env = checks[0].action, checks[0].app, checks[0].env
         record.extra = describe(request)
         limit = self.body_limit(request, method, headers)
+        if limit is not None and request.upload_id is not None:
+            # The limit is the upload's, over all its chunks, not each request's.
+            limit -= await self.uploaded(request.upload_id)
+            if any(value.isdigit() and int(value) > limit for value in headers.lengths) or limit < 0:
+                raise too_large(request, self.max_blob_bytes)
         # 4. decide: every check (a mount: push here and pull where it comes from).
         ruling = self.authorizer.decide(claims, checks)
         if not ruling.allowed:
@@ -148,6 +154,11 @@ class RegistrySurface:
                 raise too_large(request, limit)
         return limit if headers.has_body else None
 
+    async def uploaded(self, upload_id: str) -> int:
+        """Bytes this upload session has carried through the gateway so far."""
+        total = await self.store.recall(f"upload-bytes:{upload_id}")
+        return int(total) if total is not None and total.isdigit() else 0
+
     async def check_upload(self, request: RegistryRequest) -> None:
         """An upload session continues only in the repository it was opened for through the gateway."""
         bound = await self.store.recall(f"upload:{request.upload_id}")
@@ -163,6 +174,11 @@ class RegistrySurface:
         record = frame.record
         headers = self.upstream.build_headers(scope["headers"], client_ip=record.client_ip,
                                               scheme=scope.get("scheme", "http"), request_id=frame.request_id)
+        # The registry builds upload Locations from X-Forwarded-Host: a client-chosen host would make
+        # it name another host after it has acted. Locations are rewritten to the gateway anyway.
+        headers.popall("X-Forwarded-Host", None)
+        if limit is not None and request.carries_blob:
+            headers["Content-Type"] = "application/octet-stream"  # layer bytes, never a form the registry parses
         target, query, has_query = request_target(scope)
         if has_query:
             target += b"?" + query
@@ -184,12 +200,39 @@ class RegistrySurface:
                 assert request.repo is not None
                 await self.store.remember(f"upload:{rewritten.upload_id}", request.repo,
                                           expires_at=int(time.time()) + UPLOAD_TTL_S)
+            if stream is not None and request.upload_id is not None and 200 <= response.status < 300:
+                total = await self.uploaded(request.upload_id) + stream.received
+                await self.store.remember(f"upload-bytes:{request.upload_id}", str(total),
+                                          expires_at=int(time.time()) + UPLOAD_TTL_S)
             response.headers = rewritten.headers
             await relay(send, response, frame.request_id)
             record.upstream_ms = ms_since(response.started)
             return response.status
         finally:
             response.release()
+
+
+_FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/")
+
+
+def check_body_type(request: RegistryRequest, headers: list[tuple[bytes, bytes]], has_body: bool,
+                    digest: bool) -> None:
+    """A body means the same to the gateway and the registry: layer bytes are octet streams (a form
+    body could carry `mount=...&from=<another app>`, which the registry would read), a manifest is
+    never a form, and starting an upload carries a body only when it is monolithic (`?digest=`)."""
+    if not has_body:
+        return
+    types = [value.split(b";")[0].strip().lower() for name, value in headers if name == b"content-type"]
+    if len(types) > 1 or any(kind.startswith(_FORM_TYPES) for kind in types):
+        raise RegistryRefusal(400, "bad_request", "UNSUPPORTED", "a form body is not a registry request body; "
+                              "send layers as application/octet-stream")
+    if request.carries_blob:
+        if types and types[0] != b"application/octet-stream":
+            raise RegistryRefusal(400, "bad_request", "UNSUPPORTED",
+                                  "layer data is sent as Content-Type: application/octet-stream")
+        if request.kind == "upload_start" and not digest:
+            raise RegistryRefusal(400, "bad_request", "UNSUPPORTED",
+                                  "starting an upload takes no body unless it is monolithic (?digest=...)")
 
 
 def token_authorization(values: list[bytes]) -> list[bytes]:

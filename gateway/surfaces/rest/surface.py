@@ -78,6 +78,9 @@ class RestSurface(MachinesSurface):
                                 "so it cannot be authorized")
             check = self.authorizer.check(line.resolved.action, app)
             line = RequestLine(line.method, line.target, line.path, line.resolved, check)  # never cached
+        if "app_name" in document and document["app_name"] != line.check.app:
+            raise BadRequest(f"the body names app {document['app_name']!r}, but this request is about "
+                             f"{line.check.app or 'no app'}; leave app_name out or name that app")
         if route.operation == "Builds_depot_builder" and document.get("builder_scope") != "app":
             scope_name = document.get("builder_scope") or "organization"
             raise Forbidden(f"a Depot builder scoped to the {scope_name} builds for every app of it; "
