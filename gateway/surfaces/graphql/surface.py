@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from graphql import GraphQLSchema, build_schema
+from graphql import GraphQLSchema, NamedTypeNode, NonNullTypeNode, VariableDefinitionNode, build_schema
 from graphql.execution.values import get_variable_values
 
 from gateway.core.audit import AuditLog
@@ -161,7 +161,7 @@ class GraphQLSurface:
         The variables must be what the operations declare (graphql-core's coercion, as the upstream
         will do it), and every argument the map lets through must hold what its kind allows."""
         for definitions in document.variables:
-            if definitions:
+            if definitions and not _plain_scalars(definitions, variables):
                 coerced = get_variable_values(self.schema, definitions, variables, max_errors=3)
                 if isinstance(coerced, list):
                     raise BadRequest("GraphQL variables do not fit the operation: "
@@ -308,6 +308,25 @@ def parse_requests(body: bytes) -> list[tuple[str, dict[str, Any]]]:
             raise BadRequest("operationName must be a string")
         requests.append((item["query"], variables))
     return requests
+
+
+_SCALARS: dict[str, type | tuple[type, ...]] = {"String": str, "ID": str, "Boolean": bool}
+
+
+def _plain_scalars(definitions: tuple[VariableDefinitionNode, ...], variables: dict[str, Any]) -> bool:
+    """Every declared variable is a String, ID or Boolean given as such (or absent): what flyctl
+    sends. Coercion would find nothing to object to, so the per-request cost is skipped; anything
+    else (numbers, lists, input objects) goes through graphql-core's coercion."""
+    for definition in definitions:
+        required = isinstance(definition.type, NonNullTypeNode)
+        node = definition.type.type if isinstance(definition.type, NonNullTypeNode) else definition.type
+        expected = _SCALARS.get(node.name.value) if isinstance(node, NamedTypeNode) else None
+        value = variables.get(definition.variable.name.value)
+        if expected is None or (value is None and required and definition.default_value is None):
+            return False  # not a plain scalar, or a required one missing: coercion says what is wrong
+        if value is not None and not isinstance(value, expected):
+            return False
+    return True
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
