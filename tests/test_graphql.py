@@ -128,6 +128,26 @@ def test_a_repeated_document_is_parsed_once(gql: RunningGateway, deployer: str) 
     assert analyzer.parsed == parsed
 
 
+def test_a_repeated_body_is_resolved_once_and_decided_per_token(gql: RunningGateway, deployer: str) -> None:
+    surface = gql.services.surfaces[0]
+    payload = {"query": "query Again($n: String!) { app(name: $n) { id status } }", "variables": {"n": "web-staging"}}
+    body = json.dumps(payload).encode()
+    forwarded(post(gql, deployer, None, raw=body), gql, deployer, body)
+    resolution = surface.resolve(body)  # type: ignore[attr-defined]
+    assert surface.resolve(body) is resolution  # type: ignore[attr-defined]
+    gql.upstream.clear()
+    forwarded(post(gql, deployer, None, raw=body), gql, deployer, body)
+    # The same bytes from a token without the app: its own decision, not the first token's.
+    other = gql.mint("deployer@app:web-prod", name="prod-ci")
+    gql.upstream.clear()
+    assert "web-staging" in refused(post(gql, other, None, raw=body), gql)
+    # The same document with other variables is another body: resolved (and refused) on its own.
+    assert "web-prod" in refused(post(gql, deployer, {**payload, "variables": {"n": "web-prod"}}), gql)
+    # A reloaded operation map resolves every body anew.
+    surface.load().install()  # type: ignore[attr-defined]
+    assert surface.resolve(body) is not resolution  # type: ignore[attr-defined]
+
+
 # --- the app, however it is spelled ------------------------------------------------------------------
 
 @pytest.mark.parametrize(("name", "payload"), [

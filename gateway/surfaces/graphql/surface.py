@@ -14,8 +14,10 @@ usual `error`/`message`/`request_id`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ SCHEMA_FILE = Path(__file__).with_name("fly-schema.graphql")
 FLY_REGISTRY = "registry.fly.io/"
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_BATCH = 10
+RESOLVED_LIMIT = 2_048  # bodies kept resolved; cleared whole when full, like the document cache
 ANSWER_LIMIT = 8 * 1024 * 1024  # an answer the gateway filters (organizations) is read whole
 _REQUEST_KEYS = frozenset({"query", "variables", "operationName"})
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -60,6 +63,15 @@ _CODES = {"forbidden": "FORBIDDEN", "unknown_route": "FORBIDDEN", "unauthenticat
 def load_schema() -> GraphQLSchema:
     """Fly's schema, built once per process (~0.5 s): it ships with the package and never changes."""
     return build_schema(SCHEMA_FILE.read_text())
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # identity: the decision cache's key
+class Resolution:
+    """A body's root fields and their checks, in order, and the uses whose answers are filtered."""
+
+    asked: tuple[tuple[str, Check], ...]  # (operation and field, check)
+    checks: tuple[Check, ...]
+    filtered: tuple[RootUse, ...]
 
 
 class GraphQLSurface:
@@ -76,6 +88,7 @@ class GraphQLSurface:
         self.metrics = metrics
         self.org_slug = org_slug
         self.analyzer: DocumentAnalyzer | None = None
+        self._resolved: dict[bytes, Resolution] = {}  # body SHA-256 -> resolution, under this analyzer
 
     def serves(self, path: str) -> bool:
         return path == "/graphql"
@@ -85,6 +98,7 @@ class GraphQLSurface:
 
         def install() -> None:
             self.analyzer = DocumentAnalyzer(self.schema, operations)
+            self._resolved = {}  # resolved under the old map
 
         return SurfaceLoad(operations.produced_actions(), install)
 
@@ -120,19 +134,16 @@ class GraphQLSurface:
         # 3. resolve: every root field of every operation, and the app each one names.
         headers.check_declared_length(MAX_REQUEST_BYTES)
         body = await read_body(receive, MAX_REQUEST_BYTES)
-        analyzer = self.analyzer
-        assert analyzer is not None  # installed before the gateway serves
-        documents = [(analyzer.analyze(query), variables) for query, variables in parse_requests(body)]
-        asked = [pair for document, variables in documents for pair in self.checks(document, variables)]
-        checks = tuple(check for _, check in asked)
+        resolution = self.resolve(body)
+        checks = resolution.checks
         first = checks[0] if checks else None
         record.action, record.app, record.env = (first.action, first.app, first.env) if first else (None, None, None)
-        if len(asked) > 1:  # the record's action and app are the first's; every one is listed
+        if len(checks) > 1:  # the record's action and app are the first's; every one is listed
             record.extra = {"graphql": [{"field": field, "action": check.action, "app": check.app, "env": check.env}
-                                        for field, check in asked]}
-        # 4. decide: every check must be allowed; the same documents asking the same checks get the
-        # decision this token got for them before.
-        key = (tuple(document for document, _ in documents), checks)
+                                        for field, check in resolution.asked]}
+        # 4. decide: every check must be allowed; the same body (one resolution) gets the decision
+        # this token got for it before.
+        key = resolution
         cached = self.authorizer.cached(claims, key)
         if cached is not None:
             frame.allow(cached.decision.reason)
@@ -153,8 +164,26 @@ class GraphQLSurface:
             self.authorizer.remember(claims, key, ruling, record)
         # 5. rate-limit, 6. forward (7. audit: the frame).
         await self.authorizer.rate_limit(claims)
-        filtered = [use for document, _ in documents for use in document.filtered]
-        record.status = await self.forward(scope, send, frame, body, filtered)
+        record.status = await self.forward(scope, send, frame, body, resolution.filtered)
+
+    def resolve(self, body: bytes) -> Resolution:
+        """What the body asks: every root field of every request in it and the check each one needs.
+        The same bytes always resolve the same way under one operation map (variables are part of
+        the body), so a body seen before is looked up by its hash, not parsed and checked again."""
+        analyzer, resolved = self.analyzer, self._resolved
+        assert analyzer is not None  # installed before the gateway serves
+        key = hashlib.sha256(body).digest()
+        hit = resolved.get(key)
+        if hit is not None:
+            return hit
+        documents = [(analyzer.analyze(query), variables) for query, variables in parse_requests(body)]
+        asked = tuple(pair for document, variables in documents for pair in self.checks(document, variables))
+        resolution = Resolution(asked, tuple(check for _, check in asked),
+                                tuple(use for document, _ in documents for use in document.filtered))
+        if len(resolved) >= RESOLVED_LIMIT:
+            resolved.clear()
+        resolved[key] = resolution
+        return resolution
 
     def checks(self, document: Document, variables: dict[str, Any]) -> list[tuple[str, Check]]:
         """What the document asks, with these variables: one check per root field and field action.
@@ -228,7 +257,8 @@ class GraphQLSurface:
                              "the way flyctl sends it")
         return value
 
-    async def forward(self, scope: Scope, send: Any, frame: RequestFrame, body: bytes, filtered: list[RootUse]) -> int:
+    async def forward(self, scope: Scope, send: Any, frame: RequestFrame, body: bytes,
+                      filtered: tuple[RootUse, ...]) -> int:
         headers = self.upstream.build_headers(scope["headers"], client_ip=frame.record.client_ip,
                                               scheme=scope.get("scheme", "http"), request_id=frame.request_id)
         headers["Content-Type"] = "application/json"  # the type the gateway read the body as, whatever was sent
@@ -247,7 +277,7 @@ class GraphQLSurface:
         finally:
             response.release()
 
-    def filter_organizations(self, answer: bytes, uses: list[RootUse]) -> Any:
+    def filter_organizations(self, answer: bytes, uses: tuple[RootUse, ...]) -> Any:
         """`organizations` cut to the gateway's own organization: never another's name or id."""
         try:
             document = json.loads(answer)
