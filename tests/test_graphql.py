@@ -144,7 +144,7 @@ def test_a_repeated_body_is_resolved_once_and_decided_per_token(gql: RunningGate
     # The same document with other variables is another body: resolved (and refused) on its own.
     assert "web-prod" in refused(post(gql, deployer, {**payload, "variables": {"n": "web-prod"}}), gql)
     # A reloaded operation map resolves every body anew.
-    surface.load().install()  # type: ignore[attr-defined]
+    surface.load().install()
     assert surface.resolve(body) is not resolution  # type: ignore[attr-defined]
 
 
