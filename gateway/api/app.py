@@ -31,7 +31,7 @@ def create_api_app(services: Services) -> Starlette:
         error.status, error.code = 405, "method_not_allowed"
         return JSONResponse(error_body(error, ""), status_code=405)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/_gateway/healthz", health.healthz, methods=["GET"]),
             Route("/_gateway/readyz", health.readyz, methods=["GET"]),
@@ -53,3 +53,7 @@ def create_api_app(services: Services) -> Starlette:
         ],
         exception_handlers={404: not_found, 405: not_allowed},
     )
+    # No slash redirect: Starlette would answer `/tokens/` with a 307 to `http://<client Host>/tokens`,
+    # an absolute URL built from a request header. Nothing the gateway emits comes from the Host.
+    app.router.redirect_slashes = False
+    return app

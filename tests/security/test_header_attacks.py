@@ -96,6 +96,21 @@ def test_host_is_the_upstreams_and_the_clients_host_is_only_reported(token: str,
     assert got.header("x-forwarded-host") == ["web-prod.internal"]
 
 
+@pytest.mark.parametrize("target", [b"/_gateway/v1/tokens/", b"/_gateway/healthz/", b"/_gateway/v1/explain/",
+                                    b"/.well-known/jwks.json/", b"/_gateway/v1/tokens/abc/rotate/"])
+def test_no_redirect_or_absolute_url_is_built_from_the_clients_host(target: bytes, token: str,
+                                                                    gw: RunningGateway) -> None:
+    """A trailing slash on a gateway endpoint is not redirected to `http://<client Host>/...` (the
+    web framework's slash redirect would be): it is a 404 naming the path, with no Location."""
+    admin = gw.mint("token-admin@gateway", name="slash-admin")
+    answer = send(gw, request("GET", target, token=admin, host=b"evil.example"))
+    assert answer.status == 404, answer.body
+    assert "location" not in answer.headers
+    assert b"evil.example" not in answer.body and "evil.example" not in repr(answer.headers)
+    assert json.loads(answer.body)["error"] == "not_found"
+    assert_nothing_forwarded(gw)
+
+
 def test_two_host_headers_are_refused(token: str, gw: RunningGateway) -> None:
     """RFC 9112 section 3.2: a request with more than one Host is answered 400."""
     answer = send(gw, request("GET", TARGET, token=token, headers=[(b"Host", b"web-prod.internal")]))
