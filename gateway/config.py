@@ -9,6 +9,7 @@ no file). Secrets never live here: the upstream credential is read from the env 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -266,6 +267,33 @@ def build_config(raw: Mapping[str, Any], *, base_dir: Path, source: str,
     if config.tokens_default_ttl_s > config.tokens_max_ttl_s:
         raise ConfigError("tokens.default_ttl is longer than tokens.max_ttl; shorten it or raise max_ttl")
     return config
+
+
+# SCOPEGATE_* variables that are not config keys: the CLI's own, and the names docs/ci.md uses.
+NOT_CONFIG_VARIABLES = frozenset({"CONFIG", "ADDR", "TOKEN", "ADMIN_TOKEN", "URL", "ID_TOKEN", "AUDIENCE"})
+
+
+def environment_warnings(environ: Mapping[str, str]) -> list[str]:
+    """A line for each `SCOPEGATE_*` variable that looks like a config override but is not one
+    (`SCOPEGATE_SERVER_PORT` for `SCOPEGATE_SERVER__PORT`): read as nothing, it would be lost
+    silently. Names with `__` are checked strictly by build_config (an unknown key is an error)."""
+    keys = {f"{section}__{key}".upper() for section, known in _SCHEMA.items() for key in known}
+    out = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):]
+        if "__" in rest or rest in NOT_CONFIG_VARIABLES or rest == "ROUTES":
+            continue
+        # One '_' where the section ends (SERVER_PORT), or a near spelling of a whole key.
+        splits = [rest[:i] + "_" + rest[i:] for i, char in enumerate(rest) if char == "_"]
+        guess = next((k for k in splits if k in keys), None) \
+            or next(iter(difflib.get_close_matches(rest, keys | NOT_CONFIG_VARIABLES, n=1, cutoff=0.8)), None)
+        if guess is not None:
+            out.append(f"environment variable {name} is not read; did you mean {ENV_PREFIX}{guess}?"
+                       + (" (config overrides are SCOPEGATE_<SECTION>__<KEY>, with two underscores)"
+                          if "__" in guess else ""))
+    return out
 
 
 def _resolve(base_dir: Path, raw: str) -> Path:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import socket
 from typing import Any
@@ -122,10 +123,20 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); {_bind_advice(exc)}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def _bind_advice(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "--host must be an IP address or a name this machine resolves"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "that address is not on this machine; pick another --host (0.0.0.0 for every interface)"
+    if exc.errno == errno.EACCES:
+        return "ports below 1024 need privileges; pick a port from 1024 with --port"
+    return "the port is taken; pick another --port (0 picks a free one)"
 
 
 def serve(app: Any, sock: socket.socket) -> None:

@@ -367,6 +367,8 @@ USAGE_ERRORS: list[tuple[str, ...]] = [
     ("bogus",),
     ("token", "mint"),  # --grant is required
     ("serve", "--port", "eighty"),
+    ("serve", "--port", "99999"),
+    ("serve", "--port", "-5"),
 ]
 
 
@@ -375,6 +377,52 @@ def test_usage_errors_exit_2() -> None:
         assert result.returncode == 2, (argv, result.stderr)
         assert "usage:" in result.stderr, (argv, result.stderr)
         assert result.stdout == ""
+
+
+def test_a_port_out_of_range_is_a_usage_error_naming_the_range() -> None:
+    for port in ("99999", "-5", "eighty"):
+        result = run("serve", "--port", port)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{port!r} is not a port: give a number from 0 (a free one) to 65535" in result.stderr
+
+
+@pytest.mark.parametrize(("host", "advice"), [
+    ("203.0.113.7", "that address is not on this machine; pick another --host"),  # TEST-NET-3, never local
+    ("no-such-host.invalid", "--host must be an IP address or a name this machine resolves"),
+])
+def test_a_bad_host_is_answered_about_the_host_not_the_port(tmp_path: Path, host: str, advice: str) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    assert run("init", "--config", str(config)).returncode == 0
+    result = run("serve", "--config", str(config), "--host", host, "--port", "0",
+                 env=clean_env(**{CREDENTIAL_ENV: UPSTREAM_SECRET}), timeout=30)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot listen on {host}:0" in result.stderr and advice in result.stderr
+    assert "pick another --port" not in result.stderr
+
+
+@pytest.mark.parametrize(("name", "suggestion"), [
+    ("SCOPEGATE_SERVER_PORT", "SCOPEGATE_SERVER__PORT"),
+    ("SCOPEGATE_UPSTREAM_ORG_SLUG", "SCOPEGATE_UPSTREAM__ORG_SLUG"),
+    ("SCOPEGATE_CONFG", "SCOPEGATE_CONFIG"),
+])
+def test_a_near_miss_environment_variable_is_warned_about(tmp_path: Path, name: str, suggestion: str) -> None:
+    result = run("serve", "--config", str(tmp_path / "missing.yaml"), env=clean_env(**{name: "9999"}))
+    assert f"scopegate: warning: environment variable {name} is not read; did you mean {suggestion}?" \
+        in result.stderr
+    # The variables the CLI reads and the docs' recipes use are not warned about.
+    quiet = run("serve", "--config", str(tmp_path / "missing.yaml"),
+                env=clean_env(SCOPEGATE_URL="https://x", SCOPEGATE_AUDIENCE="a", SCOPEGATE_ADMIN_TOKEN="t"))
+    assert "warning" not in quiet.stderr
+
+
+def test_the_state_store_is_created_owner_only(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    assert run("init", "--config", str(config)).returncode == 0
+    (state,) = [p for p in tmp_path.rglob("*.db")]
+    assert state.stat().st_mode & 0o077 == 0, oct(state.stat().st_mode)
+    assert state.parent.stat().st_mode & 0o077 == 0 or state.parent == tmp_path
+    for companion in state.parent.glob(state.name + "-*"):  # SQLite's -wal and -shm follow the file's mode
+        assert companion.stat().st_mode & 0o077 == 0, (companion, oct(companion.stat().st_mode))
 
 
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gateway import __version__
 from gateway.cli import audit_cmd, keys_cmd, oidc_cmd, policy_cmd, serve_cmd, store_cmd, token_cmd
+from gateway.config import environment_warnings
 from gateway.errors import ConfigError, GatewayError
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int] | int]
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
+    for warning in environment_warnings(os.environ):
+        print(f"scopegate: warning: {warning}", file=sys.stderr)
     try:
         result = handler(args)
         code = asyncio.run(result) if asyncio.iscoroutine(result) else result

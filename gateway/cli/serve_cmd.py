@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from gateway import config_values
 from gateway.cli.common import add_config, config_from, current_user
 from gateway.cli.local import LocalAdmin
 from gateway.core.keyring import Keyring
@@ -18,12 +19,21 @@ def register(sub: Any) -> None:
     serve.add_argument("--dev", action="store_true",
                        help="ephemeral keys and store, a sandbox upstream in process; for trying Scopegate only")
     serve.add_argument("--host", help="address to bind (default server.host; --dev: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default server.port; 0 picks a free one)")
+    serve.add_argument("--port", type=port_arg, help="port to bind (default server.port; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.set_defaults(handler=serve_gateway)
 
     init = add_config(sub.add_parser("init", help="create keyring and store; print a bootstrap admin token once"))
     init.set_defaults(handler=init_gateway)
+
+
+def port_arg(text: str) -> int:
+    """A TCP port for argparse: 0 (a free one) to 65535; anything else is a usage error."""
+    try:
+        return config_values.port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 0 (a free one) to 65535") \
+            from None
 
 
 def serve_gateway(args: argparse.Namespace) -> int:
