@@ -197,9 +197,10 @@ _STRUCTURED = {"environment_rules", "oidc_trust", "audit_sinks", "routes", "rate
 
 def load_config(path: str | os.PathLike[str] | None = None, *,
                 environ: Mapping[str, str] | None = None) -> Config:
-    """Read `path` (or $SCOPEGATE_CONFIG, or nothing) and the environment overrides."""
+    """Read `path` (or $SCOPEGATE_CONFIG, or ./scopegate.yaml when it exists, or nothing) and the
+    environment overrides."""
     environ = os.environ if environ is None else environ
-    chosen = path if path is not None else environ.get("SCOPEGATE_CONFIG") or None
+    chosen = path if path is not None else environ.get("SCOPEGATE_CONFIG") or discovered_config()
     raw: dict[str, Any] = {}
     if chosen is not None:
         config_path = Path(chosen).expanduser().resolve()
@@ -267,6 +268,16 @@ def build_config(raw: Mapping[str, Any], *, base_dir: Path, source: str,
     if config.tokens_default_ttl_s > config.tokens_max_ttl_s:
         raise ConfigError("tokens.default_ttl is longer than tokens.max_ttl; shorten it or raise max_ttl")
     return config
+
+
+DISCOVERED_NAME = "scopegate.yaml"
+
+
+def discovered_config() -> Path | None:
+    """./scopegate.yaml, when the current folder holds one: `scopegate serve` there reads it rather
+    than the built-in defaults (which proxy to Fly's real API)."""
+    candidate = Path.cwd() / DISCOVERED_NAME
+    return candidate if candidate.is_file() else None
 
 
 # SCOPEGATE_* variables that are not config keys: the CLI's own, and the names docs/ci.md uses.

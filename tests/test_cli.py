@@ -546,6 +546,26 @@ def recording_upstream() -> Iterator[tuple[RecordingUpstream, ServerThread]]:
 LISTENING = re.compile(r"scopegate listening on (http://[^\s]+) -> (\S+)")
 
 
+def test_serve_in_a_folder_with_scopegate_yaml_reads_it_and_says_so(tmp_path: Path, processes: list[Process]) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")  # tmp_path/scopegate.yaml
+    assert run("init", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "keyring.json").exists()  # the file's keyring, not ./.scopegate's defaults
+    server = Process([*CLI, "serve", "--port", "0"], env=clean_env(**{CREDENTIAL_ENV: UPSTREAM_SECRET}),
+                     cwd=tmp_path)
+    processes.append(server)
+    lines = server.wait_for("stderr", lambda lines: any(LISTENING.search(line) for line in lines))
+    assert f"scopegate: using {config} (found in the current folder" in "\n".join(lines)
+    match = next(m for m in map(LISTENING.search, lines) if m)
+    assert match.group(2) == "http://127.0.0.1:9"  # the file's upstream, not https://api.machines.dev
+    # An explicit choice is not announced, and wins over the folder's file.
+    other = tmp_path / "other"
+    other.mkdir()
+    chosen = write_config(other, "http://127.0.0.1:10")
+    result = run("policy", "check", "--config", str(chosen), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "found in the current folder" not in result.stderr
+
+
 def test_serve_forwards_and_sees_cli_revocations(tmp_path: Path, processes: list[Process],
                                                  recording_upstream: tuple[RecordingUpstream, ServerThread]) -> None:
     upstream, upstream_server = recording_upstream

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
+import sys
 
 from gateway.config import Config, load_config
 from gateway.durations import parse_duration
@@ -21,7 +23,12 @@ def add_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    explicit = args.config is not None or bool(os.environ.get("SCOPEGATE_CONFIG"))
+    config = load_config(args.config)
+    if not explicit and config.source != "(defaults)":
+        print(f"scopegate: using {config.source} (found in the current folder; --config or SCOPEGATE_CONFIG "
+              "choose another)", file=sys.stderr)
+    return config
 
 
 def duration_arg(text: str | None, flag: str, *, allow_zero: bool = False) -> int | None:
