@@ -658,7 +658,7 @@ def start_dev(tmp_path: Path, processes: list[Process]) -> DevServer:
 
     def ready(lines: list[str]) -> bool:
         text = "\n".join(lines)
-        return ("export SCOPEGATE_ADMIN_TOKEN=" in text and "export DEPLOY_TOKEN=" in text
+        return ("export SCOPEGATE_ADDR=" in text and "export DEPLOY_TOKEN=" in text
                 and "Listening on http://" in text and text.count("curl ") >= 2)
 
     text = "\n".join(server.wait_for("stdout", ready))
@@ -668,11 +668,17 @@ def start_dev(tmp_path: Path, processes: list[Process]) -> DevServer:
 def test_dev_mode(tmp_path: Path, processes: list[Process]) -> None:
     dev = start_dev(tmp_path, processes)
     text = dev.text
-    admin_match = re.search(r"export SCOPEGATE_ADMIN_TOKEN=(\S+)", text)
+    admin_match = re.search(r"export SCOPEGATE_ADDR=(\S+) SCOPEGATE_TOKEN=(\S+)", text)
     deploy_match = re.search(r"export DEPLOY_TOKEN=(\S+)", text)
     base_match = re.search(r"Listening on (http://127\.0\.0\.1:\d+)", text)
     assert admin_match and deploy_match and base_match
-    admin_token, deploy_token, base = admin_match.group(1), deploy_match.group(1), base_match.group(1)
+    admin_token, deploy_token, base = admin_match.group(2), deploy_match.group(1), base_match.group(1)
+    assert admin_match.group(1) == base
+    # The CLI works on the dev gateway with the banner's two variables (remote mode).
+    listed = run("token", "list", "--json", env=clean_env(SCOPEGATE_ADDR=base, SCOPEGATE_TOKEN=admin_token),
+                 cwd=dev.work)
+    assert listed.returncode == 0, listed.stderr
+    assert {"dev-admin", "dev-deploy-web-staging"} <= {record["name"] for record in json.loads(listed.stdout)}
     assert TOKEN_RE.fullmatch(admin_token) and TOKEN_RE.fullmatch(deploy_token)
     assert claims(admin_token)["grants"] == ["token-admin@gateway"]
     assert claims(deploy_token)["grants"][0].startswith("deployer@app:")
@@ -719,6 +725,13 @@ def test_dev_mode_leaves_nothing_behind(tmp_path: Path, processes: list[Process]
     assert code in (0, 130, -sig), dev.process.text("stderr")
     assert list(dev.work.iterdir()) == []
     assert list(dev.scratch.iterdir()) == [], "dev mode left its keyring and store behind"
+
+
+def test_scopegate_addr_without_a_token_is_an_error_not_the_local_store(tmp_path: Path) -> None:
+    result = run("token", "list", env=clean_env(SCOPEGATE_ADDR="http://127.0.0.1:9"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "SCOPEGATE_ADDR is set but SCOPEGATE_TOKEN is not" in result.stderr
+    assert not (tmp_path / ".scopegate").exists()  # no local store was created or read
 
 
 def test_dev_mode_refuses_non_loopback(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from gateway.core.policy import PolicyEngine
 from gateway.core.tokens import TokenVerifier
 from gateway.errors import (
     BadRequest,
+    ConfigError,
     Forbidden,
     GatewayError,
     NotFound,
@@ -51,6 +52,11 @@ class Backend(Protocol):
 
 def remote_settings() -> tuple[str, str] | None:
     addr, token = os.environ.get("SCOPEGATE_ADDR", ""), os.environ.get("SCOPEGATE_TOKEN", "")
+    if addr and not token:
+        # Falling back to the local store here would act on another gateway's tokens than meant.
+        raise ConfigError("SCOPEGATE_ADDR is set but SCOPEGATE_TOKEN is not: set SCOPEGATE_TOKEN to a "
+                          "token-admin@gateway token to use that gateway, or unset SCOPEGATE_ADDR to work on "
+                          "the local store")
     return (addr.rstrip("/"), token) if addr and token else None
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -63,13 +65,32 @@ def run_dev(args: argparse.Namespace) -> int:
         raise ConfigError("--dev binds loopback only (127.0.0.1); it is not for serving others")
     if args.workers != 1:
         raise ConfigError("--dev runs one worker")
-    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that kills
-    # the process before `finally` can remove the ephemeral keyring. Exit through Python instead.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     folder = Path(tempfile.mkdtemp(prefix="scopegate-dev-"))
     credential = secrets.token_urlsafe(32)
     sandbox = SandboxThread(credential)
     registry = LocalRegistry(folder / "registry", user="x", password=credential)
+    cleaned = threading.Event()
+
+    def clean_up() -> None:
+        if cleaned.is_set():
+            return
+        cleaned.set()
+        registry.stop()
+        sandbox.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def stop(signum: int, frame: object) -> None:
+        # SIGTERM or Ctrl-C before uvicorn installs its own handlers, or re-raised by uvicorn after
+        # its graceful shutdown: remove the ephemeral keyring and store, then exit. Not by raising
+        # from the handler: an exception raised there can land in a weakref callback, where Python
+        # ignores it, and the server would go on running.
+        clean_up()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if signum == signal.SIGTERM else 130)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         sandbox.start()
         registry_url = _start_registry(registry, sandbox.port)
@@ -92,9 +113,7 @@ def run_dev(args: argparse.Namespace) -> int:
         _print_registry_banner(base, registry)
         serve(GatewayApp(services), sock)
     finally:
-        registry.stop()
-        sandbox.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+        clean_up()
     return 0
 
 
@@ -118,10 +137,6 @@ def _print_registry_banner(base: str, registry: LocalRegistry) -> None:
 """, flush=True)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(0)  # the server has already shut down gracefully
-
-
 async def _dev_tokens(config: Config, keyring: Keyring) -> tuple[str, str]:
     admin = LocalAdmin.open(config, keyring)
     try:
@@ -140,8 +155,8 @@ Scopegate dev mode: ephemeral keys and store, sandbox upstream (never use in pro
 
 Listening on {base}
 
-Token-admin token (grant token-admin@gateway):
-  export SCOPEGATE_ADMIN_TOKEN={admin_token}
+Token-admin token (grant token-admin@gateway); with these two the scopegate CLI works on this gateway:
+  export SCOPEGATE_ADDR={base} SCOPEGATE_TOKEN={admin_token}
 Sample deploy token (grant deployer@app:web-staging):
   export DEPLOY_TOKEN={deploy_token}
 
