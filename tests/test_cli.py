@@ -299,7 +299,9 @@ BAD_MINTS: list[tuple[tuple[str, ...], str]] = [
     (("--grant", "wizard@app:x"), "wizard"),
     (("--grant", "token-admin@app:web"), "token-admin@app:web"),
     (("--grant", "viewer@app:web", "--grant", "wizard@app:x"), "wizard"),
-    (("--grant", "viewer@app:web", "--ttl", "91d"), "max_ttl"),
+    (("--grant", "viewer@app:web", "--ttl", "91d"), "ttl 91d is longer than tokens.max_ttl (90d)"),
+    (("--grant", "viewer@app:web", "--ttl", "90d1h"), "ttl 2161h is longer than tokens.max_ttl (90d)"),
+    (("--grant", "viewer@app:web", "--ttl", "30m1h"), "give each unit once, largest first"),
     (("--grant", "viewer@app:web", "--ttl", "forever"), "forever"),
     (("--grant", "viewer@app:web", "--ttl=-1h"), "-1h"),
 ]
@@ -320,6 +322,8 @@ def test_bad_grant_or_ttl_exits_2_naming_it_and_mints_nothing(shared: Setup) -> 
 def test_ttl_at_max_is_fine(shared: Setup) -> None:
     payload = claims(shared.mint("viewer@app:web", extra=("--ttl", "90d")))
     assert payload["exp"] - payload["iat"] == 90 * 86400
+    compound = claims(shared.mint("viewer@app:web", extra=("--ttl", "1h30m")))
+    assert compound["exp"] - compound["iat"] == 5400
 
 
 def test_bad_config_key_exits_2_naming_it(tmp_path: Path) -> None:

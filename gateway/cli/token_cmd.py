@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
     mint = add_json(add_config(actions.add_parser("mint", help="mint a token; prints only the token unless --json")))
     mint.add_argument("--grant", action="append", required=True, metavar="ROLE@SCOPE",
                       help="e.g. deployer@app:web-staging, viewer@env:staging (repeatable)")
-    mint.add_argument("--ttl", help="lifetime like 15m, 1h, 30d (default tokens.default_ttl)")
+    mint.add_argument("--ttl", help="lifetime like 15m, 1h30m, 30d (default tokens.default_ttl)")
     mint.add_argument("--name", help="label shown in listings and audit records")
     mint.add_argument("--subject", help="principal, e.g. ci:github:acme/web (default: cli:$USER)")
     mint.set_defaults(handler=mint_token)
