@@ -337,6 +337,12 @@ def test_rotate_errors_exit_the_same_way_both_ways(served: Served) -> None:
     assert "--grace" in local.stderr and "--grace" in remote.stderr
     local, remote = served.both("token", "rotate", "--", "no-such-jti")
     assert local.returncode == remote.returncode == 1
+    # A revoked token cannot be rotated: the operation failed (1), it is not a usage error (2).
+    assert served.local("token", "revoke", "--", jti).returncode == 0
+    local, remote = served.both("token", "rotate", "--", jti)
+    assert local.returncode == remote.returncode == 1, (local.stderr, remote.stderr)
+    assert "is revoked; mint a new one instead of rotating it" in local.stderr
+    assert "is revoked; mint a new one instead of rotating it" in remote.stderr
 
 
 @pytest.mark.parametrize("mode", ["local", "remote"])

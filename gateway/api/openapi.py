@@ -63,7 +63,8 @@ def admin_openapi() -> dict[str, Any]:
                          "requestBody": {"required": False, "content": {"application/json": {
                              "schema": {"$ref": "#/components/schemas/RotateRequest"}}}},
                          "responses": {"201": _json("MintedToken", "The replacement token"),
-                                       "404": _error("No such token"), **_ERRORS}},
+                                       "404": _error("No such token"),
+                                       "422": _error("The token is revoked or expired; mint a new one"), **_ERRORS}},
             },
             "/_gateway/v1/token/attenuate": {
                 "post": {"operationId": "attenuateToken", "summary": "Narrow the caller's own token",

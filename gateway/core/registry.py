@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from gateway.core.grants import Grant, GrantError, parse_grants
 from gateway.core.tokens import Claims, TokenIssuer
 from gateway.durations import format_duration
-from gateway.errors import BadRequest, Forbidden, NotFound, StateUnavailable, Unauthenticated
+from gateway.errors import BadRequest, Forbidden, NotFound, StateUnavailable, Unauthenticated, Unprocessable
 from gateway.store import TokenRecord, TokenStore
 
 _CACHE_LIMIT = 100_000
@@ -107,9 +107,11 @@ class TokenRegistry:
         old = await self.show(jti)
         now = int(self.clock())
         if old.revoked_at is not None:
-            raise BadRequest(f"token {jti} is revoked; mint a new one instead of rotating it")
+            # 422, not 400: the request is well-formed, the token named cannot be rotated (the CLI
+            # exits 1, an operation that failed, not 2, a usage error).
+            raise Unprocessable(f"token {jti} is revoked; mint a new one instead of rotating it")
         if old.exp <= now:
-            raise BadRequest(f"token {jti} has expired; mint a new one instead of rotating it")
+            raise Unprocessable(f"token {jti} has expired; mint a new one instead of rotating it")
         if grace_s < 0 or grace_s > self.max_ttl_s:
             raise BadRequest("grace must be between 0s and tokens.max_ttl")
         lifetime = min(old.exp - old.iat, self.max_ttl_s)
