@@ -612,7 +612,12 @@ def test_policy_check_passes_on_the_shipped_files(tmp_path: Path) -> None:
                  id="policy-garbage-line"),
     pytest.param(("routes/fly-machines.yaml", "action: platform:read", "action: platfrom:read"),
                  "platfrom:read", id="route-action-typo"),
-    pytest.param(("model.conf", "[matchers]", "[matchers"), "model.conf", id="model-garbage"),
+    pytest.param(("model.conf", "[matchers]", "[matchers"), "model.conf:", id="model-garbage"),
+    # A model without a section made casbin fail with "'NoneType' object is not subscriptable".
+    pytest.param(("model.conf", "[policy_definition]\np = sub, app, env, act, eft", ""),
+                 "lacks [policy_definition] with `p = sub, app, env, act, eft`", id="model-section-missing"),
+    pytest.param(("model.conf", "[role_definition]", "role_definition"),
+                 "expected `[section]` or `key = value`, found 'role_definition'", id="model-stray-line"),
     # Casbin compiles the matcher lazily: a syntax error here would fail every decision at run time.
     pytest.param(("model.conf", "m = g(r.sub, p.sub)", "m = g(r.sub, p.sub) &&& ("), "model.conf",
                  id="model-bad-matcher"),

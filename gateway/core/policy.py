@@ -54,6 +54,7 @@ class PolicyEngine:
         for label, path in (("policy.model", model), ("policy.policy", policy)):
             if not path.is_file():
                 raise ConfigError(f"{label} file {path} does not exist")
+        _check_model_text(model)  # casbin's own errors on a broken model name nothing useful
         try:
             enforcer = casbin.Enforcer(str(model), str(policy))
         except Exception as exc:  # casbin raises bare Exceptions for bad files
@@ -99,6 +100,40 @@ class PolicyEngine:
 
 _REQUEST_TOKENS = ["r_sub", "r_app", "r_env", "r_act"]
 _POLICY_TOKENS = ["p_sub", "p_app", "p_env", "p_act", "p_eft"]
+
+
+_MODEL_SECTIONS = {"request_definition": "r = sub, app, env, act", "policy_definition": "p = sub, app, env, act, eft",
+                   "role_definition": "g = _, _", "policy_effect": "e = ...", "matchers": "m = ..."}
+
+
+def _check_model_text(model: Path) -> None:
+    """Every section the gateway's model needs, each with its key, and nothing but `[section]`,
+    `key = value` and comments."""
+    sections: dict[str, set[str]] = {}
+    current: str | None = None
+    continued = False
+    for number, raw in enumerate(model.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if continued:  # the rest of a value broken with a trailing backslash
+            continued = line.endswith("\\")
+            continue
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1].strip()
+            sections.setdefault(current, set())
+            continue
+        key, equals, _ = line.partition("=")
+        if not equals or current is None or not key.strip():
+            raise ConfigError(f"policy model {model}:{number}: expected `[section]` or `key = value`, "
+                              f"found {line[:60]!r}; start from the shipped policies/model.conf")
+        sections[current].add(key.strip())
+        continued = line.endswith("\\")
+    missing = [f"[{name}] with `{example}`" for name, example in _MODEL_SECTIONS.items()
+               if example.split(" ", 1)[0] not in sections.get(name, set())]
+    if missing:
+        raise ConfigError(f"policy model {model} lacks {'; '.join(missing)}; start from the shipped "
+                          "policies/model.conf")
 
 
 def _check_model(enforcer: Any, model: Path) -> None:
