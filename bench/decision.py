@@ -130,7 +130,9 @@ class Bench:
         return store
 
     def registry(self, store: SqliteStore, policy: PolicyEngine) -> TokenRegistry:
-        return TokenRegistry(store, self.issuer, known_roles=policy.roles, default_ttl_s=86400, max_ttl_s=86400 * 90)
+        return TokenRegistry(store, self.issuer, known_roles=policy.roles,
+                             environments=frozenset({"staging", "production"}), default_ttl_s=86400,
+                             max_ttl_s=86400 * 90)
 
 
 async def time_path(verifier: TokenVerifier, registry: TokenRegistry, routes: RouteTable,

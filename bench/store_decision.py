@@ -114,7 +114,8 @@ class DecisionPath:
         self.policy = PolicyEngine(REPO / "policies/model.conf", REPO / "policies/policy.csv")
         self.environments = EnvironmentResolver((("*-staging", "staging"), ("*-prod", "production")), "development")
         self.verifier = TokenVerifier(keyring, ISSUER, AUDIENCE)
-        self.registry = TokenRegistry(store, issuer, known_roles=self.policy.roles, default_ttl_s=86400,
+        self.registry = TokenRegistry(store, issuer, known_roles=self.policy.roles,
+                                      environments=frozenset({"staging", "production"}), default_ttl_s=86400,
                                       max_ttl_s=86400 * 90)
         self.registry.lease_s = 3600.0  # as in a running gateway, whose sync loop keeps the lease fresh
         self.header = f"Bearer {token}".encode()

@@ -104,6 +104,11 @@ class Config:
             raise ConfigError("the upstream credential contains a line break; check upstream.token_env / token_file")
         return value
 
+    @property
+    def environment_names(self) -> frozenset[str]:
+        """Every environment an app can be in: the rules' and the default."""
+        return frozenset(rule.env for rule in self.environment_rules) | {self.environment_default}
+
     def store_sqlite_path(self) -> Path:
         parsed = urlsplit(self.store_url)
         raw = self.store_url[len("sqlite:///"):] if parsed.scheme == "sqlite" else ""

@@ -82,7 +82,8 @@ class Services:
                                            connect_timeout_s=config.upstream_connect_timeout_s,
                                            read_timeout_s=config.upstream_read_timeout_s)
         registry = TokenRegistry(store, TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience),
-                                 known_roles=set, default_ttl_s=config.tokens_default_ttl_s,
+                                 known_roles=set, environments=config.environment_names,
+                                 default_ttl_s=config.tokens_default_ttl_s,
                                  max_ttl_s=config.tokens_max_ttl_s)
         authorizer = Authorizer(TokenVerifier(keyring, config.tokens_issuer, config.tokens_audience), registry,
                                 EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),

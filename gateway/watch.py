@@ -37,7 +37,7 @@ def load_policy(config: Config, surfaces: list[Surface]) -> tuple[Rules, list[Su
     """Policy, constraints and route maps, read and cross-checked; nothing is installed."""
     loads = [surface.load() for surface in surfaces]
     rules = load_rules(config.policy_model, config.policy_policy, config.policy_constraints,
-                       chain.from_iterable(load.produced for load in loads))
+                       chain.from_iterable(load.produced for load in loads), config.environment_names)
     return rules, loads
 
 

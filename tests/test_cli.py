@@ -299,6 +299,10 @@ BAD_MINTS: list[tuple[tuple[str, ...], str]] = [
     (("--grant", "wizard@app:x"), "wizard"),
     (("--grant", "token-admin@app:web"), "token-admin@app:web"),
     (("--grant", "viewer@app:web", "--grant", "wizard@app:x"), "wizard"),
+    # Typos would mint a token that grants nothing: named, with the likely meaning.
+    (("--grant", "deployer@env:produciton"),
+     "environment 'produciton' is not one the environment rules produce (did you mean 'production'?)"),
+    (("--grant", "deplyer@app:web"), "role 'deplyer' is not in the policy (did you mean 'deployer'?)"),
     (("--grant", "viewer@app:web", "--ttl", "91d"), "ttl 91d is longer than tokens.max_ttl (90d)"),
     (("--grant", "viewer@app:web", "--ttl", "90d1h"), "ttl 2161h is longer than tokens.max_ttl (90d)"),
     (("--grant", "viewer@app:web", "--ttl", "30m1h"), "give each unit once, largest first"),

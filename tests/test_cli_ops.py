@@ -605,6 +605,11 @@ def test_policy_check_passes_on_the_shipped_files(tmp_path: Path) -> None:
     # A typo in the effect would silently drop the production secrets deny: deployers could write them.
     pytest.param(("policy.csv", "p, deployer, *, production, secrets:write, deny",
                   "p, deployer, *, production, secrets:write, dney"), "dney", id="policy-effect-typo"),
+    # An environment typo in a deny line would deny nothing (and reload live): named, with the likely one.
+    pytest.param(("policy.csv", "p, deployer, *, production, secrets:write, deny",
+                  "p, deployer, *, prodution, secrets:write, deny"),
+                 "names environment 'prodution', which no app is in (did you mean 'production'?)",
+                 id="policy-env-typo"),
     pytest.param(("policy.csv", "p, deployer, *, *, certificates:create, allow", "p, deployer, certificates:create"),
                  "deployer, certificates:create", id="policy-line-too-short"),
     pytest.param(("policy.csv", "p, viewer, *, *, platform:read, allow",

@@ -775,7 +775,8 @@ class SlowStore(SqliteStore):
 
 def registry_with(store: TokenStore, tmp_path: Path) -> tuple[TokenRegistry, TokenIssuer]:
     issuer = TokenIssuer(Keyring.generate(tmp_path / "keyring.json"), "scopegate", "scopegate")
-    registry = TokenRegistry(store, issuer, known_roles=lambda: {"viewer", "token-admin"}, default_ttl_s=3600,
+    registry = TokenRegistry(store, issuer, known_roles=lambda: {"viewer", "token-admin"},
+                             environments=frozenset({"staging"}), default_ttl_s=3600,
                              max_ttl_s=86400)
     return registry, issuer
 

@@ -30,7 +30,8 @@ class LocalAdmin:
         policy = PolicyEngine(config.policy_model, config.policy_policy)
         store = open_store(config)
         issuer = TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience)
-        registry = TokenRegistry(store, issuer, known_roles=policy.roles, default_ttl_s=config.tokens_default_ttl_s,
+        registry = TokenRegistry(store, issuer, known_roles=policy.roles,
+                                 environments=config.environment_names, default_ttl_s=config.tokens_default_ttl_s,
                                  max_ttl_s=config.tokens_max_ttl_s)
         return cls(config, keyring, store, registry)
 

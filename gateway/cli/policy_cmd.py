@@ -55,7 +55,7 @@ def register(sub: Any) -> None:
 def _load(config: Config) -> tuple[RouteTable, PolicyEngine, EnvironmentResolver]:
     routes = RouteTable.load(config.routes)
     policy = load_rules(config.policy_model, config.policy_policy, config.policy_constraints,
-                        produced_actions(config)).policy
+                        produced_actions(config), config.environment_names).policy
     environments = EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                        config.environment_default)
     return routes, policy, environments

@@ -9,6 +9,7 @@ process is seen at once.
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,10 +32,12 @@ class MintedToken:
 
 class TokenRegistry:
     def __init__(self, store: TokenStore, issuer: TokenIssuer, *, known_roles: Callable[[], set[str]],
-                 default_ttl_s: int, max_ttl_s: int, clock: Callable[[], float] = time.time) -> None:
+                 environments: frozenset[str], default_ttl_s: int, max_ttl_s: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.issuer = issuer
         self.known_roles = known_roles
+        self.environments = environments  # what the environment rules can produce: env grants name one
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
         self.clock = clock
@@ -59,8 +62,13 @@ class TokenRegistry:
         roles = self.known_roles()
         for grant in grants:
             if grant.role not in roles:
-                raise BadRequest(f"grant {grant}: role {grant.role!r} is not in the policy; known roles: "
-                                 f"{', '.join(sorted(roles))}")
+                raise BadRequest(f"grant {grant}: role {grant.role!r} is not in the policy"
+                                 f"{_did_you_mean(grant.role, roles)}; known roles: {', '.join(sorted(roles))}")
+            if grant.kind == "env" and grant.pattern not in self.environments:
+                # A typo (`env:produciton`) would mint a token that covers nothing, silently.
+                raise BadRequest(f"grant {grant}: environment {grant.pattern!r} is not one the environment rules "
+                                 f"produce{_did_you_mean(grant.pattern, self.environments)}; known environments: "
+                                 f"{', '.join(sorted(self.environments))}")
             if (grant.kind == "gateway") != (grant.role == "token-admin"):
                 raise BadRequest(f"grant {grant}: token-admin goes with scope gateway, and only token-admin does")
         return grants
@@ -213,3 +221,8 @@ def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str]) -> bool:
         return True
     return (child.role == held.role and child.kind == "app" and held.kind == "env"
             and not any(c in child.pattern for c in "*?") and env_of(child.pattern) == held.pattern)
+
+
+def _did_you_mean(given: str, known: set[str] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(given, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

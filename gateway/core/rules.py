@@ -11,6 +11,7 @@ old whole (`Authorizer.install`), never in parts.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -38,11 +39,25 @@ class Rules:
 
 
 def load_rules(model: Path, policy_file: Path, constraints_file: Path | None,
-               produced: Iterable[ProducedAction]) -> Rules:
+               produced: Iterable[ProducedAction], environments: frozenset[str]) -> Rules:
     produced = list(produced)
     policy = PolicyEngine(model, policy_file)
     check_cross_references(policy, produced)
+    check_environments(policy, environments)
     return Rules(policy, load_constraints(constraints_file, {p.action for p in produced}))
+
+
+def check_environments(policy: PolicyEngine, environments: frozenset[str]) -> None:
+    """A policy line's environment must be one an app can be in (or a glob matching one): a typo
+    in a deny line (`prodution`) would deny nothing, silently."""
+    for rule in policy.policy_lines():
+        pattern = rule[2]
+        if not any(fnmatchcase(env, pattern) for env in environments):
+            close = difflib.get_close_matches(pattern, sorted(environments), n=1, cutoff=0.6)
+            raise ConfigError(f"{policy.policy_path}: policy line 'p, {', '.join(rule)}' names environment "
+                              f"{pattern!r}, which no app is in" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; environments: {', '.join(sorted(environments))} (environments.rules, "
+                              "environments.default)")
 
 
 def load_constraints(path: Path | None, known: set[str]) -> ConstraintSet:
