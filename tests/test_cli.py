@@ -423,6 +423,19 @@ def test_a_near_miss_environment_variable_is_warned_about(tmp_path: Path, name: 
     assert "warning" not in quiet.stderr
 
 
+def test_a_trust_rule_granting_an_environment_no_app_is_in_stops_serve(tmp_path: Path) -> None:
+    trust = {"name": "web-deploy", "issuer": "https://token.actions.githubusercontent.com",
+             "audience": "https://scopegate.example", "claims": {"repository": "acme/web"},
+             "grants": ["deployer@env:stagign"], "ttl": "10m"}
+    config = write_config(tmp_path, "http://127.0.0.1:9", oidc={"trust": [trust]})
+    run("init", "--config", str(config))
+    result = run("serve", "--config", str(config), "--port", "0", env=clean_env(**{CREDENTIAL_ENV: UPSTREAM_SECRET}),
+                 timeout=30)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "oidc.trust[0].grants: environment 'stagign' of deployer@env:stagign is one no app is in" in result.stderr
+    assert "listening" not in result.stderr
+
+
 def test_the_state_store_is_created_owner_only(tmp_path: Path) -> None:
     config = write_config(tmp_path, "http://127.0.0.1:9")
     assert run("init", "--config", str(config)).returncode == 0

@@ -142,10 +142,14 @@ class TokenExchanger:
         if known_roles is not None:
             for index, rule in enumerate(self.rules):
                 for grant in rule.grants:
-                    role = parse_grant(grant).role
-                    if role not in known_roles:
-                        raise ConfigError(f"bad value for oidc.trust[{index}].grants: role {role!r} of {grant} is "
-                                          f"not in the policy; known roles: {', '.join(sorted(known_roles))}")
+                    parsed = parse_grant(grant)
+                    if parsed.role not in known_roles:
+                        raise ConfigError(f"bad value for oidc.trust[{index}].grants: role {parsed.role!r} of {grant} "
+                                          f"is not in the policy; known roles: {', '.join(sorted(known_roles))}")
+                    if parsed.kind == "env" and parsed.pattern not in registry.environments:
+                        raise ConfigError(f"bad value for oidc.trust[{index}].grants: environment {parsed.pattern!r} "
+                                          f"of {grant} is one no app is in; environments: "
+                                          f"{', '.join(sorted(registry.environments))}")
         self.keys = IssuerKeys({rule.issuer: rule.jwks_url for rule in self.rules}, monotonic=monotonic)
 
     async def start(self) -> None:
