@@ -7,6 +7,7 @@ The documents are Fly's real schema's (validated by the gateway with graphql-cor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -146,6 +147,29 @@ def test_a_repeated_body_is_resolved_once_and_decided_per_token(gql: RunningGate
     # A reloaded operation map resolves every body anew.
     surface.load().install()
     assert surface.resolve(body) is not resolution  # type: ignore[attr-defined]
+
+
+def test_bodies_that_differ_only_in_an_unused_variable_share_one_decision_and_big_ones_are_not_kept(
+        gql: RunningGateway, deployer: str) -> None:
+    """A hostile client varying an unused variable must not grow the gateway's memory per request:
+    large resolutions are not kept, and the decision cache holds one entry per documents + checks."""
+    surface = gql.services.surfaces[0]
+    decisions = gql.services.authorizer.decisions
+    fields = " ".join(f"a{i}: app(name: $n) {{ id }}" for i in range(20))  # 20 checks: over the kept size
+    query = f"query Wide($n: String!) {{ {fields} }}"  # `nonce` below is a variable nothing declares
+    before = len(decisions.entries)
+    for nonce in range(5):
+        body = json.dumps({"query": query, "variables": {"n": "web-staging", "nonce": str(nonce)}}).encode()
+        gql.upstream.clear()
+        forwarded(post(gql, deployer, None, raw=body), gql, deployer, body)
+        assert hashlib.sha256(body).digest() not in surface._resolved  # type: ignore[attr-defined]
+    assert len(decisions.entries) - before == 1
+    small = {"query": "query Small($n: String!) { app(name: $n) { id } }"}
+    for nonce in range(3):
+        body = json.dumps({**small, "variables": {"n": "web-staging", "nonce": str(nonce)}}).encode()
+        assert post(gql, deployer, None, raw=body).status_code == 200
+        assert hashlib.sha256(body).digest() in surface._resolved  # type: ignore[attr-defined]
+    assert len(decisions.entries) - before == 2
 
 
 # --- the app, however it is spelled ------------------------------------------------------------------

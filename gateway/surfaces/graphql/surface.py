@@ -51,6 +51,10 @@ FLY_REGISTRY = "registry.fly.io/"
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_BATCH = 10
 RESOLVED_LIMIT = 2_048  # bodies kept resolved; cleared whole when full, like the document cache
+# Only small resolutions are kept (flyctl's have one to three checks): a hostile body of hundreds
+# of root fields, varied by an unused variable, must not fill memory with them.
+RESOLVED_MAX_CHECKS = 16
+RESOLVED_MAX_BODY = 16 * 1024
 ANSWER_LIMIT = 8 * 1024 * 1024  # an answer the gateway filters (organizations) is read whole
 _REQUEST_KEYS = frozenset({"query", "variables", "operationName"})
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -65,13 +69,16 @@ def load_schema() -> GraphQLSchema:
     return build_schema(SCHEMA_FILE.read_text())
 
 
-@dataclass(frozen=True, slots=True, eq=False)  # identity: the decision cache's key
+@dataclass(frozen=True, slots=True)
 class Resolution:
-    """A body's root fields and their checks, in order, and the uses whose answers are filtered."""
+    """A body's root fields and their checks, in order, and the uses whose answers are filtered.
+    `key` is the decision cache's: the documents (by identity) and the checks, so bodies that differ
+    only in what does not change a check (an unused variable) share one decision."""
 
     asked: tuple[tuple[str, Check], ...]  # (operation and field, check)
     checks: tuple[Check, ...]
     filtered: tuple[RootUse, ...]
+    key: tuple[tuple[Document, ...], tuple[Check, ...]]
 
 
 class GraphQLSurface:
@@ -141,9 +148,9 @@ class GraphQLSurface:
         if len(checks) > 1:  # the record's action and app are the first's; every one is listed
             record.extra = {"graphql": [{"field": field, "action": check.action, "app": check.app, "env": check.env}
                                         for field, check in resolution.asked]}
-        # 4. decide: every check must be allowed; the same body (one resolution) gets the decision
-        # this token got for it before.
-        key = resolution
+        # 4. decide: every check must be allowed; the same documents asking the same checks get the
+        # decision this token got for them before.
+        key = resolution.key
         cached = self.authorizer.cached(claims, key)
         if cached is not None:
             frame.allow(cached.decision.reason)
@@ -178,11 +185,13 @@ class GraphQLSurface:
             return hit
         documents = [(analyzer.analyze(query), variables) for query, variables in parse_requests(body)]
         asked = tuple(pair for document, variables in documents for pair in self.checks(document, variables))
-        resolution = Resolution(asked, tuple(check for _, check in asked),
-                                tuple(use for document, _ in documents for use in document.filtered))
-        if len(resolved) >= RESOLVED_LIMIT:
-            resolved.clear()
-        resolved[key] = resolution
+        checks = tuple(check for _, check in asked)
+        resolution = Resolution(asked, checks, tuple(use for document, _ in documents for use in document.filtered),
+                                (tuple(document for document, _ in documents), checks))
+        if len(checks) <= RESOLVED_MAX_CHECKS and len(body) <= RESOLVED_MAX_BODY:
+            if len(resolved) >= RESOLVED_LIMIT:
+                resolved.clear()
+            resolved[key] = resolution
         return resolution
 
     def checks(self, document: Document, variables: dict[str, Any]) -> list[tuple[str, Check]]:
