@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.surfaces import SurfaceLoad
 from gateway.surfaces.graphql.documents import Document, DocumentAnalyzer, RootUse, argument_value
 from gateway.surfaces.graphql.operations import OperationMap
+from gateway.surfaces.graphql.resolution import DecisionKey, Resolution
 from gateway.surfaces.http import (
     RequestHeaders,
     Scope,
@@ -67,18 +67,6 @@ _CODES = {"forbidden": "FORBIDDEN", "unknown_route": "FORBIDDEN", "unauthenticat
 def load_schema() -> GraphQLSchema:
     """Fly's schema, built once per process (~0.5 s): it ships with the package and never changes."""
     return build_schema(SCHEMA_FILE.read_text())
-
-
-@dataclass(frozen=True, slots=True)
-class Resolution:
-    """A body's root fields and their checks, in order, and the uses whose answers are filtered.
-    `key` is the decision cache's: the documents (by identity) and the checks, so bodies that differ
-    only in what does not change a check (an unused variable) share one decision."""
-
-    asked: tuple[tuple[str, Check], ...]  # (operation and field, check)
-    checks: tuple[Check, ...]
-    filtered: tuple[RootUse, ...]
-    key: tuple[tuple[Document, ...], tuple[Check, ...]]
 
 
 class GraphQLSurface:
@@ -187,7 +175,7 @@ class GraphQLSurface:
         asked = tuple(pair for document, variables in documents for pair in self.checks(document, variables))
         checks = tuple(check for _, check in asked)
         resolution = Resolution(asked, checks, tuple(use for document, _ in documents for use in document.filtered),
-                                (tuple(document for document, _ in documents), checks))
+                                DecisionKey(tuple(document for document, _ in documents), checks))
         if len(checks) <= RESOLVED_MAX_CHECKS and len(body) <= RESOLVED_MAX_BODY:
             if len(resolved) >= RESOLVED_LIMIT:
                 resolved.clear()
