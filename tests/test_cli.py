@@ -432,7 +432,8 @@ def test_a_trust_rule_granting_an_environment_no_app_is_in_stops_serve(tmp_path:
     result = run("serve", "--config", str(config), "--port", "0", env=clean_env(**{CREDENTIAL_ENV: UPSTREAM_SECRET}),
                  timeout=30)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "oidc.trust[0].grants: environment 'stagign' of deployer@env:stagign is one no app is in" in result.stderr
+    assert ("oidc.trust[0].grants: grant deployer@env:stagign: environment 'stagign' is not one the environment "
+            "rules produce (did you mean 'staging'?)") in result.stderr
     assert "listening" not in result.stderr
 
 

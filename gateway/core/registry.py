@@ -61,14 +61,9 @@ class TokenRegistry:
             raise BadRequest(str(exc)) from None
         roles = self.known_roles()
         for grant in grants:
-            if grant.role not in roles:
-                raise BadRequest(f"grant {grant}: role {grant.role!r} is not in the policy"
-                                 f"{_did_you_mean(grant.role, roles)}; known roles: {', '.join(sorted(roles))}")
-            if grant.kind == "env" and grant.pattern not in self.environments:
-                # A typo (`env:produciton`) would mint a token that covers nothing, silently.
-                raise BadRequest(f"grant {grant}: environment {grant.pattern!r} is not one the environment rules "
-                                 f"produce{_did_you_mean(grant.pattern, self.environments)}; known environments: "
-                                 f"{', '.join(sorted(self.environments))}")
+            problem = unknown_name(grant, roles, self.environments)
+            if problem is not None:
+                raise BadRequest(problem)
             if (grant.kind == "gateway") != (grant.role == "token-admin"):
                 raise BadRequest(f"grant {grant}: token-admin goes with scope gateway, and only token-admin does")
         return grants
@@ -221,6 +216,18 @@ def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str]) -> bool:
         return True
     return (child.role == held.role and child.kind == "app" and held.kind == "env"
             and not any(c in child.pattern for c in "*?") and env_of(child.pattern) == held.pattern)
+
+
+def unknown_name(grant: Grant, roles: set[str], environments: frozenset[str]) -> str | None:
+    """What is wrong with a grant naming a role the policy lacks or an environment no app is in
+    (a typo such as `env:produciton` would grant nothing, silently); None when both exist."""
+    if grant.role not in roles:
+        return (f"grant {grant}: role {grant.role!r} is not in the policy{_did_you_mean(grant.role, roles)}; "
+                f"known roles: {', '.join(sorted(roles))}")
+    if grant.kind == "env" and grant.pattern not in environments:
+        return (f"grant {grant}: environment {grant.pattern!r} is not one the environment rules produce"
+                f"{_did_you_mean(grant.pattern, environments)}; known environments: {', '.join(sorted(environments))}")
+    return None
 
 
 def _did_you_mean(given: str, known: set[str] | frozenset[str]) -> str:

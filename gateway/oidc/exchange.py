@@ -47,6 +47,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
 from gateway.core.grants import GrantError, parse_grant, parse_grants
+from gateway.core.registry import unknown_name
 from gateway.errors import ConfigError, GatewayError
 from gateway.oidc.errors import ExchangeError, invalid_grant, invalid_request, unavailable
 from gateway.oidc.keys import JWKS_TTL_S, IssuerKeys, parse_jwks
@@ -142,14 +143,9 @@ class TokenExchanger:
         if known_roles is not None:
             for index, rule in enumerate(self.rules):
                 for grant in rule.grants:
-                    parsed = parse_grant(grant)
-                    if parsed.role not in known_roles:
-                        raise ConfigError(f"bad value for oidc.trust[{index}].grants: role {parsed.role!r} of {grant} "
-                                          f"is not in the policy; known roles: {', '.join(sorted(known_roles))}")
-                    if parsed.kind == "env" and parsed.pattern not in registry.environments:
-                        raise ConfigError(f"bad value for oidc.trust[{index}].grants: environment {parsed.pattern!r} "
-                                          f"of {grant} is one no app is in; environments: "
-                                          f"{', '.join(sorted(registry.environments))}")
+                    problem = unknown_name(parse_grant(grant), known_roles, registry.environments)
+                    if problem is not None:
+                        raise ConfigError(f"bad value for oidc.trust[{index}].grants: {problem}")
         self.keys = IssuerKeys({rule.issuer: rule.jwks_url for rule in self.rules}, monotonic=monotonic)
 
     async def start(self) -> None:
