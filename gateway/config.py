@@ -73,6 +73,7 @@ class Config:
     tokens_keyring: Path = Path(".scopegate/keyring.json")
     tokens_default_ttl_s: int = 30 * 86400
     tokens_max_ttl_s: int = 90 * 86400
+    tokens_max_children: int = 100
     store_url: str = "sqlite:///./.scopegate/state.db"
     store_timeout_ms: int = 500
     store_prefix: str = "scopegate:"
@@ -83,6 +84,7 @@ class Config:
     rate_limit_requests_per_second: float = 0.0
     rate_limit_burst: int = 0
     rate_limit_roles: tuple[RoleRateLimit, ...] = ()
+    rate_limit_derivations_per_minute: int = 60
     oidc_trust: tuple[TrustRule, ...] = field(default=())
 
     def upstream_credential(self) -> str:
@@ -182,6 +184,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "keyring": ("tokens_keyring", parsers.path_value),
         "default_ttl": ("tokens_default_ttl_s", parsers.duration),
         "max_ttl": ("tokens_max_ttl_s", parsers.duration),
+        "max_children": ("tokens_max_children", parsers.positive_int),
     },
     "store": {"url": ("store_url", parsers.store_url), "timeout_ms": ("store_timeout_ms", parsers.positive_int),
               "prefix": ("store_prefix", parsers.key_prefix)},
@@ -192,6 +195,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "requests_per_second": ("rate_limit_requests_per_second", parsers.non_negative_float),
         "burst": ("rate_limit_burst", parsers.non_negative_int),
         "roles": ("rate_limit_roles", _role_rate_limits),
+        "derivations_per_minute": ("rate_limit_derivations_per_minute", parsers.non_negative_int),
     },
     "oidc": {"trust": ("oidc_trust", _trust_rules)},
 }

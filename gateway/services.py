@@ -23,7 +23,7 @@ from gateway.core.authorizer import Authorizer
 from gateway.core.environments import EnvironmentResolver
 from gateway.core.keyring import Keyring
 from gateway.core.policy import PolicyEngine
-from gateway.core.ratelimit import RateLimits
+from gateway.core.ratelimit import DerivationLimit, RateLimits
 from gateway.core.registry import TokenRegistry
 from gateway.core.rules import ProducedAction
 from gateway.core.tokens import TokenIssuer, TokenVerifier
@@ -84,7 +84,9 @@ class Services:
         registry = TokenRegistry(store, TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience),
                                  known_roles=set, environments=config.environment_names,
                                  default_ttl_s=config.tokens_default_ttl_s,
-                                 max_ttl_s=config.tokens_max_ttl_s)
+                                 max_ttl_s=config.tokens_max_ttl_s, max_children=config.tokens_max_children,
+                                 derivations=DerivationLimit(store.rate_buckets,
+                                                             config.rate_limit_derivations_per_minute))
         authorizer = Authorizer(TokenVerifier(keyring, config.tokens_issuer, config.tokens_audience), registry,
                                 EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                                     config.environment_default),

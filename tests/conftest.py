@@ -20,6 +20,7 @@ from gateway.cli.local import LocalAdmin
 from gateway.config import Config, load_config
 from gateway.core.keyring import Keyring
 from gateway.services import Services
+from gateway.store import TokenRecord
 from tests.servers import RecordingUpstream, ServerThread
 
 # CI runs the same examples every time (a property test that found a bug fails every run, not one
@@ -65,6 +66,17 @@ class RunningGateway:
             admin = LocalAdmin.open(self.config)
             try:
                 return await admin.registry.revoke(jti, reason="test")
+            finally:
+                await admin.close()
+
+        return asyncio.run(run())
+
+    def records(self) -> list[TokenRecord]:
+        """Every token record in the gateway's store, read as the CLI reads it."""
+        async def run() -> list[TokenRecord]:
+            admin = LocalAdmin.open(self.config)
+            try:
+                return await admin.store.records()
             finally:
                 await admin.close()
 

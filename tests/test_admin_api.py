@@ -394,7 +394,7 @@ def test_rotation_keeps_the_old_token_during_grace_then_401(client: httpx.Client
     new = response.json()
     assert new["token"] != old["token"] and new["jti"] != old["jti"]
     assert new["grants"] == old["grants"] and new["name"] == "deploy" and new["sub"] == "ci:web"
-    assert new["parent"] == old["jti"]
+    assert new["rotated_from"] == old["jti"] and new["parent"] is None  # a successor, not a child
     assert new["exp"] - new["iat"] == 7200
     assert status_of(client, new["token"]) == 200
     assert status_of(client, old["token"]) == 200  # within the grace period
@@ -540,20 +540,23 @@ def test_a_revoked_token_cannot_attenuate(gateway: RunningGateway, client: httpx
 
 # --- cascade -------------------------------------------------------------------------------------
 
-def test_revoking_a_parent_revokes_rotated_and_attenuated_descendants(client: httpx.Client, admin: str) -> None:
+def test_revoking_a_parent_revokes_attenuated_descendants_but_not_its_rotation_successor(
+        client: httpx.Client, admin: str) -> None:
+    # Issue 16 item 8: "rotate because it leaked, then revoke the leaked one" keeps the new one.
     parent = mint(client, admin, "deployer@app:web-*", name="parent")
     rotated = client.post(f"{V1}/tokens/{parent['jti']}/rotate", headers=bearer(admin), json={"grace": "1h"})
     assert rotated.status_code == 201
+    assert rotated.json()["rotated_from"] == parent["jti"] and rotated.json()["parent"] is None
     child = attenuate(client, parent["token"], "deployer@app:web-staging", ttl="30m")
     assert child.status_code == 201, child.text
     grandchild = attenuate(client, child.json()["token"], "deployer@app:web-staging", ttl="10m")
     assert grandchild.status_code == 201, grandchild.text
     of_rotated = attenuate(client, rotated.json()["token"], "deployer@app:web-staging", ttl="10m")
     assert of_rotated.status_code == 201, of_rotated.text
-    family = {"parent": parent["token"], "rotated": rotated.json()["token"], "attenuated": child.json()["token"],
-              "grandchild": grandchild.json()["token"], "child-of-rotated": of_rotated.json()["token"]}
+    family = {"parent": parent["token"], "attenuated": child.json()["token"], "grandchild": grandchild.json()["token"]}
+    successors = {"rotated": rotated.json()["token"], "child-of-rotated": of_rotated.json()["token"]}
     bystander = mint(client, admin, "deployer@app:web-staging", name="bystander")
-    for name, token in family.items():
+    for name, token in {**family, **successors}.items():
         assert status_of(client, token) == 200, name
 
     assert client.delete(f"{V1}/tokens/{parent['jti']}", headers=bearer(admin)).status_code == 204
@@ -561,7 +564,12 @@ def test_revoking_a_parent_revokes_rotated_and_attenuated_descendants(client: ht
         wait_for_status(client, token, 401, within=1.0)
         shown = client.get(f"{V1}/tokens/{jti_of(token)}", headers=bearer(admin)).json()
         assert shown["revoked_at"] is not None, name
+    for name, token in successors.items():
+        assert status_of(client, token) == 200, name
     assert status_of(client, bystander["token"]) == 200
+    # Revoking the successor still ends what was attenuated from it.
+    assert client.delete(f"{V1}/tokens/{rotated.json()['jti']}", headers=bearer(admin)).status_code == 204
+    wait_for_status(client, of_rotated.json()["token"], 401, within=1.0)
 
 
 def test_revoking_a_child_leaves_the_parent_alone(gateway: RunningGateway, client: httpx.Client,
@@ -728,7 +736,8 @@ def test_admin_operations_are_audited_without_token_strings(gateway: RunningGate
     assert mint_record["jti"] == admin_jti and mint_record["token_name"] == "admin"
     assert minted["jti"] in str(mint_record["reason"])
     revoke_record = next(r for r in audited if r["action"] == "gateway:revoke")
-    assert minted["jti"] in str(revoke_record["reason"]) and rotated.json()["jti"] in str(revoke_record["reason"])
+    # Revoking the rotated-away token ends only it: its successor is no child of it.
+    assert minted["jti"] in str(revoke_record["reason"]) and rotated.json()["jti"] not in str(revoke_record["reason"])
     attenuate_record = next(r for r in audited if r["path"] == f"{V1}/token/attenuate")
     assert attenuate_record["decision"] == "allow" and attenuate_record["status"] == 201
     assert attenuate_record["jti"] == rotated.json()["jti"]

@@ -313,7 +313,7 @@ def test_rotate_prints_only_the_new_token(served: Served, mode: str) -> None:
     old = served.mint("deployer@app:web-staging", ttl="2h", name=f"rotate-{mode}")
     runner = served.local if mode == "local" else served.remote
     new = only_token(runner("token", "rotate", "--grace", "1h", "--", claims(old)["jti"]))
-    assert claims(new)["parent"] == claims(old)["jti"]
+    assert "parent" not in claims(new)  # a successor, not a child: revoking the old one spares it
     assert claims(new)["grants"] == claims(old)["grants"] and claims(new)["name"] == f"rotate-{mode}"
     assert claims(new)["exp"] - claims(new)["iat"] == 7200
     assert status(served.url, new) == 200
@@ -324,7 +324,8 @@ def test_rotate_prints_only_the_new_token(served: Served, mode: str) -> None:
     as_json = runner("token", "rotate", "--grace", "0s", "--json", "--", claims(new)["jti"])
     assert as_json.returncode == 0, as_json.stderr
     document = json.loads(as_json.stdout)
-    assert document["parent"] == claims(new)["jti"] and TOKEN_RE.fullmatch(document["token"])
+    assert document["rotated_from"] == claims(new)["jti"] and document["parent"] is None
+    assert TOKEN_RE.fullmatch(document["token"])
     wait_for(lambda: status(served.url, new) == 401, within=1.0, what="401 after --grace 0s")
     assert status(served.url, document["token"]) == 200
 

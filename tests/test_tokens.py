@@ -771,3 +771,38 @@ def test_key_ids_never_start_with_a_dash() -> None:
     from gateway.core.keyring import new_key
 
     assert not any(new_key().kid.startswith("-") for _ in range(2000))  # ~1 in 64 would without the guard
+
+
+def test_a_store_made_before_lineage_columns_opens_and_derives(tmp_path: Any) -> None:
+    import sqlite3
+
+    from gateway.store import TokenRecord
+    from gateway.store.sqlite import SqliteStore
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE tokens (jti TEXT PRIMARY KEY, sub TEXT NOT NULL, name TEXT NOT NULL, grants TEXT NOT NULL,"
+        " iat INTEGER NOT NULL, exp INTEGER NOT NULL, parent TEXT, revoked_at INTEGER, revoked_reason TEXT,"
+        " last_used_at INTEGER);"
+        "INSERT INTO tokens VALUES ('old-root-jti-0000000000', 'u', 'n', '[\"viewer@app:web\"]', 1, 4000000000,"
+        " NULL, NULL, NULL, NULL);")
+    old.commit()
+    old.close()
+
+    async def run() -> tuple[TokenRecord | None, str | None, str | None]:
+        store = SqliteStore(path)
+        try:
+            before = await store.get("old-root-jti-0000000000")
+            child = TokenRecord(jti="child-jti-000000000000", sub="u", name="c", grants=("viewer@app:web",), iat=2,
+                                exp=3_000_000_000, parent="old-root-jti-0000000000", root="old-root-jti-0000000000")
+            put = await store.put_derived(child, now=int(time.time()), max_live=1)
+            again = await store.put_derived(replace(child, jti="child-jti-000000000001"), now=int(time.time()),
+                                            max_live=1)
+            return before, put, again
+        finally:
+            await store.close()
+
+    before, put, again = asyncio.run(run())
+    assert before is not None and before.root is None and before.rotated_from is None
+    assert put is None and again == "full"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from gateway.config import Config
 from gateway.core.keyring import Keyring
 from gateway.core.policy import PolicyEngine
+from gateway.core.ratelimit import DerivationLimit
 from gateway.core.registry import TokenRegistry
 from gateway.core.tokens import TokenIssuer
 from gateway.store import TokenStore
@@ -32,7 +33,9 @@ class LocalAdmin:
         issuer = TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience)
         registry = TokenRegistry(store, issuer, known_roles=policy.roles,
                                  environments=config.environment_names, default_ttl_s=config.tokens_default_ttl_s,
-                                 max_ttl_s=config.tokens_max_ttl_s)
+                                 max_ttl_s=config.tokens_max_ttl_s, max_children=config.tokens_max_children,
+                                 derivations=DerivationLimit(store.rate_buckets,
+                                                             config.rate_limit_derivations_per_minute))
         return cls(config, keyring, store, registry)
 
     async def close(self) -> None:

@@ -10,6 +10,12 @@ Each of a token's roles has its limit (its `rate_limit.roles` entry, else the de
 token gets the most generous one: unlimited (0) if any role is, else the highest rate, then the
 largest burst. Buckets of tokens not seen for a minute are dropped, so memory follows active
 tokens only.
+
+A token's bucket is its lineage's (`Claims.lineage`: the root token it was attenuated from, at
+any depth): children spend their root's bucket, so minting children buys no extra rate (children
+of another role, with another limit, share that role's bucket of the same root).
+`DerivationLimit` bounds how fast new tokens are derived at all: attenuations per lineage and
+exchanges per CI identity (`rate_limit.derivations_per_minute`).
 """
 
 from __future__ import annotations
@@ -99,4 +105,29 @@ class RateLimits:
         bucket = self._buckets.get(limits)
         if bucket is None:
             bucket = self._buckets[limits] = self.make(*limits)
-        await bucket.take(claims.jti, claims.name)
+        await bucket.take(claims.lineage, claims.name)
+
+
+DERIVATION_BURST = 10  # derivations at once, before the per-minute refill applies
+
+
+class DerivationLimit:
+    """`per_minute` new tokens per key (a lineage for attenuation, a CI identity for the exchange),
+    up to DERIVATION_BURST at once; 0 disables."""
+
+    def __init__(self, make: BucketFactory, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.burst = max(1, min(per_minute, DERIVATION_BURST))
+        self._bucket = make(per_minute / 60.0, self.burst) if per_minute > 0 else None
+
+    async def take(self, key: str, who: str) -> None:
+        """Spend one derivation of `key`; raises RateLimited naming `who` and the limit when spent."""
+        if self._bucket is None:
+            return
+        try:
+            await self._bucket.take("derive:" + key, who)
+        except RateLimited as exc:
+            retry = int(exc.headers.get("Retry-After", "60"))
+            raise RateLimited(f"{who} has derived tokens faster than rate_limit.derivations_per_minute "
+                              f"({self.per_minute}, up to {self.burst} at once); retry after {retry}s, "
+                              "or reuse a token you already have", retry_after_s=retry) from None

@@ -16,9 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.core.grants import Grant, GrantError, parse_grants
+from gateway.core.ratelimit import DerivationLimit
 from gateway.core.tokens import Claims, TokenIssuer
 from gateway.durations import format_duration
-from gateway.errors import BadRequest, Forbidden, NotFound, StateUnavailable, Unauthenticated, Unprocessable
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    StateUnavailable,
+    Unauthenticated,
+    Unprocessable,
+)
 from gateway.store import TokenRecord, TokenStore
 
 _CACHE_LIMIT = 100_000
@@ -33,6 +42,7 @@ class MintedToken:
 class TokenRegistry:
     def __init__(self, store: TokenStore, issuer: TokenIssuer, *, known_roles: Callable[[], set[str]],
                  environments: frozenset[str], default_ttl_s: int, max_ttl_s: int,
+                 max_children: int | None = None, derivations: DerivationLimit | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.issuer = issuer
@@ -40,8 +50,11 @@ class TokenRegistry:
         self.environments = environments  # what the environment rules can produce: env grants name one
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
+        self.max_children = max_children  # live tokens derived from one root token, at most
+        self.derivations = derivations  # how fast tokens may be derived (attenuation, exchange)
         self.clock = clock
-        self._status: OrderedDict[str, tuple[bool, int]] = OrderedDict()  # jti -> (revoked, record exp)
+        # jti -> (the claims checked against the record, why they are refused or None, record exp)
+        self._status: OrderedDict[str, tuple[Claims, str | None, int]] = OrderedDict()
         self._cursor = "0"
         self._last_used: dict[str, int] = {}
         # Fail closed while the store is known to be down (set by the sync loop), and trust
@@ -78,18 +91,38 @@ class TokenRegistry:
         return ttl
 
     async def mint(self, *, grants: list[str], ttl_s: int | None, name: str, subject: str,
-                   parent: str | None = None) -> MintedToken:
+                   parent: str | None = None, root: str | None = None, rotated_from: str | None = None,
+                   cap: bool = False) -> MintedToken:
+        """A new token; with `parent`, only while that parent lives (checked by the store in the same
+        step as the write) and, with `cap`, while its lineage `root` is under `max_children`."""
         parsed = self.validate_grants(grants)
         ttl = self.ttl(ttl_s)
         if not name.strip() or len(name) > 128:
             raise BadRequest("name must be 1 to 128 characters")
         if not subject.strip() or len(subject) > 256:
             raise BadRequest("subject must be 1 to 256 characters")
-        token, claims = self.issuer.mint(sub=subject, name=name, grants=parsed, ttl_s=ttl, parent=parent)
+        token, claims = self.issuer.mint(sub=subject, name=name, grants=parsed, ttl_s=ttl, parent=parent, root=root)
         record = TokenRecord(jti=claims.jti, sub=claims.sub, name=claims.name, grants=tuple(claims.grant_strings()),
-                             iat=claims.iat, exp=claims.exp, parent=parent)
-        await self.store.put(record)
+                             iat=claims.iat, exp=claims.exp, parent=parent, root=root, rotated_from=rotated_from)
+        if parent is None:
+            await self.store.put(record)
+        else:
+            problem = await self.store.put_derived(record, now=int(self.clock()),
+                                                   max_live=self.max_children if cap else None)
+            if problem is not None:
+                raise self._refusal(problem, parent, root)
         return MintedToken(token, record)
+
+    def _refusal(self, problem: str, parent: str, root: str | None) -> Exception:
+        if problem == "full":
+            return RateLimited(f"the tokens derived from token {root} already number tokens.max_children "
+                               f"({self.max_children}) live ones; revoke some or let them expire "
+                               "before attenuating again", retry_after_s=60)
+        if problem == "outlives":
+            return Forbidden(f"a child token cannot outlive its parent {parent}; ask for a shorter ttl")
+        state = {"missing": "is not registered", "revoked": "has been revoked", "expired": "has expired"}
+        return Unauthenticated(f"the parent token {parent} {state.get(problem, 'is not live')}; "
+                               "nothing was minted from it")
 
     async def show(self, jti: str) -> TokenRecord:
         record = await self.store.get(jti)
@@ -118,7 +151,10 @@ class TokenRegistry:
         if grace_s < 0 or grace_s > self.max_ttl_s:
             raise BadRequest("grace must be between 0s and tokens.max_ttl")
         lifetime = min(old.exp - old.iat, self.max_ttl_s)
-        minted = await self.mint(grants=list(old.grants), ttl_s=lifetime, name=old.name, subject=old.sub, parent=jti)
+        # The successor takes the old token's place in its lineage (same parent, same root): it is
+        # not derived from the old token, so revoking the old one (it leaked) leaves it alive.
+        minted = await self.mint(grants=list(old.grants), ttl_s=lifetime, name=old.name, subject=old.sub,
+                                 parent=old.parent, root=old.root, rotated_from=jti)
         await self.store.shorten(jti, exp=now + grace_s)
         self._generation += 1
         self._status.pop(jti, None)
@@ -132,14 +168,19 @@ class TokenRegistry:
             if not any(_narrows(grant, held, env_of) for held in parent.grants):
                 raise Forbidden(f"grant {grant} is not within the token's own grants "
                                 f"({', '.join(parent.grant_strings())}); a child can only narrow them")
+        if self.derivations is not None:
+            await self.derivations.take(parent.lineage, f"token '{parent.name}' (with the tokens of its lineage)")
         record = await self.show(parent.jti)
         now = int(self.clock())
+        if record.revoked_at is not None:
+            # The caller's check passed on a cached status the change feed has not yet replaced.
+            raise Unauthenticated(f"token '{parent.name}' has been revoked; nothing was minted from it")
         remaining = min(parent.exp, record.exp) - now
         ttl = ttl_s if ttl_s is not None else min(self.default_ttl_s, remaining)
         if ttl > remaining:
             raise Forbidden(f"a child token cannot outlive its parent ({format_duration(max(remaining, 1))} left)")
         return await self.mint(grants=[str(g) for g in requested], ttl_s=ttl, name=name or f"{parent.name}/child",
-                               subject=parent.sub, parent=parent.jti)
+                               subject=parent.sub, parent=parent.jti, root=parent.lineage, cap=True)
 
     # --- the hot path --------------------------------------------------------------------------
 
@@ -149,27 +190,28 @@ class TokenRegistry:
         if self.unavailable is not None:
             raise StateUnavailable(self.unavailable)
         status = self._status.get(claims.jti)
-        if status is None or (self.lease_s is not None and time.monotonic() > self._fresh_until):
+        if (status is None or (status[0] is not claims and status[0] != claims)
+                or (self.lease_s is not None and time.monotonic() > self._fresh_until)):
             generation = self._generation
             record = await self.store.get(claims.jti)
             if record is None:
                 raise Unauthenticated(f"token '{claims.name}' is not registered with this gateway "
                                       "(was it minted for another store?); ask for a new one")
-            status = (record.revoked_at is not None, record.exp)
+            status = (claims, _refusal_of(claims, record), record.exp)
             # A change that arrived while the store was being read may postdate what was read:
             # then the answer serves this request but is not cached.
             if generation == self._generation:
                 self._remember(claims.jti, status)
-        revoked, not_after = status
-        if revoked:
-            raise Unauthenticated(f"token '{claims.name}' has been revoked; ask for a new one")
+        refused, not_after = status[1], status[2]
+        if refused is not None:
+            raise Unauthenticated(refused)
         now = int(self.clock())
         if now >= not_after:
             raise Unauthenticated(f"token '{claims.name}' has expired (rotated, or past its lifetime); "
                                   "use its replacement")
         self._last_used[claims.jti] = now
 
-    def _remember(self, jti: str, status: tuple[bool, int]) -> None:
+    def _remember(self, jti: str, status: tuple[Claims, str | None, int]) -> None:
         self._status[jti] = status
         if len(self._status) > _CACHE_LIMIT:
             self._status.popitem(last=False)
@@ -207,6 +249,20 @@ class TokenRegistry:
         if self._last_used:
             pending, self._last_used = self._last_used, {}
             await self.store.touch(pending)
+
+
+def _refusal_of(claims: Claims, record: TokenRecord) -> str | None:
+    """Why a token whose signature is good is refused all the same: revoked, or its claims are not
+    what was registered when it was minted (defence in depth: a signing key that leaked could mint
+    a token under a registered jti with other grants; the store's record says what was minted)."""
+    if record.revoked_at is not None:
+        return f"token '{claims.name}' has been revoked; ask for a new one"
+    if (tuple(claims.grant_strings()) != record.grants or claims.sub != record.sub or claims.name != record.name
+            or claims.iat != record.iat or claims.exp < record.exp or claims.parent != record.parent
+            or claims.root != record.root):
+        return (f"token '{claims.name}' does not match the record this gateway keeps of it (grants, subject or "
+                "lineage differ); it was not minted as presented; ask for a new one")
+    return None
 
 
 def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str]) -> bool:

@@ -48,6 +48,13 @@ class Claims:
     name: str
     grants: tuple[Grant, ...]
     parent: str | None = None
+    root: str | None = None  # the first token of the derivation chain (None: this token is one)
+
+    @property
+    def lineage(self) -> str:
+        """The jti of the token this one descends from by attenuation (itself if none): what its
+        rate limit, derivation limit and cap on live children are counted against."""
+        return self.root or self.jti
 
     def grant_strings(self) -> list[str]:
         return [str(g) for g in self.grants]
@@ -71,16 +78,18 @@ class TokenIssuer:
         self.clock = clock
 
     def mint(self, *, sub: str, name: str, grants: tuple[Grant, ...], ttl_s: int,
-             parent: str | None = None) -> tuple[str, Claims]:
+             parent: str | None = None, root: str | None = None) -> tuple[str, Claims]:
         now = int(self.clock())
         claims = Claims(iss=self.issuer, aud=self.audience, sub=sub, jti=new_jti(), iat=now, nbf=now,
-                        exp=now + ttl_s, name=name, grants=grants, parent=parent)
+                        exp=now + ttl_s, name=name, grants=grants, parent=parent, root=root)
         payload: dict[str, Any] = {
             "iss": claims.iss, "aud": claims.aud, "sub": claims.sub, "jti": claims.jti, "iat": now,
             "nbf": now, "exp": claims.exp, "name": name, "grants": claims.grant_strings(),
         }
         if parent is not None:
             payload["parent"] = parent
+        if root is not None:
+            payload["root"] = root
         key = self.keyring.active
         token = jwt.encode(payload, key.private_key, algorithm="EdDSA", headers={"kid": key.kid})
         return PREFIX + token, claims
@@ -219,13 +228,16 @@ def _claims_from_payload(payload: dict[str, Any], now: float) -> Claims:
         grants = tuple(parse_grant(g) for g in grants_raw)
     except GrantError:
         raise Unauthenticated("token carries a grant this gateway cannot parse") from None
-    parent = payload.get("parent")
+    parent, root = payload.get("parent"), payload.get("root")
     if parent is not None and not isinstance(parent, str):
         raise Unauthenticated("token claim 'parent' must be a string")
+    if root is not None and (not isinstance(root, str) or parent is None):
+        raise Unauthenticated("token claim 'root' must be a string, on a derived token only")
     if len(text("jti")) < 22:
         raise Unauthenticated("token claim 'jti' is too short to be one of ours")
     return Claims(iss=text("iss"), aud=text("aud"), sub=text("sub"), jti=text("jti"), iat=number("iat"),
-                  nbf=number("nbf"), exp=number("exp"), name=text("name"), grants=grants, parent=parent)
+                  nbf=number("nbf"), exp=number("exp"), name=text("name"), grants=grants, parent=parent,
+                  root=root)
 
 
 def bearer_token(header_values: list[bytes]) -> str:

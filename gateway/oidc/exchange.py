@@ -48,7 +48,7 @@ from joserfc.jwk import RSAKey
 
 from gateway.core.grants import GrantError, parse_grant, parse_grants
 from gateway.core.registry import unknown_name
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, RateLimited
 from gateway.oidc.errors import ExchangeError, invalid_grant, invalid_request, unavailable
 from gateway.oidc.keys import JWKS_TTL_S, IssuerKeys, parse_jwks
 from gateway.oidc.rules import (
@@ -201,6 +201,13 @@ class TokenExchanger:
         principal = f"oidc:{issuer_id(issuer)}:{subject}"
         if len(principal) > 256:
             raise invalid_grant("the id token's sub claim is too long for a token subject (256 characters)")
+        # Before the replay cache takes the id token: a refused exchange may be retried with it.
+        if self.registry.derivations is not None:
+            try:
+                await self.registry.derivations.take(principal, f"CI identity {principal}")
+            except RateLimited as exc:
+                raise ExchangeError("rate_limited", exc.message, status=429,
+                                    retry_after_s=int(exc.headers["Retry-After"])) from None
         await self._claim_once(token, issuer, claims)
         name = ("ci:" + "+".join(rule.name for rule in outcome.matched))[:128]
         ttl_s = min(outcome.ttl_s, self.registry.max_ttl_s)

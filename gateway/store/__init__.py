@@ -29,7 +29,9 @@ class TokenRecord:
     grants: tuple[str, ...]
     iat: int
     exp: int
-    parent: str | None = None
+    parent: str | None = None  # the token this one was attenuated from: revoking that revokes this
+    root: str | None = None  # the first token of the attenuation chain (None: this token is one)
+    rotated_from: str | None = None  # the token this one replaced by rotation (not a parent)
     revoked_at: int | None = None
     revoked_reason: str | None = None
     last_used_at: int | None = None
@@ -42,6 +44,14 @@ class TokenRecord:
 
 class TokenStore(Protocol):
     async def put(self, record: TokenRecord) -> None: ...
+
+    async def put_derived(self, record: TokenRecord, *, now: int, max_live: int | None) -> str | None:
+        """Put `record`, whose `parent` is set, only if that parent is live at `now` (registered, not
+        revoked, not expired, not ending before `record`) and, with `max_live`, the lineage `record.root`
+        has fewer than `max_live` live derived tokens; one atomic step, so that a revocation of the
+        parent either comes after (and its cascade takes `record`) or refuses it. None when put, else
+        why not: "missing", "revoked", "expired", "outlives" or "full"."""
+        ...
 
     async def get(self, jti: str) -> TokenRecord | None: ...
 

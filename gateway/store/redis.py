@@ -4,7 +4,9 @@ Keys (all under `store.prefix`, default `scopegate:`):
 
     tok:{jti}        hash   one token record (sub, name, grants as JSON, iat, exp, parent, revoked_at, ...)
     tokens           zset   every jti, scored by iat (the listing order)
-    children:{jti}   set    jtis derived from {jti} (rotations, attenuations): the revocation cascade
+    children:{jti}   set    jtis attenuated from {jti}: the revocation cascade (a rotation's successor
+                            is not a child of the token it replaced)
+    lineage:{root}   set    jtis derived, at any depth, from the root token {root}: the cap on live ones
     changes          stream the change feed: one entry {jti, n} per write, trimmed with MAXLEN ~
     changes:n        string the feed's entry counter (`n` of the newest entry)
     epoch            string a random id written when the feed starts; gone after FLUSHALL or a restart
@@ -46,7 +48,7 @@ from gateway.errors import StateUnavailable
 from gateway.store import TokenRecord
 from gateway.store.redis_audit import RedisSink
 from gateway.store.redis_ratelimit import BUCKET_SCRIPT, RedisBuckets
-from gateway.store.redis_scripts import FEED, PUT, REVOKE, SHORTEN, TOUCH
+from gateway.store.redis_scripts import FEED, PUT, PUT_DERIVED, REVOKE, SHORTEN, TOUCH
 from gateway.store.redis_url import connect, redact
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_MS", "FEED_MAXLEN", "RedisBuckets", "RedisStore", "redact"]
@@ -69,6 +71,7 @@ class RedisStore:
         # Connect, read, one retry after a dropped connection, plus slack: never much longer.
         self._deadline_s = 3 * self.timeout_s + 0.05
         self._put = self.client.register_script(PUT)
+        self._put_derived = self.client.register_script(PUT_DERIVED)
         self._revoke = self.client.register_script(REVOKE)
         self._shorten = self.client.register_script(SHORTEN)
         self._touch = self.client.register_script(TOUCH)
@@ -101,14 +104,29 @@ class RedisStore:
     # --- token records -------------------------------------------------------------------------
 
     async def put(self, record: TokenRecord) -> None:
-        fields: list[str | int] = []
-        for name, value in _fields(record).items():
-            fields += [name, value]
-        keys = [self._record_key(record.jti), self._k_tokens, self._k_changes, self._k_seq]
-        if record.parent is not None:
-            keys.append(f"{self.prefix}children:{record.parent}")
         async with self._guard("put"):
-            await self._put(keys=keys, args=[record.jti, record.iat, self.feed_maxlen, *fields])
+            await self._put(keys=self._write_keys(record), args=self._write_args(record))
+
+    async def put_derived(self, record: TokenRecord, *, now: int, max_live: int | None) -> str | None:
+        if record.parent is None:
+            raise ValueError("put_derived needs a record with a parent")
+        keys = [*self._write_keys(record), self._record_key(record.parent)]
+        args = [now, -1 if max_live is None else max_live, self.prefix, *self._write_args(record)]
+        async with self._guard("put"):
+            outcome = await self._put_derived(keys=keys, args=args)
+        text = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        return None if text == "ok" else text
+
+    def _write_keys(self, record: TokenRecord) -> list[str]:
+        children = "" if record.parent is None else f"{self.prefix}children:{record.parent}"
+        lineage = "" if record.root is None else f"{self.prefix}lineage:{record.root}"
+        return [self._record_key(record.jti), self._k_tokens, self._k_changes, self._k_seq, children, lineage]
+
+    def _write_args(self, record: TokenRecord) -> list[str | int]:
+        args: list[str | int] = [record.jti, record.iat, self.feed_maxlen]
+        for name, value in _fields(record).items():
+            args += [name, value]
+        return args
 
     async def get(self, jti: str) -> TokenRecord | None:
         async with self._guard("get"):
@@ -243,7 +261,8 @@ class RedisStore:
 def _fields(record: TokenRecord) -> dict[str, str | int]:
     fields: dict[str, str | int] = {"sub": record.sub, "name": record.name, "grants": json.dumps(list(record.grants)),
                                     "iat": record.iat, "exp": record.exp}
-    optional: dict[str, str | int | None] = {"parent": record.parent, "revoked_at": record.revoked_at,
+    optional: dict[str, str | int | None] = {"parent": record.parent, "root": record.root,
+                                             "rotated_from": record.rotated_from, "revoked_at": record.revoked_at,
                                              "revoked_reason": record.revoked_reason,
                                              "last_used_at": record.last_used_at}
     fields.update({name: value for name, value in optional.items() if value is not None})
@@ -255,10 +274,14 @@ def _record(jti: str, data: dict[Any, Any]) -> TokenRecord:
         value = data.get(name)
         return None if value is None else int(value)
 
+    def text(name: str) -> str | None:
+        value = data.get(name)
+        return None if value is None else str(value)
+
     parent, reason = data.get("parent"), data.get("revoked_reason")
     return TokenRecord(
         jti=jti, sub=str(data["sub"]), name=str(data["name"]), grants=tuple(json.loads(data["grants"])),
         iat=int(data["iat"]), exp=int(data["exp"]), parent=None if parent is None else str(parent),
         revoked_at=number("revoked_at"), revoked_reason=None if reason is None else str(reason),
-        last_used_at=number("last_used_at"),
+        last_used_at=number("last_used_at"), root=text("root"), rotated_from=text("rotated_from"),
     )

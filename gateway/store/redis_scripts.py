@@ -11,37 +11,91 @@ local function append(stream, seq, maxlen, jti)
 end
 """
 
-PUT = APPEND + """
--- KEYS: record, tokens zset, changes stream, feed counter[, children set of the parent]
--- ARGV: jti, iat, feed maxlen, field, value, ...
--- A record put again (a repeated migration) never comes back to life and never gets longer:
--- an existing revocation, an earlier expiry and a later last use are kept.
-local old = redis.call('HMGET', KEYS[1], 'revoked_at', 'revoked_reason', 'exp', 'last_used_at')
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if old[1] then
-  redis.call('HSET', KEYS[1], 'revoked_at', old[1])
-  if old[2] then
-    redis.call('HSET', KEYS[1], 'revoked_reason', old[2])
-  else
-    redis.call('HDEL', KEYS[1], 'revoked_reason')
+# KEYS: record, tokens zset, changes stream, feed counter, children set of the parent (or ''),
+# lineage set of the root (or '').  ARGV from `first`: jti, iat, feed maxlen, field, value, ...
+# A record put again (a repeated migration) never comes back to life and never gets longer:
+# an existing revocation, an earlier expiry and a later last use are kept.
+WRITE = APPEND + """
+local function write(first)
+  local jti, iat, maxlen = ARGV[first], ARGV[first + 1], ARGV[first + 2]
+  local old = redis.call('HMGET', KEYS[1], 'revoked_at', 'revoked_reason', 'exp', 'last_used_at')
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], unpack(ARGV, first + 3))
+  if old[1] then
+    redis.call('HSET', KEYS[1], 'revoked_at', old[1])
+    if old[2] then
+      redis.call('HSET', KEYS[1], 'revoked_reason', old[2])
+    else
+      redis.call('HDEL', KEYS[1], 'revoked_reason')
+    end
   end
-end
-if old[3] and tonumber(old[3]) < tonumber(redis.call('HGET', KEYS[1], 'exp')) then
-  redis.call('HSET', KEYS[1], 'exp', old[3])
-end
-if old[4] then
-  local used = redis.call('HGET', KEYS[1], 'last_used_at')
-  if not used or tonumber(used) < tonumber(old[4]) then
-    redis.call('HSET', KEYS[1], 'last_used_at', old[4])
+  if old[3] and tonumber(old[3]) < tonumber(redis.call('HGET', KEYS[1], 'exp')) then
+    redis.call('HSET', KEYS[1], 'exp', old[3])
   end
+  if old[4] then
+    local used = redis.call('HGET', KEYS[1], 'last_used_at')
+    if not used or tonumber(used) < tonumber(old[4]) then
+      redis.call('HSET', KEYS[1], 'last_used_at', old[4])
+    end
+  end
+  redis.call('ZADD', KEYS[2], iat, jti)
+  if KEYS[5] ~= '' then
+    redis.call('SADD', KEYS[5], jti)
+  end
+  if KEYS[6] ~= '' then
+    redis.call('SADD', KEYS[6], jti)
+  end
+  append(KEYS[3], KEYS[4], maxlen, jti)
 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-if KEYS[5] then
-  redis.call('SADD', KEYS[5], ARGV[1])
-end
-append(KEYS[3], KEYS[4], ARGV[3], ARGV[1])
+"""
+
+PUT = WRITE + """
+write(1)
 return 1
+"""
+
+PUT_DERIVED = WRITE + """
+-- KEYS: as WRITE, then the parent's record.
+-- ARGV: now, max live derived tokens of the lineage (-1: no cap), prefix, then WRITE's from 4.
+-- The parent is checked and the record written in one script: a revocation (REVOKE, also one
+-- script) runs wholly before, and this refuses, or wholly after, and its cascade takes the record.
+local now, cap, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local parent = redis.call('HMGET', KEYS[7], 'revoked_at', 'exp')
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  return 'missing'
+end
+if parent[1] then
+  return 'revoked'
+end
+if tonumber(parent[2]) <= now then
+  return 'expired'
+end
+local exp
+for j = 7, #ARGV, 2 do
+  if ARGV[j] == 'exp' then
+    exp = tonumber(ARGV[j + 1])
+  end
+end
+if exp > tonumber(parent[2]) then
+  return 'outlives'
+end
+if cap >= 0 then
+  -- Count the live tokens of the lineage, dropping the dead from its set as it goes.
+  local live = 0
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+    local state = redis.call('HMGET', prefix .. 'tok:' .. member, 'revoked_at', 'exp')
+    if state[1] or not state[2] or tonumber(state[2]) <= now then
+      redis.call('SREM', KEYS[6], member)
+    else
+      live = live + 1
+    end
+  end
+  if live >= cap then
+    return 'full'
+  end
+end
+write(4)
+return 'ok'
 """
 
 REVOKE = APPEND + """

@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     parent TEXT,
     revoked_at INTEGER,
     revoked_reason TEXT,
-    last_used_at INTEGER
+    last_used_at INTEGER,
+    root TEXT,
+    rotated_from TEXT
 );
 CREATE INDEX IF NOT EXISTS tokens_parent ON tokens(parent);
 CREATE TABLE IF NOT EXISTS once (
@@ -47,7 +49,9 @@ CREATE TABLE IF NOT EXISTS changes (
     jti TEXT NOT NULL
 );
 """
-_COLUMNS = "jti, sub, name, grants, iat, exp, parent, revoked_at, revoked_reason, last_used_at"
+_COLUMNS = "jti, sub, name, grants, iat, exp, parent, revoked_at, revoked_reason, last_used_at, root, rotated_from"
+# Columns added after the first release: a store created before them gets them on open.
+_ADDED_COLUMNS = (("root", "TEXT"), ("rotated_from", "TEXT"))
 
 
 class SqliteStore:
@@ -62,6 +66,11 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            have = {str(row[1]) for row in self._db.execute("PRAGMA table_info(tokens)").fetchall()}
+            for column, kind in _ADDED_COLUMNS:
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE tokens ADD COLUMN {column} {kind}")
+            self._db.execute("CREATE INDEX IF NOT EXISTS tokens_root ON tokens(root)")
         except (sqlite3.Error, OSError) as exc:
             raise StateUnavailable(f"the token store {self.path} cannot be opened ({exc})") from None
 
@@ -74,14 +83,50 @@ class SqliteStore:
     async def put(self, record: TokenRecord) -> None:
         self._run("BEGIN IMMEDIATE")
         try:
-            self._run(f"INSERT INTO tokens ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", (
-                record.jti, record.sub, record.name, json.dumps(list(record.grants)), record.iat, record.exp,
-                record.parent, record.revoked_at, record.revoked_reason, record.last_used_at))
-            self._run("INSERT INTO changes (jti) VALUES (?)", (record.jti,))
+            self._insert(record)
             self._run("COMMIT")
         except BaseException:
             self._db.rollback()
             raise
+
+    async def put_derived(self, record: TokenRecord, *, now: int, max_live: int | None) -> str | None:
+        # BEGIN IMMEDIATE takes the write lock first: a revocation (also IMMEDIATE) runs wholly before
+        # this check, and is refused by it, or wholly after the insert, and its cascade takes it.
+        self._run("BEGIN IMMEDIATE")
+        try:
+            problem = self._derivation_problem(record, now, max_live)
+            if problem is None:
+                self._insert(record)
+            self._run("COMMIT")
+        except BaseException:
+            self._db.rollback()
+            raise
+        return problem
+
+    def _derivation_problem(self, record: TokenRecord, now: int, max_live: int | None) -> str | None:
+        rows = self._run("SELECT revoked_at, exp FROM tokens WHERE jti = ?", (record.parent,))
+        if not rows:
+            return "missing"
+        revoked_at, parent_exp = rows[0]
+        if revoked_at is not None:
+            return "revoked"
+        if int(str(parent_exp)) <= now:
+            return "expired"
+        if record.exp > int(str(parent_exp)):
+            return "outlives"
+        if max_live is not None:
+            live = self._run("SELECT COUNT(*) FROM tokens WHERE root = ? AND revoked_at IS NULL AND exp > ?",
+                             (record.root, now))
+            if int(str(live[0][0])) >= max_live:
+                return "full"
+        return None
+
+    def _insert(self, record: TokenRecord) -> None:
+        self._run(f"INSERT INTO tokens ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", (
+            record.jti, record.sub, record.name, json.dumps(list(record.grants)), record.iat, record.exp,
+            record.parent, record.revoked_at, record.revoked_reason, record.last_used_at, record.root,
+            record.rotated_from))
+        self._run("INSERT INTO changes (jti) VALUES (?)", (record.jti,))
 
     async def get(self, jti: str) -> TokenRecord | None:
         rows = self._run(f"SELECT {_COLUMNS} FROM tokens WHERE jti = ?", (jti,))
@@ -185,11 +230,12 @@ class SqliteStore:
 
 
 def _record(row: tuple[object, ...]) -> TokenRecord:
-    jti, sub, name, grants, iat, exp, parent, revoked_at, reason, last_used = row
+    jti, sub, name, grants, iat, exp, parent, revoked_at, reason, last_used, root, rotated_from = row
     return TokenRecord(
         jti=str(jti), sub=str(sub), name=str(name), grants=tuple(json.loads(str(grants))), iat=int(str(iat)),
         exp=int(str(exp)), parent=None if parent is None else str(parent),
         revoked_at=None if revoked_at is None else int(str(revoked_at)),
         revoked_reason=None if reason is None else str(reason),
         last_used_at=None if last_used is None else int(str(last_used)),
+        root=None if root is None else str(root), rotated_from=None if rotated_from is None else str(rotated_from),
     )
