@@ -36,6 +36,7 @@ class LocalAdmin:
                                  max_ttl_s=config.tokens_max_ttl_s, max_children=config.tokens_max_children,
                                  derivations=DerivationLimit(store.rate_buckets,
                                                              config.rate_limit_derivations_per_minute))
+        registry.role_includes = policy.includes
         return cls(config, keyring, store, registry)
 
     async def close(self) -> None:

@@ -16,12 +16,13 @@ its constraints, and its decision is not cached.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.core.audit import AuditRecord, what_part, who_part
 from gateway.core.constraints import Constraint
 from gateway.core.decision_cache import CachedDecision, DecisionCache
 from gateway.core.environments import EnvironmentResolver
+from gateway.core.grants import Grant
 from gateway.core.keyring import Keyring
 from gateway.core.policy import Decision, decide
 from gateway.core.ratelimit import RateLimits
@@ -77,6 +78,7 @@ class Authorizer:
         self.rules = rules
         self.decisions = DecisionCache()
         self.registry.known_roles = rules.policy.roles
+        self.registry.role_includes = rules.policy.includes
 
     def install_keyring(self, keyring: Keyring) -> None:
         """Verify and mint with `keyring` from now on: a retired key stops verifying at once."""
@@ -104,6 +106,9 @@ class Authorizer:
         for check in checks:
             decision = decide(claims.grants, rules.policy, app=check.app, env=check.env, action=check.action,
                               token_name=claims.name, org_filtered=check.org_filtered)
+            if claims.chain and decision.allowed:
+                decision = _within_chain(claims, decision, rules, check.app, check.env, check.action,
+                                         org_filtered=check.org_filtered)
             decided.append((check, decision))
             if not decision.allowed:
                 return Ruling(decision, rules, generation, tuple(decided), check)
@@ -120,6 +125,8 @@ class Authorizer:
         rules = self.rules
         decision = decide(claims.grants, rules.policy, app=None, env=None, action=action, token_name=claims.name,
                           gateway_target=True)
+        if claims.chain and decision.allowed:
+            decision = _within_chain(claims, decision, rules, None, None, action, gateway_target=True)
         return Ruling(decision, rules, rules.policy.generation)
 
     def constraints(self, ruling: Ruling, check: Check) -> tuple[Constraint, ...]:
@@ -130,7 +137,15 @@ class Authorizer:
             raise ValueError(f"{check} was not decided in this ruling")  # a surface's bug: fail closed
         if decision.grant is None or check.app is None or check.env is None:
             return ()
-        return ruling.rules.constraints.applicable(decision.grant.role, check.env, check.action)
+        applicable = ruling.rules.constraints.applicable
+        own = applicable(decision.grant.role, check.env, check.action)
+        if not decision.chain:
+            return own
+        # A derived token's request also meets what its ancestors' allowing grants would have to.
+        every = list(own)
+        for grant in decision.chain:
+            every += [c for c in applicable(grant.role, check.env, check.action) if c not in every]
+        return tuple(every)
 
     def cached(self, claims: Claims, key: Hashable) -> CachedDecision | None:
         """The allowing decision this token got for the request `key` under the current rules."""
@@ -154,3 +169,20 @@ class Authorizer:
     def cache_hits(self) -> int:
         """Decisions served from a cache: whole requests (DecisionCache) and policy verdicts."""
         return self.decisions.hits + self.rules.policy.cache_hits
+
+
+def _within_chain(claims: Claims, decision: Decision, rules: Rules, app: str | None, env: str | None, action: str,
+                  *, org_filtered: bool = False, gateway_target: bool = False) -> Decision:
+    """`decision` (allowed) if every token `claims` descends from allows the same, else a refusal:
+    a child never does more than its ancestors, whatever the policy says today."""
+    allowing: list[Grant] = []
+    for level, grants in enumerate(claims.chain, start=1):
+        ancestor = decide(grants, rules.policy, app=app, env=env, action=action, token_name=claims.name,
+                          org_filtered=org_filtered, gateway_target=gateway_target)
+        if not ancestor.allowed or ancestor.grant is None:
+            whose = "its parent" if level == 1 else f"its ancestor {level} levels up"
+            return Decision(False, f"token '{claims.name}' was derived from a token that does not allow this: "
+                            f"{whose} ({', '.join(str(g) for g in grants)}) is refused {action} there; a derived "
+                            "token never does more than the tokens it came from", None, ancestor.rule)
+        allowing.append(ancestor.grant)
+    return replace(decision, chain=tuple(allowing))

@@ -38,6 +38,9 @@ class Decision:
     reason: str
     grant: Grant | None = None
     rule: tuple[str, ...] = ()
+    # A derived token's: the grant of each token it descends from that allows the same (their
+    # constraints apply too).
+    chain: tuple[Grant, ...] = ()
 
 
 class PolicyEngine:
@@ -80,6 +83,10 @@ class PolicyEngine:
         for child, parent in ((rule[0], rule[1]) for rule in self._enforcer.get_grouping_policy()):
             roles.update((child, parent))
         return roles
+
+    def includes(self, role: str, other: str) -> bool:
+        """Does `role` include `other` (the same role, or one it inherits through `g` lines)?"""
+        return role == other or other in self._enforcer.get_implicit_roles_for_user(role)
 
     def policy_lines(self) -> list[tuple[str, ...]]:
         return [tuple(str(x) for x in rule) for rule in self._enforcer.get_policy()]

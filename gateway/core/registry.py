@@ -13,7 +13,7 @@ import difflib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.core.grants import Grant, GrantError, parse_grants
 from gateway.core.ratelimit import DerivationLimit
@@ -31,6 +31,7 @@ from gateway.errors import (
 from gateway.store import TokenRecord, TokenStore
 
 _CACHE_LIMIT = 100_000
+MAX_DEPTH = 8  # levels of attenuation below a root token (the chain claim grows with each)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TokenRegistry:
         self.store = store
         self.issuer = issuer
         self.known_roles = known_roles
+        # Does a role include another (policy inheritance)? Attenuation may narrow the role by it.
+        self.role_includes: Callable[[str, str], bool] = lambda role, other: role == other
         self.environments = environments  # what the environment rules can produce: env grants name one
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
@@ -92,7 +95,7 @@ class TokenRegistry:
 
     async def mint(self, *, grants: list[str], ttl_s: int | None, name: str, subject: str,
                    parent: str | None = None, root: str | None = None, rotated_from: str | None = None,
-                   cap: bool = False) -> MintedToken:
+                   cap: bool = False, chain: tuple[tuple[Grant, ...], ...] = ()) -> MintedToken:
         """A new token; with `parent`, only while that parent lives (checked by the store in the same
         step as the write) and, with `cap`, while its lineage `root` is under `max_children`."""
         parsed = self.validate_grants(grants)
@@ -101,7 +104,8 @@ class TokenRegistry:
             raise BadRequest("name must be 1 to 128 characters")
         if not subject.strip() or len(subject) > 256:
             raise BadRequest("subject must be 1 to 256 characters")
-        token, claims = self.issuer.mint(sub=subject, name=name, grants=parsed, ttl_s=ttl, parent=parent, root=root)
+        token, claims = self.issuer.mint(sub=subject, name=name, grants=parsed, ttl_s=ttl, parent=parent, root=root,
+                                         chain=chain)
         record = TokenRecord(jti=claims.jti, sub=claims.sub, name=claims.name, grants=tuple(claims.grant_strings()),
                              iat=claims.iat, exp=claims.exp, parent=parent, root=root, rotated_from=rotated_from)
         if parent is None:
@@ -165,9 +169,13 @@ class TokenRegistry:
         """A child of `parent` with a subset of its grants and a life that ends no later than the parent's."""
         requested = self.validate_grants(grants)
         for grant in requested:
-            if not any(_narrows(grant, held, env_of) for held in parent.grants):
+            if not any(_narrows(grant, held, env_of, self.role_includes) for held in parent.grants):
                 raise Forbidden(f"grant {grant} is not within the token's own grants "
-                                f"({', '.join(parent.grant_strings())}); a child can only narrow them")
+                                f"({', '.join(parent.grant_strings())}); a child can only narrow them: the same "
+                                "or a narrower scope, the same role or one the policy says it includes")
+        if len(parent.chain) >= MAX_DEPTH:
+            raise Forbidden(f"tokens are derived at most {MAX_DEPTH} levels deep; attenuate from a token nearer "
+                            "its root")
         if self.derivations is not None:
             await self.derivations.take(parent.lineage, f"token '{parent.name}' (with the tokens of its lineage)")
         record = await self.show(parent.jti)
@@ -180,7 +188,8 @@ class TokenRegistry:
         if ttl > remaining:
             raise Forbidden(f"a child token cannot outlive its parent ({format_duration(max(remaining, 1))} left)")
         return await self.mint(grants=[str(g) for g in requested], ttl_s=ttl, name=name or f"{parent.name}/child",
-                               subject=parent.sub, parent=parent.jti, root=parent.lineage, cap=True)
+                               subject=parent.sub, parent=parent.jti, root=parent.lineage, cap=True,
+                               chain=(parent.grants, *parent.chain))
 
     # --- the hot path --------------------------------------------------------------------------
 
@@ -265,12 +274,19 @@ def _refusal_of(claims: Claims, record: TokenRecord) -> str | None:
     return None
 
 
-def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str]) -> bool:
-    # Same role only: a "lesser" role may carry deny lines its parent role lacks, so a role
-    # change is not guaranteed to narrow. A literal app inside an env grant narrows it.
+def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str],
+             includes: Callable[[str, str], bool]) -> bool:
+    # The same role or one the held role includes under the policy (a role it inherits); the
+    # same scope or a narrower one (a literal app inside an env grant narrows it). A lesser role
+    # may carry deny lines the held one lacks, or the policy may change: every request of the
+    # child is also decided under each ancestor's grants (Claims.chain), so a child never does
+    # more than its parent whatever the policy.
+    if not includes(held.role, child.role):
+        return False
+    child = replace(child, role=held.role)
     if child.within(held):
         return True
-    return (child.role == held.role and child.kind == "app" and held.kind == "env"
+    return (child.kind == "app" and held.kind == "env"
             and not any(c in child.pattern for c in "*?") and env_of(child.pattern) == held.pattern)
 
 

@@ -49,6 +49,9 @@ class Claims:
     grants: tuple[Grant, ...]
     parent: str | None = None
     root: str | None = None  # the first token of the derivation chain (None: this token is one)
+    # The grants of every token this one was derived from, its parent's first: a request must be
+    # allowed under each of them too, so a later policy change cannot widen a child beyond them.
+    chain: tuple[tuple[Grant, ...], ...] = ()
 
     @property
     def lineage(self) -> str:
@@ -78,10 +81,11 @@ class TokenIssuer:
         self.clock = clock
 
     def mint(self, *, sub: str, name: str, grants: tuple[Grant, ...], ttl_s: int,
-             parent: str | None = None, root: str | None = None) -> tuple[str, Claims]:
+             parent: str | None = None, root: str | None = None,
+             chain: tuple[tuple[Grant, ...], ...] = ()) -> tuple[str, Claims]:
         now = int(self.clock())
         claims = Claims(iss=self.issuer, aud=self.audience, sub=sub, jti=new_jti(), iat=now, nbf=now,
-                        exp=now + ttl_s, name=name, grants=grants, parent=parent, root=root)
+                        exp=now + ttl_s, name=name, grants=grants, parent=parent, root=root, chain=chain)
         payload: dict[str, Any] = {
             "iss": claims.iss, "aud": claims.aud, "sub": claims.sub, "jti": claims.jti, "iat": now,
             "nbf": now, "exp": claims.exp, "name": name, "grants": claims.grant_strings(),
@@ -90,6 +94,8 @@ class TokenIssuer:
             payload["parent"] = parent
         if root is not None:
             payload["root"] = root
+        if chain:
+            payload["chain"] = [[str(g) for g in level] for level in chain]
         key = self.keyring.active
         token = jwt.encode(payload, key.private_key, algorithm="EdDSA", headers={"kid": key.kid})
         return PREFIX + token, claims
@@ -233,11 +239,24 @@ def _claims_from_payload(payload: dict[str, Any], now: float) -> Claims:
         raise Unauthenticated("token claim 'parent' must be a string")
     if root is not None and (not isinstance(root, str) or parent is None):
         raise Unauthenticated("token claim 'root' must be a string, on a derived token only")
+    chain = _chain(payload.get("chain"), parent)
     if len(text("jti")) < 22:
         raise Unauthenticated("token claim 'jti' is too short to be one of ours")
     return Claims(iss=text("iss"), aud=text("aud"), sub=text("sub"), jti=text("jti"), iat=number("iat"),
                   nbf=number("nbf"), exp=number("exp"), name=text("name"), grants=grants, parent=parent,
-                  root=root)
+                  root=root, chain=chain)
+
+
+def _chain(value: Any, parent: str | None) -> tuple[tuple[Grant, ...], ...]:
+    if value is None:
+        return ()
+    if (parent is None or not isinstance(value, list) or not value or not all(
+            isinstance(level, list) and level and all(isinstance(g, str) for g in level) for level in value)):
+        raise Unauthenticated("token claim 'chain' must be a non-empty list of grant lists, on a derived token only")
+    try:
+        return tuple(tuple(parse_grant(g) for g in level) for level in value)
+    except GrantError:
+        raise Unauthenticated("token carries a grant this gateway cannot parse") from None
 
 
 def bearer_token(header_values: list[bytes]) -> str:

@@ -223,3 +223,42 @@ def test_exchanges_are_rate_limited_per_ci_identity(tmp_path: Path, upstream: tu
     finally:
         gateway.server.stop()
         issuer.stop()
+
+
+# --- issue 16 item 9: role narrowing, with the whole chain decided on every request -------------
+
+def test_a_child_may_take_a_role_its_parents_role_includes(start: StartGateway) -> None:
+    gateway = start()
+    parent = gateway.mint("deployer@app:web-staging", ttl_s=3600, name="deployer")
+    with gateway.client() as client:
+        response = attenuate(client, parent, "viewer@app:web-staging")
+        assert response.status_code == 201, response.text
+        child = response.json()["token"]
+        assert client.get(STAGING, headers=bearer(child)).status_code == 200
+        deploy = client.post(STAGING, headers=bearer(child), json={"config": {"image": "nginx"}})
+        assert deploy.status_code == 403 and "machines:deploy" in deploy.json()["message"]
+        wider = attenuate(client, parent, "admin@app:web-staging")  # deployer does not include admin
+        assert wider.status_code == 403 and "includes" in wider.json()["message"]
+
+
+def test_a_childs_request_is_also_decided_under_its_parents_grants(start: StartGateway, tmp_path: Path) -> None:
+    # The parent's role is refused what the child's lesser role is allowed (a deny line on the
+    # greater role); the child, derived from it, must not do it either.
+    policy = tmp_path / "policy.csv"
+    shipped = (Path(__file__).resolve().parents[2] / "policies" / "policy.csv").read_text()
+    policy.write_text(shipped + "\np, operator, *, staging, machines:read, deny\n")
+    gateway = start(policy={"policy": str(policy)})
+    parent = gateway.mint("operator@app:web-staging", ttl_s=3600, name="operator")
+    plain_viewer = gateway.mint("viewer@app:web-staging", ttl_s=3600, name="viewer")
+    with gateway.client() as client:
+        assert client.get(STAGING, headers=bearer(parent)).status_code == 403
+        assert client.get(STAGING, headers=bearer(plain_viewer)).status_code == 200
+        child = attenuate(client, parent, "viewer@app:web-staging").json()["token"]
+        gateway.upstream.clear()
+        answer = client.get(STAGING, headers=bearer(child))
+        grandchild = attenuate(client, child, "viewer@app:web-staging").json()["token"]
+        deeper = client.get(STAGING, headers=bearer(grandchild))
+    assert answer.status_code == 403 and deeper.status_code == 403, answer.text
+    assert "derived from a token that does not allow this" in answer.json()["message"]
+    assert "2 levels up" in deeper.json()["message"]
+    assert gateway.upstream.received == []
