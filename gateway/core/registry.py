@@ -155,10 +155,19 @@ class TokenRegistry:
         if grace_s < 0 or grace_s > self.max_ttl_s:
             raise BadRequest("grace must be between 0s and tokens.max_ttl")
         lifetime = min(old.exp - old.iat, self.max_ttl_s)
-        # The successor takes the old token's place in its lineage (same parent, same root): it is
-        # not derived from the old token, so revoking the old one (it leaked) leaves it alive.
+        # The successor takes the old token's place in its lineage (same parent, same root, decided
+        # under the same ancestors' grants, ending no later than its parent): it is not derived from
+        # the old token, so revoking the old one (it leaked) leaves it alive.
+        chain: list[tuple[Grant, ...]] = []
+        ancestor = old.parent
+        while ancestor is not None and len(chain) <= MAX_DEPTH:
+            record = await self.show(ancestor)
+            if not chain:
+                lifetime = min(lifetime, record.exp - now)
+            chain.append(tuple(parse_grants(list(record.grants))))
+            ancestor = record.parent
         minted = await self.mint(grants=list(old.grants), ttl_s=lifetime, name=old.name, subject=old.sub,
-                                 parent=old.parent, root=old.root, rotated_from=jti)
+                                 parent=old.parent, root=old.root, rotated_from=jti, chain=tuple(chain))
         await self.store.shorten(jti, exp=now + grace_s)
         self._generation += 1
         self._status.pop(jti, None)

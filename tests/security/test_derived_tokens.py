@@ -155,7 +155,7 @@ def test_attenuation_is_rate_limited_per_lineage(start: StartGateway) -> None:
         statuses = [attenuate(client, root).status_code for _ in range(5)]
         assert statuses == [201] * 5
         refused = attenuate(client, root)
-        grandchild = attenuate(client, first.json()["token"])  # the same lineage: the same allowance
+        grandchild = attenuate(client, first.json()["token"], ttl="5m")  # the same lineage: the same allowance
         bystander = attenuate(client, other)
     assert refused.status_code == 429, refused.text
     assert "derivations_per_minute (6" in refused.json()["message"]
@@ -170,10 +170,10 @@ def test_live_tokens_of_a_lineage_are_capped(start: StartGateway) -> None:
     root = gateway.mint("deployer@app:web-*", ttl_s=3600, name="capped")
     with gateway.client() as client:
         child = attenuate(client, root, "deployer@app:web-*").json()["token"]
-        assert attenuate(client, child).status_code == 201  # a grandchild counts for the root too
+        assert attenuate(client, child, ttl="5m").status_code == 201  # a grandchild counts for the root too
         assert attenuate(client, root).status_code == 201
         over = attenuate(client, root)
-        over_by_grandchild = attenuate(client, child)
+        over_by_grandchild = attenuate(client, child, ttl="5m")
         assert over.status_code == 429 and over_by_grandchild.status_code == 429, over.text
         assert "tokens.max_children (3)" in over.json()["message"]
         gateway.revoke(jti_of(child))  # ends the child and the grandchild: two places free again
@@ -256,9 +256,15 @@ def test_a_childs_request_is_also_decided_under_its_parents_grants(start: StartG
         child = attenuate(client, parent, "viewer@app:web-staging").json()["token"]
         gateway.upstream.clear()
         answer = client.get(STAGING, headers=bearer(child))
-        grandchild = attenuate(client, child, "viewer@app:web-staging").json()["token"]
+        grandchild = attenuate(client, child, "viewer@app:web-staging", ttl="5m").json()["token"]
         deeper = client.get(STAGING, headers=bearer(grandchild))
+        # A rotation's successor takes the child's place: decided under the same ancestors.
+        admin = gateway.mint("token-admin@gateway", name="admin")
+        rotated = client.post(f"/_gateway/v1/tokens/{jti_of(child)}/rotate", headers=bearer(admin), json={})
+        assert rotated.status_code == 201, rotated.text
+        successor = client.get(STAGING, headers=bearer(rotated.json()["token"]))
     assert answer.status_code == 403 and deeper.status_code == 403, answer.text
+    assert successor.status_code == 403 and "derived from a token" in successor.json()["message"]
     assert "derived from a token that does not allow this" in answer.json()["message"]
     assert "2 levels up" in deeper.json()["message"]
     assert gateway.upstream.received == []
