@@ -53,6 +53,8 @@ class Config:
     upstream_token_env: str = "FLY_API_TOKEN"
     upstream_token_file: Path | None = None
     upstream_auth_scheme: str = "Bearer"
+    upstream_attenuate: str = "none"
+    upstream_attenuate_window_s: int = 300
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 75.0
     upstream_graphql_url: str = "https://api.fly.io/graphql"
@@ -166,6 +168,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "token_env": ("upstream_token_env", parsers.env_var_name),
         "token_file": ("upstream_token_file", parsers.path_value),
         "auth_scheme": ("upstream_auth_scheme", parsers.auth_scheme),
+        "attenuate": ("upstream_attenuate", parsers.attenuate_mode),
+        "attenuate_window": ("upstream_attenuate_window_s", parsers.duration),
         "connect_timeout_s": ("upstream_connect_timeout_s", parsers.positive_float),
         "read_timeout_s": ("upstream_read_timeout_s", parsers.positive_float),
         "graphql_url": ("upstream_graphql_url", parsers.http_url),

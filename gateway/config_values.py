@@ -97,6 +97,14 @@ def auth_scheme(value: Any) -> str:
     return text
 
 
+def attenuate_mode(value: Any) -> str:
+    text = nonempty(value)
+    if text not in ("none", "apps"):
+        raise ValueError("expected none (forward the credential as it is) or apps (a narrowed Fly macaroon "
+                         "per request)")
+    return text
+
+
 def env_var_name(value: Any) -> str:
     text = nonempty(value)
     if not text.replace("_", "").isalnum():

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from gateway.config import Config
 from gateway.core.audit import AuditLog
@@ -40,6 +41,7 @@ from gateway.surfaces.registry.surface import RegistrySurface
 from gateway.surfaces.registry.surface import produced_actions as registry_actions
 from gateway.surfaces.rest.surface import RestSurface
 from gateway.surfaces.routes import RouteTable
+from gateway.upstream.attenuation import Attenuator, root_macaroon
 from gateway.upstream.client import UpstreamClient
 from gateway.watch import CACHE_LEASE_S, FileWatcher, Reloader, follow_files, follow_store, load_policy, watched_files
 
@@ -91,17 +93,19 @@ class Services:
                                 EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                                     config.environment_default),
                                 rate_limits(config, store))
+        attenuator = _attenuator(config, secret, upstream)
         surfaces: list[Surface] = [
             GraphQLSurface(config.graphql_map, schema=load_schema(), authorizer=authorizer, upstream=graphql_upstream,
                            audit=audit, metrics=metrics, org_slug=config.upstream_org_slug),
             RestSurface(list(config.rest_routes), authorizer=authorizer, upstream=rest_upstream, audit=audit,
                         metrics=metrics, max_body_bytes=config.limits_max_body_bytes, store=store,
-                        org_slug=config.upstream_org_slug),
+                        org_slug=config.upstream_org_slug, attenuator=attenuator),
             RegistrySurface(authorizer=authorizer, upstream=registry_upstream, audit=audit, metrics=metrics,
                             store=store, max_body_bytes=config.limits_max_body_bytes,
                             max_blob_bytes=config.limits_max_blob_bytes),
             MachinesSurface(list(config.routes), authorizer=authorizer, upstream=upstream, audit=audit,
-                            metrics=metrics, max_body_bytes=config.limits_max_body_bytes),  # serves the rest
+                            metrics=metrics, max_body_bytes=config.limits_max_body_bytes,
+                            attenuator=attenuator),  # serves the rest
         ]
         reloader = Reloader(config, authorizer, surfaces, metrics)
         reloader.install(*load_policy(config, surfaces))  # the rules come from the policy and the route maps
@@ -172,6 +176,18 @@ def produced_actions(config: Config) -> list[ProducedAction]:
             *RouteTable.load(config.rest_routes).produced_actions(),
             *OperationMap.load(config.graphql_map, load_schema()).produced_actions(),
             *registry_actions()]
+
+
+def _attenuator(config: Config, credential: str, machines: UpstreamClient) -> Attenuator | None:
+    """`upstream.attenuate: apps`: the credential, decoded now (a start with one that cannot be narrowed
+    stops here), narrowed per request; app ids asked of the Machines API."""
+    if config.upstream_attenuate != "apps":
+        return None
+
+    async def lookup(app: str, request_id: str) -> tuple[int, object]:
+        return await machines.get_json(f"/v1/apps/{quote(app, safe='')}", request_id)
+
+    return Attenuator(root_macaroon(credential), window_s=config.upstream_attenuate_window_s, lookup=lookup)
 
 
 def redis_sink(config: Config, store: TokenStore) -> Callable[[], Sink] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -28,6 +27,7 @@ from gateway.config import Config, build_config
 from gateway.core.keyring import Keyring
 from gateway.dev.local_registry import LocalRegistry
 from gateway.dev.sandbox import create_sandbox_app
+from gateway.dev.sandbox_macaroon import issue, new_root_key
 from gateway.dev.sandbox_state import SANDBOX_ORG_SLUG
 from gateway.errors import ConfigError
 from gateway.server import bind, serve
@@ -37,10 +37,10 @@ from gateway.services import Services
 class SandboxThread:
     """The sandbox upstream, served by uvicorn on a free loopback port in a daemon thread."""
 
-    def __init__(self, credential: str) -> None:
+    def __init__(self, macaroon_key: bytes) -> None:
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(create_sandbox_app(expected_token=credential), log_level="warning",
+        config = uvicorn.Config(create_sandbox_app(macaroon_key=macaroon_key), log_level="warning",
                                 access_log=False, lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: self.server.run(sockets=[self.sock]),
@@ -66,8 +66,11 @@ def run_dev(args: argparse.Namespace) -> int:
     if args.workers != 1:
         raise ConfigError("--dev runs one worker")
     folder = Path(tempfile.mkdtemp(prefix="scopegate-dev-"))
-    credential = secrets.token_urlsafe(32)
-    sandbox = SandboxThread(credential)
+    # The sandbox plays Fly: it holds the root key, issues the gateway's org macaroon, and checks
+    # every request's (narrowed) macaroon the way Fly does.
+    macaroon_key = new_root_key()
+    credential = issue(macaroon_key)
+    sandbox = SandboxThread(macaroon_key)
     registry = LocalRegistry(folder / "registry", user="x", password=credential)
     cleaned = threading.Event()
 
@@ -98,7 +101,7 @@ def run_dev(args: argparse.Namespace) -> int:
             {"upstream": {"url": f"http://127.0.0.1:{sandbox.port}",
                           "graphql_url": f"http://127.0.0.1:{sandbox.port}/graphql",
                           "api_url": f"http://127.0.0.1:{sandbox.port}", "org_slug": SANDBOX_ORG_SLUG,
-                          "registry_url": registry_url},
+                          "registry_url": registry_url, "auth_scheme": "FlyV1", "attenuate": "apps"},
              "tokens": {"keyring": str(folder / "keyring.json")},
              "store": {"url": f"sqlite:///{folder / 'state.db'}"},
              "audit": {"sinks": ["stdout"]}},

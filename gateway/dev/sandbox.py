@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.dev.sandbox_api import api_routes
 from gateway.dev.sandbox_graphql import graphql_routes
+from gateway.dev.sandbox_macaroon import RequireMacaroon, numeric_ids
 from gateway.dev.sandbox_state import (
     SANDBOX_ORG_SLUG,
     App,
@@ -359,17 +360,22 @@ def _routes() -> list[Route]:
     ]
 
 
-def create_sandbox_app(*, expected_token: str, seed: bool = True) -> Starlette:
+def create_sandbox_app(*, expected_token: str = "", macaroon_key: bytes | None = None,
+                       seed: bool = True) -> Starlette:
     """A fresh sandbox; with `seed`, apps web-staging, web-prod and api-staging in org
-    `SANDBOX_ORG_SLUG` each get one started machine, one release and a `DATABASE_URL` secret."""
-    if not expected_token:
-        raise ValueError("expected_token must be a non-empty string")
+    `SANDBOX_ORG_SLUG` each get one started machine, one release and a `DATABASE_URL` secret.
+    Requests must carry `expected_token`, or, with `macaroon_key`, a Fly macaroon minted from that
+    key whose caveats permit them (sandbox_macaroon.py)."""
+    if not expected_token and macaroon_key is None:
+        raise ValueError("give the sandbox an expected_token or a macaroon_key")
     state = SandboxState()
     if seed:
         state.seed()
+    guard = (Middleware(RequireMacaroon, key=macaroon_key, numeric_id=numeric_ids(state)) if macaroon_key
+             else Middleware(_RequireUpstreamToken, expected_token=expected_token))
     sandbox = Starlette(
         routes=_routes(),
-        middleware=[Middleware(_RequireUpstreamToken, expected_token=expected_token)],
+        middleware=[guard],
         exception_handlers={SandboxError: _render_error},
     )
     sandbox.state.sandbox = state

@@ -41,6 +41,7 @@ from gateway.surfaces.machines.ownership import volume_ownership
 from gateway.surfaces.machines.request_lines import RequestLine, RequestLineCache
 from gateway.surfaces.paths import Target, canonicalize
 from gateway.surfaces.routes import RouteTable, resolve_request
+from gateway.upstream.attenuation import Attenuator
 from gateway.upstream.client import UpstreamClient, ms_since
 
 
@@ -49,8 +50,10 @@ class MachinesSurface:
     prefixes: tuple[str, ...] = ("",)
 
     def __init__(self, route_files: list[Path], *, authorizer: Authorizer, upstream: UpstreamClient,
-                 audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int) -> None:
+                 audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int,
+                 attenuator: Attenuator | None = None) -> None:
         self.route_files = route_files
+        self.attenuator = attenuator  # upstream.attenuate: apps
         self.authorizer = authorizer
         self.upstream = upstream
         self.audit = audit
@@ -159,7 +162,7 @@ class MachinesSurface:
     async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
                       line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
         record = frame.record
-        headers = self.upstream_headers(scope, frame, body)
+        headers = await self.outgoing_headers(scope, frame, body, line)
         payload: Any = body
         stream = None
         if body is None and has_body:
@@ -180,12 +183,22 @@ class MachinesSurface:
                 filtered = filter_app_listing(listing, claims, self.authorizer)
                 await send_json(send, 200, filtered, frame.request_id, extra=keep_headers(response.headers))
                 return 200
+            if response.status in (401, 403) and self.attenuator is not None:
+                self.attenuator.forget(line.check.app)  # its numeric id may be stale
             await relay(send, response, frame.request_id)
             record.upstream_ms = ms_since(response.started)
             return response.status
         finally:
             response.release()
 
+
+    async def outgoing_headers(self, scope: Scope, frame: RequestFrame, body: bytes | None, line: RequestLine) -> Any:
+        """`upstream_headers`, with the credential narrowed to this request when attenuation is on."""
+        headers = self.upstream_headers(scope, frame, body)
+        if self.attenuator is not None:
+            headers["Authorization"] = await self.attenuator.authorization(line.check.app, line.check.action,
+                                                                           frame.request_id)
+        return headers
 
     def upstream_headers(self, scope: Scope, frame: RequestFrame, body: bytes | None) -> Any:
         """The headers the upstream gets: the client's, less credentials and hop-by-hop ones, plus

@@ -29,6 +29,7 @@ from gateway.surfaces.http import Scope, is_json, keep_headers, read_body
 from gateway.surfaces.machines.request_lines import RequestLine
 from gateway.surfaces.machines.surface import MachinesSurface
 from gateway.surfaces.paths import Target
+from gateway.upstream.attenuation import Attenuator
 from gateway.upstream.client import UpstreamClient, ms_since
 
 REMEMBER_S = 7 * 86400  # a release is reported on within minutes; a week is plenty
@@ -42,9 +43,9 @@ class RestSurface(MachinesSurface):
 
     def __init__(self, route_files: list[Path], *, authorizer: Authorizer, upstream: UpstreamClient,
                  audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int, store: TokenStore,
-                 org_slug: str | None) -> None:
+                 org_slug: str | None, attenuator: Attenuator | None = None) -> None:
         super().__init__(route_files, authorizer=authorizer, upstream=upstream, audit=audit, metrics=metrics,
-                         max_body_bytes=max_body_bytes)
+                         max_body_bytes=max_body_bytes, attenuator=attenuator)
         self.store = store
         self.org_slug = org_slug
 
@@ -100,7 +101,7 @@ class RestSurface(MachinesSurface):
         remember = line.resolved.route.remember
         if remember is None:
             return await super().forward(scope, receive, send, frame, target, line, claims, body, has_body)
-        headers = self.upstream_headers(scope, frame, body)
+        headers = await self.outgoing_headers(scope, frame, body, line)
         response = await self.upstream.send(scope["method"], target.forward_target, headers, body)
         try:
             answer = await response.read_all(ANSWER_LIMIT)

@@ -1,0 +1,153 @@
+"""The sandbox's stand-in for Fly's token checks, for `upstream.attenuate: apps`.
+
+The sandbox holds a root key and issues the gateway's upstream macaroon (`issue`). Every request
+must then carry a macaroon minted from that key (`FlyV1 fm2_...`, or Bearer on the Machines API)
+whose caveats permit it, checked the way Fly checks them (superfly/macaroon `flyio` caveats):
+
+- the signature chain verifies under the root key;
+- every `ValidityWindow` contains now;
+- every `Apps` caveat names the request's app (by its numeric id) with the action bits the
+  method needs (GET/HEAD read, DELETE delete, others write); an `Apps` caveat on a request that
+  names no app is refused, as Fly refuses an unspecified resource;
+- a `Mutations` caveat is refused on anything but GraphQL;
+- any other caveat type is refused (the sandbox does not know it, so it cannot say it permits).
+
+The request's app is the one in its path (`/v1/apps/{app}/...`, `/api/v1/apps/{app}/...`) or the
+JSON body's `app_name` (REST builds and releases). A refusal is 401 naming the failed caveat, so a
+gateway that forwarded a request for another app than it authorized fails loudly in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.upstream import macaroon
+from gateway.upstream.macaroon import Caveat, MacaroonError
+
+_APP_PATH = re.compile(r"^(?:/api)?/v1/apps/([^/]+)")
+_NEEDS = {"GET": macaroon.READ, "HEAD": macaroon.READ, "DELETE": macaroon.DELETE}
+LOCATION = "https://api.fly.io/"
+
+
+def new_root_key() -> bytes:
+    return os.urandom(32)
+
+
+def issue(key: bytes) -> str:
+    """The upstream macaroon the sandbox hands the gateway: an org token with no caveats."""
+    return macaroon.encode(macaroon.mint(key, os.urandom(8), LOCATION))
+
+
+class RequireMacaroon:
+    """ASGI middleware: refuses (401) what the presented macaroon does not permit."""
+
+    def __init__(self, app: ASGIApp, key: bytes, numeric_id: Callable[[str], int | None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.app, self.key, self.numeric_id, self.clock = app, key, numeric_id, clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        if scope["method"] not in ("GET", "HEAD", "DELETE"):
+            body, receive = await _buffered(receive)
+        problem = self.problem(scope, body)
+        if problem is not None:
+            await JSONResponse({"error": f"unauthorized: {problem}"}, status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def problem(self, scope: Scope, body: bytes) -> str | None:
+        supplied = Headers(scope=scope).getlist("authorization")
+        if len(supplied) != 1:
+            return "send exactly one Authorization header"
+        scheme, _, token = supplied[0].partition(" ")
+        if scheme.lower() not in ("flyv1", "bearer"):
+            return "the Authorization scheme must be FlyV1 (or Bearer)"
+        try:
+            caveats = macaroon.verify(macaroon.decode(token.strip()), self.key)
+        except MacaroonError as exc:
+            return str(exc)
+        app = _app_of(scope["path"], body)
+        for item in caveats:
+            why = self._refuses(item, scope, app)
+            if why is not None:
+                return why
+        return None
+
+    def _refuses(self, item: Caveat, scope: Scope, app: str | None) -> str | None:
+        if item.type == macaroon.VALIDITY_WINDOW:
+            not_before, not_after = item.body
+            now = self.clock()
+            return None if not_before <= now <= not_after else "the token's validity window does not contain now"
+        if item.type == macaroon.APPS:
+            if app is None:
+                return "the token is confined to apps, and this request names none"
+            number = self.numeric_id(app)
+            permitted = item.body[0].get(number) if number is not None else None
+            if permitted is None:
+                return f"the token's Apps caveat does not include app {app}"
+            needed = _NEEDS.get(scope["method"], macaroon.WRITE)
+            if permitted & needed != needed:
+                return f"the token's Apps caveat does not allow {scope['method']} on app {app}"
+            return None
+        if item.type == macaroon.MUTATIONS and scope["path"] != "/graphql":
+            return "the token is confined to GraphQL mutations"
+        if item.type == macaroon.MUTATIONS:
+            return None
+        return f"caveat type {item.type} is not one the sandbox can check"
+
+
+def _app_of(path: str, body: bytes) -> str | None:
+    match = _APP_PATH.match(path)
+    if match:
+        return match.group(1)
+    try:
+        document = json.loads(body) if body else None
+    except ValueError:
+        return None
+    name = document.get("app_name") if isinstance(document, dict) else None
+    return name if isinstance(name, str) else None
+
+
+async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
+    """The whole request body, and a `receive` that hands it on again."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        message: Message = await receive()
+        return message
+
+    return body, replay
+
+
+def numeric_ids(state: Any) -> Callable[[str], int | None]:
+    """The sandbox apps' numeric ids, by name (`SandboxState.apps`)."""
+    def lookup(name: str) -> int | None:
+        app = state.apps.get(name)
+        return None if app is None else int(app.internal_numeric_id)
+
+    return lookup
