@@ -18,6 +18,7 @@ from typing import Any
 from gateway import __version__
 from gateway.cli import (
     audit_cmd,
+    completion_cmd,
     keys_cmd,
     oidc_cmd,
     policy_cmd,
@@ -27,11 +28,13 @@ from gateway.cli import (
     whoami_cmd,
 )
 from gateway.cli.common import UsageError
+from gateway.cli.helptext import decorate
 from gateway.config import environment_warnings
 from gateway.errors import ConfigError, GatewayError
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int] | int]
-COMMAND_MODULES = [serve_cmd, token_cmd, whoami_cmd, keys_cmd, policy_cmd, audit_cmd, oidc_cmd, store_cmd]
+COMMAND_MODULES = [serve_cmd, token_cmd, whoami_cmd, keys_cmd, policy_cmd, audit_cmd, oidc_cmd, store_cmd,
+                   completion_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
+    decorate(parser)
+    parser.set_defaults(root_parser=parser)  # for `scopegate completion`, which walks it
     return parser
 
 
