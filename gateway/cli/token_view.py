@@ -27,8 +27,8 @@ OUTPUTS = ("table", "wide", "json", "yaml")
 STATES_HELP = "active (usable), revoked, or expired (past exp, or rotated away after its grace)"
 MIN_PREFIX = 4
 ID_WIDTH = 8
-# name, id, grants, expires, state: 20 + 8 + 28 + 8 + 7 and four 2-space gaps = 79 columns.
-NARROW = (("name", 20), ("id", ID_WIDTH), ("grants", 28), ("expires", 8), ("state", 7))
+# name, id, grants, expires, state: 20 + 8 + 28 + 9 + 7 and four 2-space gaps = 80 columns.
+NARROW = (("name", 20), ("id", ID_WIDTH), ("grants", 28), ("expires", 9), ("state", 7))
 
 
 def add_output(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -58,16 +58,22 @@ def state(record: Json, now: int) -> str:
     return "expired" if int(record["exp"]) <= now else "active"
 
 
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
 def relative(when: int, now: int) -> str:
-    """`in 29d`, `3h ago`: the largest whole unit."""
+    """`in 29d`, `in 1h59m`, `3m ago`: the largest whole unit, and the next one below 10 of it."""
     delta = when - now
     size = abs(delta)
-    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+    amount = "0s"
+    for index, (unit, seconds) in enumerate(_UNITS):
         if size >= seconds:
             amount = f"{size // seconds}{unit}"
+            if size // seconds < 10 and index + 1 < len(_UNITS):
+                below, below_seconds = _UNITS[index + 1]
+                rest = size % seconds // below_seconds
+                amount += f"{rest}{below}" if rest else ""
             break
-    else:
-        amount = f"{size}s"
     return f"in {amount}" if delta > 0 else f"{amount} ago"
 
 

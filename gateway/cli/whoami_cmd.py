@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -60,9 +62,11 @@ def _print_human(me: dict[str, Any]) -> None:
     for grant in me["grants"]:
         out.write(f"  {grant}\n")
     out.write("may:\n")
+    width = max(60, min(shutil.get_terminal_size().columns, 120))
     for row in me["may"]:
         where = "" if row["env"] is None else f" (environment {row['env']})"
-        out.write(f"  {row['grant']}{where}: {', '.join(row['actions']) or 'nothing'}\n")
+        out.write(textwrap.fill(f"{row['grant']}{where}: {', '.join(row['actions']) or 'nothing'}", width=width,
+                                initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False) + "\n")
     out.write("`scopegate policy explain --token ... METHOD PATH` gives the definite answer for one request.\n")
 
 
