@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.servers import ServerThread
 from tests.test_cli_ops import (  # noqa: F401  (`served` is a fixture, used by `gw`)
     Served,
     base_env,
@@ -273,3 +274,30 @@ def test_whoami_both_ways_never_prints_the_token(gw: Served) -> None:
     assert revoked.stderr.strip().endswith("has been revoked; ask for a new one")
     missing = call(["whoami"], base_env(SCOPEGATE_ADDR=gw.url), gw.folder)
     assert missing.returncode == 2 and "SCOPEGATE_TOKEN" in missing.stderr
+
+
+def test_a_gateway_that_ignores_a_filter_is_not_taken_at_its_word(tmp_path: Path) -> None:
+    """A gateway from before the filters answers the whole list (it honours only active=true)."""
+    record = {"jti": "A" * 27, "sub": "ci:x", "name": "old", "grants": ["viewer@app:web"], "iat": 1, "exp": 4102444800,
+              "parent": None, "revoked_at": None, "revoked_reason": None, "last_used_at": None}
+    seen: list[str] = []
+
+    async def old_gateway(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(scope["query_string"].decode())
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps({"tokens": [record]}).encode()})
+
+    server = ServerThread(old_gateway).start()
+    try:
+        env = base_env(SCOPEGATE_ADDR=server.url, SCOPEGATE_TOKEN="sgt_x.y.z")
+        refused = call(["token", "list", "--app", "web-prod"], env, tmp_path)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert "does not filter by app" in refused.stderr
+        active = call(["token", "list", "--active", "--field", "name"], env, tmp_path)
+        assert ok(active).stdout == "old\n"
+        assert "active=true" in seen[-1]
+    finally:
+        server.stop()

@@ -196,8 +196,10 @@ class RemoteBackend:
 
     async def records(self, wanted: TokenFilter) -> list[Json]:
         given = wanted.given()
-        document = (await self._call("GET", "/tokens", params=given or None)).json()
-        applied = document.get("filters", {})
+        # `active=true` as well: gateways from before the filters honour it (and echo nothing).
+        params = {**given, "active": "true"} if given.get("state") == "active" else given
+        document = (await self._call("GET", "/tokens", params=params or None)).json()
+        applied = document.get("filters", {"state": "active"} if "active" in params else {})
         ignored = sorted(key for key, value in given.items() if applied.get(key) != value)
         if ignored:
             # An older gateway ignores filters it does not know: its whole list is not the answer.

@@ -36,7 +36,9 @@ def add_output(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", choices=OUTPUTS, default=None,
                         help="table (default, fits 80 columns), wide (every field, uncut), json or yaml")
     parser.add_argument("--json", action="store_true", help="same as -o json")
-    parser.add_argument("--field", metavar="F", help=f"print only this field's raw value ({', '.join(FIELDS)})")
+    parser.add_argument("--field", metavar="F",
+                        help=f"print only this field's raw value, for scripts ({', '.join(FIELDS)}; lists "
+                             "space-separated, times in Unix seconds, none empty)")
     return parser
 
 
