@@ -226,6 +226,10 @@ def test_attenuate_without_any_parent_names_the_flag_and_variables(gw: Served) -
                   gw.folder)
     assert result.returncode == 2
     assert "--token" in result.stderr and "SCOPEGATE_PARENT_TOKEN" in result.stderr
+    misspelt = call(["token", "attenuate", "--grant", "viewer@app:web"],
+                    base_env(SCOPEGATE_ADDR=gw.url, SCOPEGATE_PARENT_TOKNE="sgt_x"), gw.folder)
+    assert misspelt.returncode == 2
+    assert "SCOPEGATE_PARENT_TOKNE is not read; did you mean SCOPEGATE_PARENT_TOKEN?" in misspelt.stderr
 
 
 def test_a_401_reaches_the_user_with_its_own_hint(gw: Served) -> None:
