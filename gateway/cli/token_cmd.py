@@ -62,8 +62,8 @@ def register(sub: Any) -> None:
     attenuate.add_argument("--grant", action="append", required=True, metavar="ROLE@SCOPE",
                            help="a grant within the parent's (repeatable)")
     attenuate.add_argument("--token", metavar="PARENT",
-                           help="the parent token ('-' reads it from stdin; default $SCOPEGATE_PARENT_TOKEN, "
-                                "else $SCOPEGATE_TOKEN)")
+                           help="the parent token; '-' reads it from stdin, which other local users cannot see "
+                                "in the process list (default $SCOPEGATE_PARENT_TOKEN, else $SCOPEGATE_TOKEN)")
     attenuate.add_argument("--ttl", help="lifetime (at most the parent's remaining life)")
     attenuate.add_argument("--name", help="label for the child")
     attenuate.set_defaults(handler=attenuate_token)

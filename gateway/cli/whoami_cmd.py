@@ -27,7 +27,8 @@ from gateway.errors import ConfigError
 
 def register(sub: Any) -> None:
     whoami = add_config(sub.add_parser("whoami", help="show your own token: grants, expiry, parent, what it may do"))
-    whoami.add_argument("--token", help="the token to describe ('-' reads it from stdin; default $SCOPEGATE_TOKEN)")
+    whoami.add_argument("--token", help="the token to describe; '-' reads it from stdin, which other local users "
+                                        "cannot see in the process list (default $SCOPEGATE_TOKEN)")
     whoami.add_argument("-o", "--output", choices=("table", "json", "yaml"), default=None,
                         help="table (default), json or yaml")
     whoami.add_argument("--json", action="store_true", help="same as -o json")
