@@ -212,6 +212,10 @@ def test_attenuate_takes_its_parent_from_flag_or_its_own_variable(gw: Served, mo
     del env["SCOPEGATE_PARENT_TOKEN"]
     flagged = only_token(call([*args, "--token", parent], env, gw.folder))
     assert claims(flagged)["parent"] == claims(parent)["jti"]
+    # Only SCOPEGATE_TOKEN (scripts from before SCOPEGATE_PARENT_TOKEN): used, and said so.
+    fallback = call(args, {**env, "SCOPEGATE_TOKEN": parent}, gw.folder)
+    assert claims(only_token(fallback))["parent"] == claims(parent)["jti"]
+    assert "narrowing the token in SCOPEGATE_TOKEN" in fallback.stderr
 
     ok(gw.local("token", "revoke", "--", claims(parent)["jti"]))
     wait_for(lambda: status(gw.url, parent) == 401, within=5, what="the gateway sees the revocation")

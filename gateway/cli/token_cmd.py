@@ -144,6 +144,10 @@ def parent_token(flag: str | None) -> tuple[str, str]:
         token, source = os.environ["SCOPEGATE_PARENT_TOKEN"].strip(), "SCOPEGATE_PARENT_TOKEN"
     else:
         token, source = os.environ.get("SCOPEGATE_TOKEN", "").strip(), "SCOPEGATE_TOKEN"
+        if token:
+            # The admin token's variable, kept for scripts written before SCOPEGATE_PARENT_TOKEN: say so.
+            print("scopegate: narrowing the token in SCOPEGATE_TOKEN (set SCOPEGATE_PARENT_TOKEN or pass --token "
+                  "to narrow another)", file=sys.stderr)
     if not token:
         raise ConfigError("token attenuate needs the token to narrow: pass --token PARENT (or '-' to read it from "
                           "stdin), or set SCOPEGATE_PARENT_TOKEN (SCOPEGATE_TOKEN is used when neither is given)")
