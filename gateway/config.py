@@ -294,7 +294,8 @@ def discovered_config() -> Path | None:
 
 
 # SCOPEGATE_* variables that are not config keys: the CLI's own, and the names docs/ci.md uses.
-NOT_CONFIG_VARIABLES = frozenset({"CONFIG", "ADDR", "TOKEN", "ADMIN_TOKEN", "URL", "ID_TOKEN", "AUDIENCE"})
+NOT_CONFIG_VARIABLES = frozenset({"CONFIG", "ADDR", "TOKEN", "PARENT_TOKEN", "ADMIN_TOKEN", "URL", "ID_TOKEN",
+                                  "AUDIENCE"})
 
 
 def environment_warnings(environ: Mapping[str, str]) -> list[str]:

@@ -99,8 +99,10 @@ class ConfigError(Exception):
 
 
 # A token the client put where a name belongs (a path segment, a field) must not be echoed back
-# or written to the audit log: it stays recognisable (`sgt_`) but its body is cut.
-TOKEN_TEXT = re.compile(r"sgt_[A-Za-z0-9_\-.=%~+/]+")
+# or written to the audit log: it stays recognisable (`sgt_`) but its body is cut. A placeholder
+# with no letter or digit after the prefix (`sgt_...` in "send 'Authorization: Bearer sgt_...'")
+# carries nothing secret and is part of a hint the user needs, so it stays as it is.
+TOKEN_TEXT = re.compile(r"sgt_(?=[A-Za-z0-9_\-.=%~+/]*[A-Za-z0-9])[A-Za-z0-9_\-.=%~+/]+")
 
 
 def redact(text: str) -> str:

@@ -180,7 +180,7 @@ def test_list_never_shows_token_strings(setup: Setup) -> None:
     jti = claims(token)["jti"]
     signature = token.rsplit(".", 1)[1]
 
-    table = setup.cli("token", "list")
+    table = setup.cli("token", "list", "-o", "wide")  # every field (the default table is narrow)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     header = lines[0].lower()

@@ -256,7 +256,7 @@ def test_list_shows_the_same_records_both_ways(served: Served) -> None:
         assert TOKEN_RE.search(output) is None and "sgt_" not in output
         assert all(t.split(".")[2] not in output for t in [*minted, served.admin])
 
-    local, remote = served.both("token", "list")
+    local, remote = served.both("token", "list", "-o", "wide")
     for result in (local, remote):
         assert result.returncode == 0, result.stderr
         assert "JTI" in result.stdout and "GRANTS" in result.stdout

@@ -18,7 +18,7 @@ from tests.conftest import RunningGateway
 
 OPERATIONS = {"POST /_gateway/v1/tokens", "GET /_gateway/v1/tokens", "GET /_gateway/v1/tokens/{jti}",
               "DELETE /_gateway/v1/tokens/{jti}", "POST /_gateway/v1/tokens/{jti}/rotate",
-              "POST /_gateway/v1/token/attenuate", "POST /_gateway/v1/explain"}
+              "POST /_gateway/v1/token/attenuate", "GET /_gateway/v1/token/self", "POST /_gateway/v1/explain"}
 
 
 def test_schemathesis_finds_no_server_error(gateway: RunningGateway, tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ def create_api_app(services: Services) -> Starlette:
             Route(f"{V1}/tokens/{{jti}}", authorized(services, "gateway:revoke", tokens.revoke), methods=["DELETE"]),
             Route(f"{V1}/tokens/{{jti}}/rotate", authorized(services, "gateway:rotate", tokens.rotate),
                   methods=["POST"]),
+            Route(f"{V1}/token/self", authorized(services, None, tokens.own, audit_as="gateway:self"),
+                  methods=["GET"]),
             Route(f"{V1}/token/attenuate", authorized(services, None, tokens.attenuate, audit_as="gateway:attenuate"),
                   methods=["POST"]),
             # RFC 8693, form-encoded; the subject token is the credential, so no bearer auth (audited inside).

@@ -46,7 +46,18 @@ def admin_openapi() -> dict[str, Any]:
                          "responses": {"201": _json("MintedToken", "The token (shown once) and its record"),
                                        **_ERRORS}},
                 "get": {"operationId": "listTokens", "summary": "List token records (never token strings)",
-                        "parameters": [{"name": "active", "in": "query", "schema": {"type": "boolean"}}],
+                        "description": "Filters combine (all must hold); an unknown query parameter is a 400.",
+                        "parameters": [
+                            {"name": "active", "in": "query", "schema": {"type": "boolean"},
+                             "description": "same as state=active"},
+                            {"name": "state", "in": "query",
+                             "schema": {"type": "string", "enum": ["active", "revoked", "expired"]}},
+                            {"name": "grant", "in": "query", "schema": {"type": "string"},
+                             "description": "tokens carrying exactly this grant, e.g. deployer@app:web"},
+                            {"name": "app", "in": "query", "schema": {"type": "string"},
+                             "description": "tokens whose grants cover this app (env: grants by its environment)"},
+                            {"name": "subject", "in": "query", "schema": {"type": "string"},
+                             "description": "tokens of this subject, or a glob of it (ci:github:acme/*)"}],
                         "responses": {"200": _json("TokenList", "Records"), **_ERRORS}},
             },
             "/_gateway/v1/tokens/{jti}": {
@@ -65,6 +76,12 @@ def admin_openapi() -> dict[str, Any]:
                          "responses": {"201": _json("MintedToken", "The replacement token"),
                                        "404": _error("No such token"),
                                        "422": _error("The token is revoked or expired; mint a new one"), **_ERRORS}},
+            },
+            "/_gateway/v1/token/self": {
+                "get": {"operationId": "tokenSelf",
+                        "summary": "The caller's own token: record, state and what its grants may do (any valid "
+                                   "token; never the token string)",
+                        "responses": {"200": _json("TokenSelf", "The caller's token"), **_ERRORS}},
             },
             "/_gateway/v1/token/attenuate": {
                 "post": {"operationId": "attenuateToken", "summary": "Narrow the caller's own token",
@@ -152,7 +169,15 @@ def admin_openapi() -> dict[str, Any]:
                                           {"type": "object", "required": ["token"],
                                            "properties": {"token": {"type": "string"}}}]},
                 "TokenList": {"type": "object", "required": ["tokens"], "properties": {
-                    "tokens": {"type": "array", "items": {"$ref": "#/components/schemas/TokenRecord"}}}},
+                    "tokens": {"type": "array", "items": {"$ref": "#/components/schemas/TokenRecord"}},
+                    "filters": {"type": "object", "additionalProperties": {"type": "string"},
+                                "description": "the filters applied, by name"}}},
+                "TokenSelf": {"allOf": [{"$ref": "#/components/schemas/TokenRecord"}, {
+                    "type": "object", "required": ["state", "may"], "properties": {
+                        "state": {"type": "string", "enum": ["active", "revoked", "expired"]},
+                        "may": {"type": "array", "items": {"type": "object", "properties": {
+                            "grant": {"type": "string"}, "env": {"type": "string", "nullable": True},
+                            "actions": {"type": "array", "items": {"type": "string"}}}}}}}]},
                 "Explanation": {"type": "object", "required": ["allowed", "reason"], "properties": {
                     "allowed": {"type": "boolean"}, "status": {"type": "integer"},
                     "error": {"type": "string", "nullable": True}, "reason": {"type": "string"},

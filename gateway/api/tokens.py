@@ -1,4 +1,4 @@
-"""Token administration: mint, list, show, revoke, rotate (token-admins), attenuate (any token)."""
+"""Token administration: mint, list, show, revoke, rotate (token-admins); attenuate and self (any token)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.api.body import duration_field, field, grants_field, json_object, minted_json, unknown_fields
 from gateway.core.audit import AuditRecord
+from gateway.core.token_query import FILTER_KEYS, TokenFilter, abilities, select, state_of
 from gateway.core.tokens import Claims
+from gateway.errors import BadRequest
 from gateway.services import Services
+
+LIST_PARAMETERS = {"active", *FILTER_KEYS}
 
 
 class TokenEndpoints:
@@ -27,12 +31,24 @@ class TokenEndpoints:
         return JSONResponse(minted_json(minted), status_code=201)
 
     async def list(self, request: Request, claims: Claims, record: AuditRecord) -> Response:
-        active = request.query_params.get("active", "").lower() in ("1", "true", "yes")
-        records = await self.services.store.records()
-        if active:
-            now = int(time.time())
-            records = [r for r in records if r.revoked_at is None and r.exp > now]
-        return JSONResponse({"tokens": [r.to_json() for r in records]})
+        params = request.query_params
+        unknown = sorted(set(params) - LIST_PARAMETERS)
+        if unknown:
+            # A filter this gateway does not know must not be ignored: the caller would take the
+            # whole list for the filtered one.
+            raise BadRequest(f"unknown query parameter(s) {', '.join(unknown)}; the list takes "
+                             f"{', '.join(sorted(LIST_PARAMETERS))}")
+        given = {key: params[key] for key in FILTER_KEYS if key in params}
+        if (params.get("active", "").lower() in ("1", "true", "yes")
+                and given.setdefault("state", "active") != "active"):
+            raise BadRequest("active=true and state= disagree; give one of them")
+        try:
+            wanted = TokenFilter(**given)
+        except ValueError as exc:
+            raise BadRequest(f"query parameter {exc}") from None
+        records = select(await self.services.store.records(), wanted, env_of=self.services.authorizer.environment,
+                         now=int(time.time()))
+        return JSONResponse({"tokens": [r.to_json() for r in records], "filters": wanted.given()})
 
     async def show(self, request: Request, claims: Claims, record: AuditRecord) -> Response:
         return JSONResponse((await self.services.registry.show(request.path_params["jti"])).to_json())
@@ -60,3 +76,11 @@ class TokenEndpoints:
             env_of=self.services.authorizer.environment)
         record.reason = f"attenuated {claims.jti} -> {minted.record.jti}"
         return JSONResponse(minted_json(minted), status_code=201)
+
+    async def own(self, request: Request, claims: Claims, record: AuditRecord) -> Response:
+        """The caller's own token: its record and what its grants may do (never the token itself)."""
+        own = await self.services.registry.show(claims.jti)
+        may = abilities(claims.grants, self.services.authorizer.rules.policy,
+                        env_of=self.services.authorizer.environment,
+                        environments=self.services.config.environment_names)
+        return JSONResponse({**own.to_json(), "state": state_of(own, int(time.time())), "may": may})

@@ -21,7 +21,8 @@ from gateway.cli.local import LocalAdmin
 from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import GrantError, parse_grants
 from gateway.core.policy import PolicyEngine
-from gateway.core.tokens import TokenVerifier
+from gateway.core.token_query import TokenFilter, abilities, select, state_of
+from gateway.core.tokens import Claims, TokenVerifier
 from gateway.errors import (
     BadRequest,
     ConfigError,
@@ -40,13 +41,14 @@ Json = dict[str, Any]
 
 class Backend(Protocol):
     async def mint(self, grants: list[str], ttl_s: int | None, name: str, subject: str) -> Json: ...
-    async def records(self, *, active: bool) -> list[Json]: ...
+    async def records(self, wanted: TokenFilter) -> list[Json]: ...
     async def show(self, jti: str) -> Json: ...
     async def revoke(self, jti: str, reason: str | None) -> None: ...
     async def rotate(self, jti: str, grace_s: int | None) -> Json: ...
     async def attenuate(self, parent_token: str, grants: list[str], ttl_s: int | None, name: str | None) -> Json: ...
     async def explain(self, method: str, path: str, body: Any, *, token: str | None,
                       grants: list[str] | None) -> Json: ...
+    async def whoami(self, token: str) -> Json: ...
     async def close(self) -> None: ...
 
 
@@ -67,19 +69,26 @@ def open_backend(args: argparse.Namespace) -> Backend:
     return LocalBackend(args)
 
 
+def caller_backend(args: argparse.Namespace, token: str, source: str) -> Backend:
+    """For commands made with the caller's own token (attenuate, whoami): the gateway at
+    SCOPEGATE_ADDR, asked with that token (no admin token needed), else the local config."""
+    addr = os.environ.get("SCOPEGATE_ADDR", "").rstrip("/")
+    return RemoteBackend(addr, token, token_source=source) if addr else LocalBackend(args, token_source=source)
+
+
 class LocalBackend:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, *, token_source: str = "SCOPEGATE_TOKEN") -> None:
         self.config = config_from(args)
         self.admin = LocalAdmin.open(self.config)
+        self.token_source = token_source  # where a caller's own token came from, for messages
 
     async def mint(self, grants: list[str], ttl_s: int | None, name: str, subject: str) -> Json:
         minted = await self.admin.registry.mint(grants=grants, ttl_s=ttl_s, name=name, subject=subject)
         return {"token": minted.token, **minted.record.to_json()}
 
-    async def records(self, *, active: bool) -> list[Json]:
-        now = int(time.time())
-        return [r.to_json() for r in await self.admin.store.records()
-                if not active or (r.revoked_at is None and r.exp > now)]
+    async def records(self, wanted: TokenFilter) -> list[Json]:
+        return [r.to_json() for r in select(await self.admin.store.records(), wanted,
+                                            env_of=self._environments().resolve, now=int(time.time()))]
 
     async def show(self, jti: str) -> Json:
         return (await self.admin.registry.show(jti)).to_json()
@@ -91,9 +100,16 @@ class LocalBackend:
         minted = await self.admin.registry.rotate(jti, grace_s=3600 if grace_s is None else grace_s)
         return {"token": minted.token, **minted.record.to_json()}
 
+    async def _caller(self, token: str) -> Claims:
+        try:
+            claims = self._verifier().verify(token)
+            await self.admin.registry.check(claims)
+        except Unauthenticated as exc:
+            raise Unauthenticated(f"{self.token_source} is refused: {exc.message}") from None
+        return claims
+
     async def attenuate(self, parent_token: str, grants: list[str], ttl_s: int | None, name: str | None) -> Json:
-        parent = self._verifier().verify(parent_token)
-        await self.admin.registry.check(parent)
+        parent = await self._caller(parent_token)
         minted = await self.admin.registry.attenuate(parent, grants=grants, ttl_s=ttl_s, name=name,
                                                      env_of=self._environments().resolve)
         return {"token": minted.token, **minted.record.to_json()}
@@ -119,6 +135,14 @@ class LocalBackend:
                          environments=self._environments(), token_name=name)
         return result.to_json()
 
+    async def whoami(self, token: str) -> Json:
+        claims = await self._caller(token)
+        record = await self.admin.registry.show(claims.jti)
+        config = self.config
+        may = abilities(claims.grants, PolicyEngine(config.policy_model, config.policy_policy),
+                        env_of=self._environments().resolve, environments=config.environment_names)
+        return {**record.to_json(), "state": state_of(record, int(time.time())), "may": may}
+
     def _verifier(self) -> TokenVerifier:
         return TokenVerifier(self.admin.keyring, self.config.tokens_issuer, self.config.tokens_audience)
 
@@ -135,8 +159,9 @@ _ERRORS: dict[int, type[GatewayError]] = {400: BadRequest, 401: Unauthenticated,
 
 
 class RemoteBackend:
-    def __init__(self, addr: str, token: str) -> None:
+    def __init__(self, addr: str, token: str, *, token_source: str = "SCOPEGATE_TOKEN") -> None:
         self.addr = addr
+        self.token_source = token_source  # where the token came from, for messages (never the token)
         self.client = httpx.AsyncClient(base_url=addr + "/_gateway/v1", timeout=30,
                                         headers={"Authorization": f"Bearer {token}"})
 
@@ -155,7 +180,8 @@ class RemoteBackend:
                 message = response.text or f"HTTP {response.status_code}"
             error_class = _ERRORS.get(response.status_code)
             if error_class is Unauthenticated:
-                raise Unauthenticated(f"{message} (SCOPEGATE_TOKEN)")
+                # The gateway's message ends with what to do ("ask for a new one"): keep it last.
+                raise Unauthenticated(f"the gateway at {self.addr} refused {self.token_source}: {message}")
             if error_class is not None:
                 raise error_class(message)
             error = GatewayError(message)
@@ -168,9 +194,18 @@ class RemoteBackend:
         result: Json = (await self._call("POST", "/tokens", json_body=body)).json()
         return result
 
-    async def records(self, *, active: bool) -> list[Json]:
-        params = {"active": "true"} if active else None
-        result: list[Json] = (await self._call("GET", "/tokens", params=params)).json()["tokens"]
+    async def records(self, wanted: TokenFilter) -> list[Json]:
+        given = wanted.given()
+        # `active=true` as well: gateways from before the filters honour it (and echo nothing).
+        params = {**given, "active": "true"} if given.get("state") == "active" else given
+        document = (await self._call("GET", "/tokens", params=params or None)).json()
+        applied = document.get("filters", {"state": "active"} if "active" in params else {})
+        ignored = sorted(key for key, value in given.items() if applied.get(key) != value)
+        if ignored:
+            # An older gateway ignores filters it does not know: its whole list is not the answer.
+            raise ConfigError(f"the gateway at {self.addr} does not filter by {', '.join(ignored)} (an older "
+                              "version?); upgrade it, or list without those filters")
+        result: list[Json] = document["tokens"]
         return result
 
     async def show(self, jti: str) -> Json:
@@ -204,6 +239,10 @@ class RemoteBackend:
         if grants:
             request["grants"] = grants
         result: Json = (await self._call("POST", "/explain", json_body=request)).json()
+        return result
+
+    async def whoami(self, token: str) -> Json:
+        result: Json = (await self._call("GET", "/token/self", bearer=token)).json()
         return result
 
     async def close(self) -> None:

@@ -12,6 +12,11 @@ from gateway.durations import parse_duration
 from gateway.errors import ConfigError
 
 
+class UsageError(Exception):
+    """The command line asks for something unclear or impossible (an ambiguous name, a command
+    that cannot run in this mode); the CLI exits 2 with the message."""
+
+
 def add_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="config file (default: $SCOPEGATE_CONFIG, else built-in defaults)")
     return parser

@@ -133,6 +133,10 @@ async def migrate_store(args: argparse.Namespace) -> int:
 
 async def store_info(args: argparse.Namespace) -> int:
     config = config_from(args)
+    if config.store_url.startswith("sqlite:") and not config.store_sqlite_path().is_file():
+        # Opening it would create an empty store and report 0 records: not the store meant.
+        raise ConfigError(f"no store at {config.store_sqlite_path()}: `scopegate init` creates one, or --config "
+                          "(or SCOPEGATE_CONFIG) names the config of the store you mean")
     store = open_store(config)
     try:
         await store.ping()

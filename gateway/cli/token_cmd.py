@@ -1,4 +1,9 @@
-"""`scopegate token mint|list|show|revoke|rotate|attenuate` (local or remote, see backend.py)."""
+"""`scopegate token mint|list|show|revoke|rotate|attenuate` (local or remote, see backend.py).
+
+`show`, `revoke` and `rotate` take a jti, a unique jti prefix or a token name (token_view.py).
+`attenuate` narrows a token the caller holds: `--token`, else $SCOPEGATE_PARENT_TOKEN, else
+$SCOPEGATE_TOKEN; it needs no admin token, and with $SCOPEGATE_ADDR it asks that gateway.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,14 @@ import os
 import sys
 from typing import Any
 
-from gateway.cli.backend import Backend, open_backend
-from gateway.cli.common import add_config, add_json, current_user, duration_arg
-from gateway.cli.output import RECORD_COLUMNS, print_json, print_mapping, print_table
+from gateway.cli.backend import Backend, caller_backend, open_backend
+from gateway.cli.common import UsageError, add_config, add_json, current_user, duration_arg
+from gateway.cli.output import print_json
+from gateway.cli.token_view import STATES_HELP, add_output, print_record, print_records, resolve
+from gateway.core.token_query import STATES, TokenFilter
 from gateway.errors import ConfigError
+
+TOKEN_REF = "jti, a unique jti prefix (4+ characters) or the token's name"
 
 
 def register(sub: Any) -> None:
@@ -25,28 +34,36 @@ def register(sub: Any) -> None:
     mint.add_argument("--subject", help="principal, e.g. ci:github:acme/web (default: cli:$USER)")
     mint.set_defaults(handler=mint_token)
 
-    listing = add_json(add_config(actions.add_parser("list", help="list token records (never token strings)")))
-    listing.add_argument("--active", action="store_true", help="only tokens neither revoked nor expired")
+    listing = add_output(add_config(actions.add_parser("list", help="list token records (never token strings)")))
+    listing.add_argument("--grant", metavar="ROLE@SCOPE", help="only tokens carrying exactly this grant")
+    listing.add_argument("--app", help="only tokens whose grants cover this app (env: grants by its environment)")
+    listing.add_argument("--subject", help="only tokens of this subject, or a glob of it (ci:github:acme/*)")
+    listing.add_argument("--state", choices=STATES, help=STATES_HELP)
+    listing.add_argument("--active", action="store_true", help="same as --state active")
     listing.set_defaults(handler=list_tokens)
 
-    show = add_json(add_config(actions.add_parser("show", help="show one token record")))
-    show.add_argument("jti")
+    show = add_output(add_config(actions.add_parser("show", help="show one token record")))
+    show.add_argument("jti", metavar="TOKEN", help=TOKEN_REF)
     show.set_defaults(handler=show_token)
 
     revoke = add_json(add_config(actions.add_parser("revoke", help="revoke a token and every token derived from it")))
-    revoke.add_argument("jti")
+    revoke.add_argument("jti", metavar="TOKEN", help=TOKEN_REF)
     revoke.add_argument("--reason", help="why; kept in the record")
     revoke.set_defaults(handler=revoke_token)
 
     rotate = add_json(add_config(actions.add_parser(
         "rotate", help="new token with the same grants; the old one keeps working for --grace")))
-    rotate.add_argument("jti")
+    rotate.add_argument("jti", metavar="TOKEN", help=TOKEN_REF)
     rotate.add_argument("--grace", default="1h", help="how long the old token keeps working (default 1h; 0s: now)")
     rotate.set_defaults(handler=rotate_token)
 
     attenuate = add_json(add_config(actions.add_parser(
-        "attenuate", help="narrow $SCOPEGATE_TOKEN into a child with fewer grants and a shorter life")))
-    attenuate.add_argument("--grant", action="append", required=True, metavar="ROLE@SCOPE")
+        "attenuate", help="narrow a token you hold into a child with fewer grants and a shorter life")))
+    attenuate.add_argument("--grant", action="append", required=True, metavar="ROLE@SCOPE",
+                           help="a grant within the parent's (repeatable)")
+    attenuate.add_argument("--token", metavar="PARENT",
+                           help="the parent token; '-' reads it from stdin, which other local users cannot see "
+                                "in the process list (default $SCOPEGATE_PARENT_TOKEN, else $SCOPEGATE_TOKEN)")
     attenuate.add_argument("--ttl", help="lifetime (at most the parent's remaining life)")
     attenuate.add_argument("--name", help="label for the child")
     attenuate.set_defaults(handler=attenuate_token)
@@ -76,46 +93,75 @@ async def mint_token(args: argparse.Namespace) -> int:
 
 
 async def list_tokens(args: argparse.Namespace) -> int:
-    records = await _run(args, lambda b: b.records(active=args.active))
-    if args.json:
-        print_json(records)
-    elif records:
-        print_table(records, RECORD_COLUMNS)
-    else:
-        print("no tokens", file=sys.stderr)
+    if args.active and args.state not in (None, "active"):
+        raise UsageError(f"--active and --state {args.state} disagree; give one of them")
+    wanted = TokenFilter(grant=args.grant, app=args.app, subject=args.subject,
+                         state="active" if args.active else args.state)
+    print_records(args, await _run(args, lambda b: b.records(wanted)))
     return 0
 
 
+async def _named(backend: Backend, ref: str) -> dict[str, Any]:
+    return resolve(ref, await backend.records(TokenFilter()))
+
+
 async def show_token(args: argparse.Namespace) -> int:
-    record = await _run(args, lambda b: b.show(args.jti))
-    if args.json:
-        print_json(record)
-    else:
-        print_mapping(record, RECORD_COLUMNS)
+    print_record(args, await _run(args, lambda b: _named(b, args.jti)))
     return 0
 
 
 async def revoke_token(args: argparse.Namespace) -> int:
-    await _run(args, lambda b: b.revoke(args.jti, args.reason))
+    async def work(backend: Backend) -> dict[str, Any]:
+        record = await _named(backend, args.jti)
+        await backend.revoke(record["jti"], args.reason)
+        return record
+
+    record = await _run(args, work)
     if args.json:
-        print_json({"revoked": args.jti})
+        print_json({"revoked": record["jti"]})
     else:
-        print(f"revoked {args.jti} and every token derived from it")
+        print(f"revoked {record['jti']} and every token derived from it")
     return 0
 
 
 async def rotate_token(args: argparse.Namespace) -> int:
     grace = duration_arg(args.grace, "--grace", allow_zero=True)
-    minted = await _run(args, lambda b: b.rotate(args.jti, grace))
-    _print_minted(args, minted)
+
+    async def work(backend: Backend) -> dict[str, Any]:
+        return await backend.rotate((await _named(backend, args.jti))["jti"], grace)
+
+    _print_minted(args, await _run(args, work))
     return 0
 
 
+def parent_token(flag: str | None) -> tuple[str, str]:
+    """The token to narrow, and where it came from (for messages; never the token itself)."""
+    if flag == "-":
+        token, source = sys.stdin.readline().strip(), "the token read from stdin"
+    elif flag is not None:
+        token, source = flag.strip(), "--token"
+    elif os.environ.get("SCOPEGATE_PARENT_TOKEN"):
+        token, source = os.environ["SCOPEGATE_PARENT_TOKEN"].strip(), "SCOPEGATE_PARENT_TOKEN"
+    else:
+        token, source = os.environ.get("SCOPEGATE_TOKEN", "").strip(), "SCOPEGATE_TOKEN"
+        if token:
+            # The admin token's variable, kept for scripts written before SCOPEGATE_PARENT_TOKEN: say so.
+            print("scopegate: narrowing the token in SCOPEGATE_TOKEN (set SCOPEGATE_PARENT_TOKEN or pass --token "
+                  "to narrow another)", file=sys.stderr)
+    if not token:
+        raise ConfigError("token attenuate needs the token to narrow: pass --token PARENT (or '-' to read it from "
+                          "stdin), or set SCOPEGATE_PARENT_TOKEN (SCOPEGATE_TOKEN is used when neither is given)")
+    return token, source
+
+
 async def attenuate_token(args: argparse.Namespace) -> int:
-    parent = os.environ.get("SCOPEGATE_TOKEN", "")
-    if not parent:
-        raise ConfigError("token attenuate narrows the token in SCOPEGATE_TOKEN; set it to the parent token")
+    parent, source = parent_token(args.token)
     ttl = duration_arg(args.ttl, "--ttl")
-    minted = await _run(args, lambda b: b.attenuate(parent, args.grant, ttl, args.name))
+    # Any valid token may narrow itself: the gateway is asked with the parent, no admin token needed.
+    backend = caller_backend(args, parent, source)
+    try:
+        minted = await backend.attenuate(parent, args.grant, ttl, args.name)
+    finally:
+        await backend.close()
     _print_minted(args, minted)
     return 0
