@@ -151,7 +151,9 @@ def test_show_revoke_and_rotate_by_name_or_jti_prefix(gw: Served) -> None:
         assert yaml.safe_load(ok(result).stdout)["jti"] == jti
 
     rotated = only_token(gw.remote("token", "rotate", "--grace", "0s", "--", jti[:6]))
-    assert claims(rotated)["parent"] == jti
+    assert "parent" not in claims(rotated)  # a successor, not a child of the old token
+    rotated_from = gw.local("token", "show", "--field", "rotated_from", "--", claims(rotated)["jti"]).stdout
+    assert rotated_from == f"{jti}\n"
     # The name now belongs to the old (expired) token and its replacement: the active one is meant.
     for result in gw.both("token", "show", "--field", "jti", "by-name-unique"):
         assert ok(result).stdout.strip() == claims(rotated)["jti"]
@@ -309,3 +311,20 @@ def test_a_gateway_that_ignores_a_filter_is_not_taken_at_its_word(tmp_path: Path
         assert "active=true" in seen[-1]
     finally:
         server.stop()
+
+
+def test_list_marks_a_rotated_token_and_its_successor(gw: Served) -> None:
+    # Issue 16 item 8: after a rotation both tokens live (the old one for its grace); the listing
+    # tells them apart, and revoking the old one leaves the successor alone.
+    old = gw.mint("viewer@app:web", name="rotating-one")
+    old_jti = claims(old)["jti"]
+    new = ok(gw.local("token", "rotate", "--grace", "1h", "--json", "--", old_jti))
+    new_jti = json.loads(new.stdout)["jti"]
+    for result in gw.both("token", "list"):
+        rows = {line.split()[1]: line for line in ok(result).stdout.splitlines()[1:]}
+        assert rows[old_jti[:8]].endswith("rotated") and rows[new_jti[:8]].endswith("renewed")
+    wide = ok(gw.local("token", "list", "-o", "wide")).stdout
+    assert old_jti in next(line for line in wide.splitlines() if line.startswith(new_jti))  # rotated_from
+    ok(gw.local("token", "revoke", "--", old_jti))
+    states = {r["jti"]: r["revoked_at"] for r in listed(gw.local("token", "list", "--json"))}
+    assert states[old_jti] is not None and states[new_jti] is None

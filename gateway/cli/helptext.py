@@ -37,8 +37,8 @@ HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "token show": ("Show one token record (never the token string).",
                    ("scopegate token show web-ci", "scopegate token show 8pM8clar -o yaml",
                     "scopegate token show web-ci --field exp")),
-    "token revoke": ("Revoke a token and every token rotated or attenuated from it; a running gateway refuses "
-                     "them within a second.",
+    "token revoke": ("Revoke a token and every token attenuated from it (not its rotation successor); a running "
+                     "gateway refuses them within a second.",
                      ("scopegate token revoke web-ci --reason 'laptop lost'", "scopegate token revoke -- -xY3abcd")),
     "token rotate": ("Mint a replacement with the same grants, name and lifetime; the old token keeps working for "
                      "--grace, then expires. Prints only the new token.",

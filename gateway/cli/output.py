@@ -10,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-RECORD_COLUMNS = ("jti", "sub", "name", "grants", "iat", "exp", "parent", "revoked_at", "last_used_at")
+RECORD_COLUMNS = ("jti", "sub", "name", "grants", "iat", "exp", "parent", "rotated_from", "revoked_at",
+                  "last_used_at")
 _TIMES = {"iat", "exp", "revoked_at", "last_used_at", "created_at"}
 
 

@@ -24,7 +24,8 @@ from gateway.errors import NotFound
 Json = dict[str, Any]
 FIELDS = (*RECORD_COLUMNS, "revoked_reason", "state")
 OUTPUTS = ("table", "wide", "json", "yaml")
-STATES_HELP = "active (usable), revoked, or expired (past exp, or rotated away after its grace)"
+STATES_HELP = ("active (usable; listings show a token replaced by rotation as rotated and its successor as "
+               "renewed), revoked, or expired (past exp, or rotated away after its grace)")
 MIN_PREFIX = 4
 ID_WIDTH = 8
 # name, id, grants, expires, state: 20 + 8 + 28 + 9 + 7 and four 2-space gaps = 80 columns.
@@ -92,9 +93,20 @@ def raw(record: Json, field: str, now: int) -> str:
     return str(value)
 
 
-def _narrow_row(record: Json, now: int) -> dict[str, str]:
+def shown_state(record: Json, now: int, replaced: set[str]) -> str:
+    """The state as a listing shows it: an active token replaced by rotation (alive for its grace)
+    is `rotated`, its active successor `renewed`; both are usable, so `--state active` takes them."""
+    current = state(record, now)
+    if current == "active" and record["jti"] in replaced:
+        return "rotated"
+    if current == "active" and record.get("rotated_from"):
+        return "renewed"
+    return current
+
+
+def _narrow_row(record: Json, now: int, replaced: set[str]) -> dict[str, str]:
     return {"name": str(record["name"]), "id": str(record["jti"])[:ID_WIDTH], "grants": ",".join(record["grants"]),
-            "expires": relative(int(record["exp"]), now), "state": state(record, now)}
+            "expires": relative(int(record["exp"]), now), "state": shown_state(record, now, replaced)}
 
 
 def _print_columns(rows: list[dict[str, str]], columns: tuple[tuple[str, int | None], ...]) -> None:
@@ -108,6 +120,7 @@ def _print_columns(rows: list[dict[str, str]], columns: tuple[tuple[str, int | N
 
 def print_records(args: argparse.Namespace, records: list[Json]) -> None:
     how, now = output_of(args), int(time.time())
+    replaced = {str(r["rotated_from"]) for r in records if r.get("rotated_from")}
     if how == "json":
         print_json(records)
     elif how == "yaml":
@@ -119,10 +132,11 @@ def print_records(args: argparse.Namespace, records: list[Json]) -> None:
         print("no tokens", file=sys.stderr)
     elif how == "wide":
         columns = (*RECORD_COLUMNS, "state")
-        rows = [{**{c: cell(c, r.get(c)) for c in RECORD_COLUMNS}, "state": state(r, now)} for r in records]
+        rows = [{**{c: cell(c, r.get(c)) for c in RECORD_COLUMNS}, "state": shown_state(r, now, replaced)}
+                for r in records]
         _print_columns(rows, tuple((c, None) for c in columns))
     else:
-        _print_columns([_narrow_row(r, now) for r in records], NARROW)
+        _print_columns([_narrow_row(r, now, replaced) for r in records], NARROW)
 
 
 def print_record(args: argparse.Namespace, record: Json) -> None:
