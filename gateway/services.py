@@ -96,7 +96,7 @@ class Services:
         attenuator = _attenuator(config, secret, upstream)
         surfaces: list[Surface] = [
             GraphQLSurface(config.graphql_map, schema=load_schema(), authorizer=authorizer, upstream=graphql_upstream,
-                           audit=audit, metrics=metrics, org_slug=config.upstream_org_slug),
+                           audit=audit, metrics=metrics, org_slug=config.upstream_org_slug, attenuator=attenuator),
             RestSurface(list(config.rest_routes), authorizer=authorizer, upstream=rest_upstream, audit=audit,
                         metrics=metrics, max_body_bytes=config.limits_max_body_bytes, store=store,
                         org_slug=config.upstream_org_slug, attenuator=attenuator),

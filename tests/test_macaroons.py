@@ -29,8 +29,8 @@ import yaml
 from gateway.app import GatewayApp
 from gateway.config import load_config
 from gateway.core.keyring import Keyring
-from gateway.dev.sandbox import create_sandbox_app
-from gateway.dev.sandbox_macaroon import issue, new_root_key
+from gateway.dev.sandbox import SANDBOX_ORG_SLUG, create_sandbox_app
+from gateway.dev.sandbox_macaroon import RequireMacaroon, issue, new_root_key
 from gateway.errors import ConfigError
 from gateway.services import Services
 from gateway.upstream import macaroon
@@ -146,7 +146,9 @@ def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, routes: Path | None =
     recorder = Recorder(sandbox)
     upstream = ServerThread(recorder).start()
     monkeypatch.setenv(CREDENTIAL_ENV, issue(key))
-    sections: dict[str, Any] = {"upstream": {"auth_scheme": "FlyV1", "attenuate": "apps"}}
+    sections: dict[str, Any] = {"upstream": {"auth_scheme": "FlyV1", "attenuate": "apps",
+                                             "graphql_url": f"{upstream.url}/graphql", "api_url": upstream.url,
+                                             "org_slug": SANDBOX_ORG_SLUG}}
     path = write_config(tmp_path, upstream.url, **sections)
     if routes is not None:  # write_config merges sections; `routes` is a top-level list
         document = yaml.safe_load(path.read_text())
@@ -203,6 +205,31 @@ def test_each_request_carries_a_macaroon_narrowed_to_its_app(attenuated: Attenua
     assert len(lookups) == 1
 
 
+def test_graphql_mutations_are_confined_to_exactly_the_mutations_authorized(attenuated: Attenuated) -> None:
+    deployer = attenuated.gateway.mint("deployer@app:web-staging")
+    mutation = {"query": "mutation($input: SetSecretsInput!) { setSecrets(input: $input) { release { id } } }",
+                "variables": {"input": {"appId": "web-staging", "secrets": [{"key": "A", "value": "b"}]}}}
+    query = {"query": 'query { app(name: "web-staging") { name } }'}
+    with attenuated.gateway.client() as client:
+        auth = {"Authorization": f"Bearer {deployer}"}
+        mutated = client.post("/graphql", headers=auth, json=mutation)
+        queried = client.post("/graphql", headers=auth, json=query)
+    calls = [c for c in attenuated.recorder.calls if c.path == "/graphql"]
+    assert [c.status for c in calls] == [200, 200], (mutated.text, queried.text)  # the sandbox accepted both
+    assert caveats_of(calls[0].authorization, attenuated.key)[0] == (macaroon.MUTATIONS, [["setSecrets"]])
+    assert [t for t, _ in caveats_of(calls[1].authorization, attenuated.key)] == [macaroon.VALIDITY_WINDOW]
+    assert queried.json()["data"]["app"]["name"] == "web-staging"
+    # The sandbox holds a Mutations caveat to its names: another mutation, or a query, is refused.
+    narrowed = macaroon.decode(calls[0].authorization.partition(" ")[2])
+    guard = RequireMacaroon(lambda *a: None, attenuated.key, {}.get)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "POST", "path": "/graphql",
+             "headers": [(b"authorization", f"FlyV1 {macaroon.encode(narrowed)}".encode())]}
+    other = json.dumps({"query": "mutation { deleteApp(appId: \"web-staging\") { organization { id } } }"}).encode()
+    assert "does not allow deleteApp" in str(guard.problem(scope, other))
+    assert "runs something else" in str(guard.problem(scope, json.dumps(query).encode()))
+    assert guard.problem(scope, json.dumps(mutation).encode()) is None
+
+
 def test_a_mismapped_request_is_refused_by_the_upstream_itself(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # A route map broken on purpose: Machines_show reads the app from the machine id segment, so
@@ -226,8 +253,6 @@ def test_a_mismapped_request_is_refused_by_the_upstream_itself(tmp_path: Path,
 
 def test_dev_sandbox_refuses_the_gateways_credential_without_caveats_on_a_confined_request() -> None:
     # The sandbox is the check: a macaroon for another app, an expired window, or another key fail.
-    from gateway.dev.sandbox_macaroon import RequireMacaroon
-
     key = new_root_key()
     guard = RequireMacaroon(lambda *a: None, key, {"web-staging": 11, "web-prod": 22}.get)  # type: ignore[arg-type]
     root = macaroon.mint(key, b"k", "loc")

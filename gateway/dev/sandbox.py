@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.dev.sandbox_api import api_routes
 from gateway.dev.sandbox_graphql import graphql_routes
-from gateway.dev.sandbox_macaroon import RequireMacaroon, numeric_ids
+from gateway.dev.sandbox_macaroon import RequireMacaroon, numeric_ids, release_apps
 from gateway.dev.sandbox_state import (
     SANDBOX_ORG_SLUG,
     App,
@@ -371,7 +371,8 @@ def create_sandbox_app(*, expected_token: str = "", macaroon_key: bytes | None =
     state = SandboxState()
     if seed:
         state.seed()
-    guard = (Middleware(RequireMacaroon, key=macaroon_key, numeric_id=numeric_ids(state)) if macaroon_key
+    guard = (Middleware(RequireMacaroon, key=macaroon_key, numeric_id=numeric_ids(state),
+                        release_app=release_apps(state)) if macaroon_key
              else Middleware(_RequireUpstreamToken, expected_token=expected_token))
     sandbox = Starlette(
         routes=_routes(),

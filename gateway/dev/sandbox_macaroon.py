@@ -9,11 +9,12 @@ whose caveats permit it, checked the way Fly checks them (superfly/macaroon `fly
 - every `Apps` caveat names the request's app (by its numeric id) with the action bits the
   method needs (GET/HEAD read, DELETE delete, others write); an `Apps` caveat on a request that
   names no app is refused, as Fly refuses an unspecified resource;
-- a `Mutations` caveat is refused on anything but GraphQL;
+- a `Mutations` caveat allows only GraphQL bodies that run nothing but the mutations it names;
 - any other caveat type is refused (the sandbox does not know it, so it cannot say it permits).
 
-The request's app is the one in its path (`/v1/apps/{app}/...`, `/api/v1/apps/{app}/...`) or the
-JSON body's `app_name` (REST builds and releases). A refusal is 401 naming the failed caveat, so a
+The request's app is the one in its path (`/v1/apps/{app}/...`, `/api/v1/apps/{app}/...`), the app
+a release belongs to (`/api/v1/releases/{id}`), or the JSON body's `app_name` (REST builds and
+releases). A refusal is 401 naming the failed caveat, so a
 gateway that forwarded a request for another app than it authorized fails loudly in tests.
 """
 
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from graphql import FieldNode, GraphQLError, OperationDefinitionNode, OperationType, parse
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +36,7 @@ from gateway.upstream import macaroon
 from gateway.upstream.macaroon import Caveat, MacaroonError
 
 _APP_PATH = re.compile(r"^(?:/api)?/v1/apps/([^/]+)")
+_RELEASE_PATH = re.compile(r"^/api/v1/releases/([^/]+)$")
 _NEEDS = {"GET": macaroon.READ, "HEAD": macaroon.READ, "DELETE": macaroon.DELETE}
 LOCATION = "https://api.fly.io/"
 
@@ -51,8 +54,10 @@ class RequireMacaroon:
     """ASGI middleware: refuses (401) what the presented macaroon does not permit."""
 
     def __init__(self, app: ASGIApp, key: bytes, numeric_id: Callable[[str], int | None],
+                 release_app: Callable[[str], str | None] = lambda _: None,
                  clock: Callable[[], float] = time.time) -> None:
         self.app, self.key, self.numeric_id, self.clock = app, key, numeric_id, clock
+        self.release_app = release_app  # the app a release id belongs to, as Fly knows it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,14 +83,15 @@ class RequireMacaroon:
             caveats = macaroon.verify(macaroon.decode(token.strip()), self.key)
         except MacaroonError as exc:
             return str(exc)
-        app = _app_of(scope["path"], body)
+        release = _RELEASE_PATH.match(scope["path"])
+        app = self.release_app(release.group(1)) if release else _app_of(scope["path"], body)
         for item in caveats:
-            why = self._refuses(item, scope, app)
+            why = self._refuses(item, scope, app, body)
             if why is not None:
                 return why
         return None
 
-    def _refuses(self, item: Caveat, scope: Scope, app: str | None) -> str | None:
+    def _refuses(self, item: Caveat, scope: Scope, app: str | None, body: bytes) -> str | None:
         if item.type == macaroon.VALIDITY_WINDOW:
             not_before, not_after = item.body
             now = self.clock()
@@ -101,11 +107,32 @@ class RequireMacaroon:
             if permitted & needed != needed:
                 return f"the token's Apps caveat does not allow {scope['method']} on app {app}"
             return None
-        if item.type == macaroon.MUTATIONS and scope["path"] != "/graphql":
-            return "the token is confined to GraphQL mutations"
         if item.type == macaroon.MUTATIONS:
-            return None
+            asked = _graphql_mutations(body) if scope["path"] == "/graphql" else None
+            if asked is None:
+                return "the token is confined to GraphQL mutations, and this request runs something else"
+            allowed = set(item.body[0])
+            outside = [name for name in asked if name not in allowed]
+            return f"the token's Mutations caveat does not allow {', '.join(outside)}" if outside else None
         return f"caveat type {item.type} is not one the sandbox can check"
+
+
+def _graphql_mutations(body: bytes) -> list[str] | None:
+    """The mutation fields a GraphQL body (one request or a batch) runs; None if it runs anything else."""
+    try:
+        document = json.loads(body)
+        requests = document if isinstance(document, list) else [document]
+        names: list[str] = []
+        for request in requests:
+            for definition in parse(request["query"]).definitions:
+                if not isinstance(definition, OperationDefinitionNode):
+                    continue
+                if definition.operation != OperationType.MUTATION:
+                    return None
+                names += [s.name.value for s in definition.selection_set.selections if isinstance(s, FieldNode)]
+        return names
+    except (ValueError, KeyError, TypeError, GraphQLError):
+        return None
 
 
 def _app_of(path: str, body: bytes) -> str | None:
@@ -149,5 +176,14 @@ def numeric_ids(state: Any) -> Callable[[str], int | None]:
     def lookup(name: str) -> int | None:
         app = state.apps.get(name)
         return None if app is None else int(app.internal_numeric_id)
+
+    return lookup
+
+
+def release_apps(state: Any) -> Callable[[str], str | None]:
+    """The app each sandbox release belongs to, by release id."""
+    def lookup(release_id: str) -> str | None:
+        return next((app.name for app in state.apps.values()
+                     if any(release.get("id") == release_id for release in app.releases)), None)
 
     return lookup

@@ -2,7 +2,8 @@
 to that request, so Fly itself refuses what the gateway did not authorize (defence in depth).
 
 For a request on an app the gateway appends `Apps{<numeric app id>: <actions>}` and a short
-`ValidityWindow`; for an org-level request (no app: listing, `apps create`) only the window. The
+`ValidityWindow`; for an org-level request (no app: listing, `apps create`) only the window; for a
+GraphQL body of mutations only, `Mutations{<their names>}` and the window. The
 actions are read (`r`) for read-class actions and all (`rwcdC`) otherwise: Fly does not publish
 which action bits each endpoint requires, and the point is the app. Numeric ids come from
 `GET /v1/apps/{app}` (`internal_numeric_id`) on the Machines API and are kept for ten minutes (an
@@ -66,6 +67,7 @@ class Attenuator:
         self.clock = clock
         self._ids: dict[str, tuple[int, float]] = {}  # app -> (numeric id, until)
         self._tokens: dict[tuple[int, int], tuple[str, float]] = {}  # (id, actions) -> (header, until)
+        self._graphql: dict[tuple[str, ...], tuple[str, float]] = {}  # mutations -> (header, until)
 
     async def authorization(self, app: str | None, action: str, request_id: str) -> str:
         """The `Authorization` value for a request doing `action` on `app` (None: org-level)."""
@@ -102,6 +104,24 @@ class Attenuator:
             self._ids = {}
         self._ids[app] = (number, now + _ID_TTL_S)
         return number
+
+    def graphql_authorization(self, mutations: tuple[str, ...]) -> str:
+        """The `Authorization` value for a GraphQL body: a `Mutations` caveat naming exactly its
+        mutations when it is only mutations (Fly refuses any query under one), and the window."""
+        now = self.clock()
+        key = mutations
+        cached = self._graphql.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        start = int(now)
+        added = [macaroon.validity_window(start - _SKEW_S, start + self.window_s)]
+        if mutations:
+            added.insert(0, macaroon.mutations(mutations))
+        header = "FlyV1 " + macaroon.encode(macaroon.attenuate(self.root, *added))
+        if len(self._graphql) >= _LIMIT:
+            self._graphql = {}
+        self._graphql[key] = (header, now + self.window_s / 5)
+        return header
 
     def forget(self, app: str | None) -> None:
         """After a refused answer: the app's id may be stale (deleted and re-created)."""

@@ -26,6 +26,7 @@ from gateway.cli.local import LocalAdmin
 from gateway.config import load_config
 from gateway.core.keyring import Keyring
 from gateway.dev.sandbox import SANDBOX_ORG_SLUG, SandboxState, create_sandbox_app
+from gateway.dev.sandbox_macaroon import issue, new_root_key
 from gateway.services import Services
 from tests.conftest import CREDENTIAL_ENV, write_config
 from tests.contract.flyctl import Flyctl, Recorder, Result, TraceSink, require_flyctl
@@ -69,16 +70,20 @@ class Through:
         return [f"{c.method} {c.path}" for c in calls if text in c.path or text in json.dumps(c.body)]
 
 
-@pytest.fixture
-def through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Through]:
+def start_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, narrowed: bool = False) -> Iterator[Through]:
+    """flyctl -> gateway -> sandbox; `narrowed`: the sandbox holds a macaroon root key and the gateway
+    forwards per-request narrowed macaroons (upstream.attenuate: apps, issue 17)."""
     require_flyctl()
-    sandbox = create_sandbox_app(expected_token=SANDBOX_TOKEN, seed=True)
+    key = new_root_key()
+    sandbox = (create_sandbox_app(macaroon_key=key, seed=True) if narrowed
+               else create_sandbox_app(expected_token=SANDBOX_TOKEN, seed=True))
     recorder = Recorder(sandbox)
     upstream = ServerThread(recorder).start()
-    monkeypatch.setenv(CREDENTIAL_ENV, SANDBOX_TOKEN)
+    monkeypatch.setenv(CREDENTIAL_ENV, issue(key) if narrowed else SANDBOX_TOKEN)
+    extra = {"auth_scheme": "FlyV1", "attenuate": "apps"} if narrowed else {}
     path = write_config(tmp_path, upstream.url, upstream={
         "graphql_url": f"{upstream.url}/graphql", "api_url": upstream.url, "org_slug": SANDBOX_ORG_SLUG,
-        "read_timeout_s": 30})
+        "read_timeout_s": 30, **extra})
     config = load_config(path)
     Keyring.generate(config.tokens_keyring).save()
     services = Services.build(config)
@@ -92,6 +97,16 @@ def through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Through
     finally:
         gateway.stop()
         upstream.stop()
+
+
+@pytest.fixture
+def through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Through]:
+    yield from start_through(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def narrowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Through]:
+    yield from start_through(tmp_path, monkeypatch, narrowed=True)
 
 
 def ok(result: Result) -> Result:
@@ -163,3 +178,19 @@ def test_a_preview_token_creates_its_preview_app_and_no_other(through: Through) 
     result = fly.run("apps", "create", "web-prod-2", "--org", SANDBOX_ORG_SLUG)
     assert result.returncode != 0 and "web-prod-2" in result.stderr, result.explain()
     assert through.upstream_saw("web-prod-2", since) == []
+
+
+def test_fly_deploy_through_the_gateway_with_narrowed_fly_macaroons(narrowed: Through) -> None:
+    # upstream.attenuate: apps (issue 17): the sandbox plays Fly and checks every request's
+    # macaroon caveats, so each call the deploy makes was forwarded narrowed to web-staging.
+    fly = narrowed.fly(narrowed.mint("deployer@app:web-staging"), "web-staging")
+    app = narrowed.sandbox.apps["web-staging"]
+    ok(fly.run("deploy", "--image", IMAGE, "-a", "web-staging", "--dns-checks=false"))
+    assert app.releases[-1]["image_ref"] == IMAGE and app.releases[-1]["status"] == "complete"
+    ok(fly.run("secrets", "set", "FOO=bar", "-a", "web-staging"))
+    assert "web-staging" in ok(fly.run("status", "-a", "web-staging")).stdout
+    ok(fly.run("scale", "count", "2", "-a", "web-staging", "--yes"))
+    assert all(call.status != 401 for call in narrowed.recorder.calls), \
+        [(c.method, c.path, c.status) for c in narrowed.recorder.calls if c.status == 401]
+    machine_calls = [c for c in narrowed.recorder.calls if c.path.startswith("/v1/apps/web-staging/")]
+    assert machine_calls and all(c.authorization.startswith("FlyV1 fm2_") for c in machine_calls)

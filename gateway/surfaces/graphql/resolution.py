@@ -36,3 +36,12 @@ class Resolution:
     checks: tuple[Check, ...]
     filtered: tuple[RootUse, ...]
     key: DecisionKey
+
+    @property
+    def only_mutations(self) -> tuple[str, ...]:
+        """The mutations the body runs, when it runs nothing else; () otherwise."""
+        documents = self.key.documents
+        names = tuple(dict.fromkeys(name for document in documents for name in document.mutations))
+        if sum(len(document.mutations) for document in documents) != sum(len(d.uses) for d in documents):
+            return ()
+        return names

@@ -44,6 +44,7 @@ from gateway.surfaces.http import (
     relay,
     send_json,
 )
+from gateway.upstream.attenuation import Attenuator
 from gateway.upstream.client import UpstreamClient, ms_since
 
 SCHEMA_FILE = Path(__file__).with_name("fly-schema.graphql")
@@ -74,8 +75,10 @@ class GraphQLSurface:
     prefixes: tuple[str, ...] = ("/graphql",)
 
     def __init__(self, map_file: Path, *, schema: GraphQLSchema, authorizer: Authorizer, upstream: UpstreamClient,
-                 audit: AuditLog, metrics: GatewayMetrics, org_slug: str | None) -> None:
+                 audit: AuditLog, metrics: GatewayMetrics, org_slug: str | None,
+                 attenuator: Attenuator | None = None) -> None:
         self.map_file = map_file
+        self.attenuator = attenuator  # upstream.attenuate: apps
         self.schema = schema
         self.authorizer = authorizer
         self.upstream = upstream
@@ -159,7 +162,7 @@ class GraphQLSurface:
             self.authorizer.remember(claims, key, ruling, record)
         # 5. rate-limit, 6. forward (7. audit: the frame).
         await self.authorizer.rate_limit(claims)
-        record.status = await self.forward(scope, send, frame, body, resolution.filtered)
+        record.status = await self.forward(scope, send, frame, body, resolution)
 
     def resolve(self, body: bytes) -> Resolution:
         """What the body asks: every root field of every request in it and the check each one needs.
@@ -254,11 +257,13 @@ class GraphQLSurface:
                              "the way flyctl sends it")
         return value
 
-    async def forward(self, scope: Scope, send: Any, frame: RequestFrame, body: bytes,
-                      filtered: tuple[RootUse, ...]) -> int:
+    async def forward(self, scope: Scope, send: Any, frame: RequestFrame, body: bytes, resolution: Resolution) -> int:
+        filtered = resolution.filtered
         headers = self.upstream.build_headers(scope["headers"], client_ip=frame.record.client_ip,
                                               scheme=scope.get("scheme", "http"), request_id=frame.request_id)
         headers["Content-Type"] = "application/json"  # the type the gateway read the body as, whatever was sent
+        if self.attenuator is not None:
+            headers["Authorization"] = self.attenuator.graphql_authorization(resolution.only_mutations)
         response = await self.upstream.send("POST", b"", headers, body)
         try:
             if filtered and 200 <= response.status < 300:
