@@ -282,7 +282,7 @@ def mint_tokens(config_path: Path, soak_tokens: int) -> tuple[str, list[str]]:
 def start_gateway(procs: Processes, name: str, config_path: Path, workers: int) -> tuple[Proc, str]:
     port = free_port()
     env = dict(os.environ)
-    env[CREDENTIAL_ENV] = "bench-upstream-credential"
+    env[CREDENTIAL_ENV] = os.environ.get(CREDENTIAL_ENV, "bench-upstream-credential")
     env.pop("SCOPEGATE_CONFIG", None)
     # `scopegate serve ...`: the console script's entry point, run from this checkout (not from
     # wherever an editable install points), so the bench measures the tree it lives in.

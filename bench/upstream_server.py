@@ -15,7 +15,8 @@ import contextlib
 import sys
 from typing import Any
 
-BODY = b'{"machines":[{"id":"148e","name":"web-1","state":"started","region":"ams"}]}'
+# `internal_numeric_id` too: bench/attenuation.py's gateway asks GET /v1/apps/{app} for it.
+BODY = b'{"internal_numeric_id":4242,"machines":[{"id":"148e","name":"web-1","state":"started","region":"ams"}]}'
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
             + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
 
