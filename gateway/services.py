@@ -99,7 +99,8 @@ class Services:
                             store=store, max_body_bytes=config.limits_max_body_bytes,
                             max_blob_bytes=config.limits_max_blob_bytes),
             MachinesSurface(list(config.routes), authorizer=authorizer, upstream=upstream, audit=audit,
-                            metrics=metrics, max_body_bytes=config.limits_max_body_bytes),  # serves the rest
+                            metrics=metrics, max_body_bytes=config.limits_max_body_bytes,
+                            org_slug=config.upstream_org_slug),  # serves the rest
         ]
         reloader = Reloader(config, authorizer, surfaces, metrics)
         reloader.install(*load_policy(config, surfaces))  # the rules come from the policy and the route maps
