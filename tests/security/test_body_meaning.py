@@ -181,9 +181,11 @@ def test_app_created_in_a_custom_network_is_refused(deployer: str, gw: RunningGa
     assert "network" in answer.json()["message"]
 
 
-def test_app_created_in_the_gateways_org_is_forwarded_exactly(deployer: str, gw: RunningGateway) -> None:
-    """What flyctl sends (`fly apps create`): an empty network is the default one."""
-    body = json.dumps({"name": "web-staging", "org_slug": ORG, "network": "", "app_role_id": ""}).encode()
+@pytest.mark.parametrize("network", ["", "default"])
+def test_app_created_in_the_gateways_org_is_forwarded_exactly(network: str, deployer: str,
+                                                              gw: RunningGateway) -> None:
+    """What flyctl sends (`fly apps create`): an empty network, or `default`, is the default one."""
+    body = json.dumps({"name": "web-staging", "org_slug": ORG, "network": network, "app_role_id": ""}).encode()
     answer = send(gw, request("POST", b"/v1/apps?wait=true", token=deployer, headers=JSON, body=body))
     assert answer.status == 200, answer.body
     assert_forwarded_exactly(gw, method="POST", raw_path=b"/v1/apps", query=b"wait=true", body=body,

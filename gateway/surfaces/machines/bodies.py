@@ -13,8 +13,9 @@ limit is refused with nothing forwarded. Then:
   spelling, a field added upstream later) could be the one the upstream acts on. Both spellings
   of exec's command (`cmd` and `command`) are refused together for the same reason;
 - `org_slug` must name the gateway's own organization (`upstream.org_slug`), and `network` (a
-  custom private network, which an app shares with the apps already on it) is not accepted:
-  apps created through the gateway land in the organization's default network.
+  custom private network, which an app shares with the apps already on it) is accepted only as
+  the default one (absent, empty or `default`): apps created through the gateway land in the
+  organization's default network.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from gateway.core.jsonbody import load_strict
 from gateway.errors import BadRequest, Forbidden
 from gateway.surfaces.routes import Route
 
+# How a body names the organization's default network: not at all, empty, or as the upstream
+# itself names it in its answers (`"network": "default"`).
+_DEFAULT_NETWORK = (None, "", "default")
 # Fields that are one setting spelled two ways: the upstream picks one, the constraint must not guess which.
 _ALIASES = (("cmd", "command"),)
 
@@ -67,6 +71,6 @@ def check_placement(document: Any, org_slug: str | None) -> None:
         raise Forbidden(f"field 'org_slug' names organization {org!r}, not the one this gateway serves{served}; "
                         "leave it out or name that organization")
     network = document.get("network")
-    if network not in (None, ""):
+    if network not in _DEFAULT_NETWORK:
         raise Forbidden(f"field 'network' ({network!r}) is not accepted through the gateway: an app in a custom "
                         "network reaches the other apps on it; leave it out (the organization's default network)")
