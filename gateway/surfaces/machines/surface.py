@@ -2,7 +2,9 @@
 
 `MachinesSurface.handle` is the request path of DESIGN section 2 for `/v1/...`, top to bottom.
 Fail closed: any exception before the upstream call becomes an error response and nothing is
-forwarded; the request frame (gateway/frame.py) writes the audit record, allowed or denied.
+forwarded; the request frame (gateway/frame.py) writes the audit record, allowed or denied. A
+body is read whole and judged (bodies.py) before the upstream call, and the upstream gets only
+the client headers on `forwarded_headers`.
 
 A request line that repeats (same method and target) skips the parsing it already passed
 (request_lines.py), and a token that repeats it gets the decision it got the first time
@@ -140,7 +142,7 @@ class MachinesSurface:
                 authorizer.remember(claims, line, ruling, record)
         # 5. rate-limit, 6. forward (7. audit: the frame, whatever happened).
         await authorizer.rate_limit(claims)
-        record.status = await self.forward(scope, receive, send, frame, target, line, claims, body, headers.has_body)
+        record.status = await self.forward(scope, send, frame, target, line, claims, body)
 
     async def authenticate(self, headers: RequestHeaders, target: Target) -> Claims:
         refuse_tokens_in_query(target.raw_query)
@@ -172,8 +174,8 @@ class MachinesSurface:
                       ownership=volume_ownership(self.upstream, request_id))
         return True
 
-    async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
-                      line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
+    async def forward(self, scope: Scope, send: Any, frame: RequestFrame, target: Target, line: RequestLine,
+                      claims: Claims, body: bytes | None) -> int:
         record = frame.record
         headers = self.upstream_headers(scope, frame, body)
         if line.resolved.route.filter_apps:
@@ -192,7 +194,6 @@ class MachinesSurface:
             return response.status
         finally:
             response.release()
-
 
     def upstream_headers(self, scope: Scope, frame: RequestFrame, body: bytes | None) -> Any:
         """The headers the upstream gets: the client's that this surface forwards (`forwarded_headers`),

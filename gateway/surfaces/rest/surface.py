@@ -92,11 +92,11 @@ class RestSurface(MachinesSurface):
                             "ask for one scoped to the app (fly deploy --depot-scope=app)")
         return line, body
 
-    async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
-                      line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
+    async def forward(self, scope: Scope, send: Any, frame: RequestFrame, target: Target, line: RequestLine,
+                      claims: Claims, body: bytes | None) -> int:
         remember = line.resolved.route.remember
         if remember is None:
-            return await super().forward(scope, receive, send, frame, target, line, claims, body, has_body)
+            return await super().forward(scope, send, frame, target, line, claims, body)
         headers = self.upstream_headers(scope, frame, body)
         headers.popall("Accept-Encoding", None)  # the gateway reads this answer: it must be plain
         frame.forwarding()
