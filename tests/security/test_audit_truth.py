@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import CREDENTIAL_ENV, RunningGateway, start_gateway
 from tests.security.harness import CREDENTIAL, Answer, audit_record, request, reset, wait_for
-from tests.servers import RecordingUpstream, ServerThread, raw_request
+from tests.servers import RecordingUpstream, Reply, ServerThread, raw_request
 
 LIMIT = 4096
 METADATA = b"/v1/apps/web-staging/machines/m1/metadata/role"  # no constraint: read only to be forwarded
@@ -147,3 +147,18 @@ def test_registry_upload_within_the_limit_is_audited_allow_without_a_note(token:
     assert (record["decision"], record["status"]) == ("allow", 200) and "forwarded" not in record
     (got,) = gw.upstream.received
     assert got.complete and got.body == b"layer" and got.header("content-length") == ["5"]
+
+
+def test_upstream_timeout_after_the_request_arrived_is_audited_allow_and_incomplete(token: str,
+                                                                                    gw: RunningGateway) -> None:
+    """The upstream has the whole request and may act on it; it only answered too late."""
+    gw.upstream.reply = Reply(delay_s=4.0)  # the test gateway's upstream.read_timeout_s is 3
+    body = b'{"value":"blue"}'
+    answer = answered(gw, request("POST", METADATA, token=token, body=body,
+                                  headers=[(b"Content-Type", b"application/json")]))
+    assert answer.status == 504, answer.body[:300]
+    record = audit_record(gw, answer)
+    assert (record["decision"], record["status"], record["forwarded"]) == ("allow", 504, "incomplete")
+    assert "upstream_timeout" in record["reason"]
+    (got,) = gw.upstream.received
+    assert got.complete and got.body == body
