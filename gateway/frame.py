@@ -10,7 +10,7 @@ says "denied" until the work says otherwise, and on the way out, whatever happen
   says that forwarding did not complete (status, reason, `forwarded: incomplete`) instead of
   claiming a denial;
 - any other exception is logged without detail, answered 500 and recorded as `internal_error`
-  (fail closed: nothing is forwarded after it);
+  (fail closed: nothing is forwarded after it; the answer says whether it was forwarded before);
 - the audit line is written and the request metrics observed, allowed or denied.
 """
 
@@ -94,7 +94,9 @@ class RequestFrame:
         except Exception as exc:  # fail closed on anything unforeseen, and say nothing of it
             log.exception("request %s failed: %s", self.request_id, exc.__class__.__name__)
             self._fail(500, "internal_error")
-            return await render(GatewayError("the gateway failed on this request; it was not forwarded"))
+            return await render(GatewayError(
+                "the gateway failed on this request after forwarding it; check its result upstream before retrying"
+                if self.forwarded else "the gateway failed on this request; it was not forwarded"))
         finally:
             self.close()
 
