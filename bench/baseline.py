@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvicorn
 
 from gateway.server import freeze_startup_heap, uvicorn_config
+from gateway.surfaces.machines.surface import MACHINES_HEADERS
 from gateway.upstream.client import UpstreamClient
 
 CREDENTIAL = "baseline-upstream-credential"
@@ -44,7 +45,8 @@ class PassThrough:
         if scope["type"] != "http":
             return
         request_id = uuid.uuid4().hex
-        headers = self.upstream.build_headers(scope["headers"], client_ip=(scope.get("client") or ("", 0))[0],
+        headers = self.upstream.build_headers(scope["headers"], allowed=MACHINES_HEADERS,
+                                              client_ip=(scope.get("client") or ("", 0))[0],
                                               scheme=scope.get("scheme", "http"), request_id=request_id)
         target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
         body = await _read_body(receive) if _has_body(scope) else None
@@ -85,7 +87,8 @@ class HttpxPassThrough:
         if scope["type"] != "http":
             return
         request_id = uuid.uuid4().hex
-        headers = self.helper.build_headers(scope["headers"], client_ip=(scope.get("client") or ("", 0))[0],
+        headers = self.helper.build_headers(scope["headers"], allowed=MACHINES_HEADERS,
+                                            client_ip=(scope.get("client") or ("", 0))[0],
                                             scheme=scope.get("scheme", "http"), request_id=request_id)
         target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
         body = await _read_body(receive) if _has_body(scope) else None

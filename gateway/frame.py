@@ -5,9 +5,12 @@ work inside `RequestFrame.run`, which gives the request an id and a clock, an `A
 says "denied" until the work says otherwise, and on the way out, whatever happened:
 
 - a `GatewayError` becomes the caller's rendering of it (JSON error body, GraphQL errors, RFC
-  6749 body) and the record says why it was refused;
+  6749 body) and the record says why it was refused; once the work has begun forwarding
+  (`forwarding()`), the upstream may have seen the request, so the record keeps its `allow` and
+  says that forwarding did not complete (status, reason, `forwarded: incomplete`) instead of
+  claiming a denial;
 - any other exception is logged without detail, answered 500 and recorded as `internal_error`
-  (fail closed: nothing is forwarded after it);
+  (fail closed: nothing is forwarded after it; the answer says whether it was forwarded before);
 - the audit line is written and the request metrics observed, allowed or denied.
 """
 
@@ -40,7 +43,7 @@ def refuse_tokens_in_query(raw_query: bytes) -> None:
 
 
 class RequestFrame:
-    __slots__ = ("audit", "metrics", "record", "started")
+    __slots__ = ("audit", "forwarded", "metrics", "record", "started")
 
     def __init__(self, audit: AuditLog, metrics: GatewayMetrics, *, client_ip: str, method: str, path: str,
                  action: str | None = None) -> None:
@@ -49,6 +52,7 @@ class RequestFrame:
         self.metrics = metrics
         # 128 random bits as 32 hex digits, like uuid4().hex, at a third of its cost.
         self.record = AuditRecord(os.urandom(16).hex(), client_ip, method, path, action)
+        self.forwarded = False
 
     @property
     def request_id(self) -> str:
@@ -63,6 +67,19 @@ class RequestFrame:
         record = self.record
         record.decision, record.reason, record.what = "allow", reason, None
 
+    def forwarding(self) -> None:
+        """The request is about to go upstream: from here on a failure is not a denial."""
+        self.forwarded = True
+
+    def _fail(self, status: int, reason: str) -> None:
+        record = self.record
+        if self.forwarded and record.decision == "allow":
+            record.status, record.what = status, None
+            record.reason = f"{record.reason}; forwarding did not complete: {reason}"
+            record.extra = {**(record.extra or {}), "forwarded": "incomplete"}
+        else:
+            record.deny(status, reason)
+
     async def run(self, work: Awaitable[T] | Callable[[], Awaitable[T]],
                   render: Callable[[GatewayError], Awaitable[T]]) -> T:
         """`work` (a coroutine, or what makes one), or `render(error)` when it fails; audited and
@@ -70,14 +87,16 @@ class RequestFrame:
         try:
             return await (work if inspect.isawaitable(work) else work())
         except GatewayError as error:
-            self.record.deny(error.status, error.audit_reason)
+            self._fail(error.status, error.audit_reason)
             if isinstance(error, StateUnavailable):
                 self.metrics.store_failed()
             return await render(error)
         except Exception as exc:  # fail closed on anything unforeseen, and say nothing of it
             log.exception("request %s failed: %s", self.request_id, exc.__class__.__name__)
-            self.record.deny(500, "internal_error")
-            return await render(GatewayError("the gateway failed on this request; it was not forwarded"))
+            self._fail(500, "internal_error")
+            return await render(GatewayError(
+                "the gateway failed on this request after forwarding it; check its result upstream before retrying"
+                if self.forwarded else "the gateway failed on this request; it was not forwarded"))
         finally:
             self.close()
 

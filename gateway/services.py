@@ -105,7 +105,7 @@ class Services:
                             max_blob_bytes=config.limits_max_blob_bytes),
             MachinesSurface(list(config.routes), authorizer=authorizer, upstream=upstream, audit=audit,
                             metrics=metrics, max_body_bytes=config.limits_max_body_bytes,
-                            attenuator=attenuator),  # serves the rest
+                            org_slug=config.upstream_org_slug, attenuator=attenuator),  # serves the rest
         ]
         reloader = Reloader(config, authorizer, surfaces, metrics)
         reloader.install(*load_policy(config, surfaces))  # the rules come from the policy and the route maps

@@ -96,7 +96,8 @@ class RunningGateway:
 
 def write_config(folder: Path, upstream_url: str, **sections: dict[str, Any]) -> Path:
     document: dict[str, Any] = {
-        "upstream": {"url": upstream_url, "token_env": CREDENTIAL_ENV, "read_timeout_s": 3},
+        # The organization the credential serves: a body naming another one is refused (bodies.py).
+        "upstream": {"url": upstream_url, "token_env": CREDENTIAL_ENV, "read_timeout_s": 3, "org_slug": "acme"},
         "policy": {"model": str(REPO / "policies/model.conf"), "policy": str(REPO / "policies/policy.csv")},
         "routes": [str(REPO / "policies/routes/fly-machines.yaml")],
         "tokens": {"keyring": "keyring.json"},

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from gateway.core.constraints import Constraint, ConstraintSet, image_repository
-from gateway.errors import ConfigError
+from gateway.core.constraints import Constraint, ConstraintSet, VolumeOwnership, enforce, image_repository
+from gateway.errors import ConfigError, Forbidden
 from tests.conftest import RunningGateway
 from tests.servers import Reply
 
@@ -131,3 +133,36 @@ def test_unreadable_body_is_refused_when_a_constraint_applies(gateway: RunningGa
                                headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 400
     assert gateway.upstream.received == []
+
+
+# --- fields the constraint could not see before (issue 15, class 3) ------------------------------
+
+async def _never_owned(app: str, ident: str) -> bool:
+    return False
+
+
+OWNERSHIP = VolumeOwnership(volume=_never_owned, snapshot=_never_owned)
+VOLUMES = Constraint(name="volumes", actions=("volumes:create",), images=("registry.fly.io/{app}",),
+                     max_guest=(("cpus", 2), ("memory_mb", 2048)))
+EXEC_ONLY = Constraint(name="exec", actions=("machines:exec",), commands=(("uptime",),))
+
+
+@pytest.mark.parametrize(("constraint", "document", "field"), [
+    (VOLUMES, {"name": "data", "compute_image": "docker.io/evil/miner"}, "compute_image"),
+    (VOLUMES, {"name": "data", "compute": {"cpus": 16}}, "compute.cpus"),
+    (VOLUMES, {"name": "data", "compute": {"memory_mb": 1024, "max_memory_mb": 65536}}, "compute.max_memory_mb"),
+    (VOLUMES, {"config": {"size": "performance-16x"}}, "config.size"),
+    (EXEC_ONLY, {"command": ["uptime"], "stdin": "rm -rf /data\n"}, "stdin"),
+])
+def test_fields_beside_the_judged_ones_are_judged_too(constraint: Constraint, document: dict[str, object],
+                                                      field: str) -> None:
+    with pytest.raises(Forbidden, match=re.escape(f"'{field}'")):
+        asyncio.run(enforce((constraint,), app="web", document=document, ownership=OWNERSHIP))
+
+
+@pytest.mark.parametrize(("constraint", "document"), [
+    (VOLUMES, {"name": "data", "compute_image": "registry.fly.io/web:1", "compute": {"cpus": 2, "memory_mb": 2048}}),
+    (EXEC_ONLY, {"command": ["uptime"], "stdin": ""}),
+])
+def test_judged_fields_within_bounds_pass(constraint: Constraint, document: dict[str, object]) -> None:
+    asyncio.run(enforce((constraint,), app="web", document=document, ownership=OWNERSHIP))

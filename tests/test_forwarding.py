@@ -137,7 +137,7 @@ def test_declared_body_over_the_limit_is_413_and_not_forwarded(
                                      headers=auth(token))
             assert body_route.status_code == 413
             # Exactly at the limit passes (a JSON body: constraints read machine bodies).
-            prefix = b'{"config":{},"pad":"'
+            prefix = b'{"config":{},"name":"'
             at_limit = prefix + b"x" * (1000 - len(prefix) - 2) + b'"}'
             ok = client.post("/v1/apps/web/machines", content=at_limit, headers=auth(token))
             assert ok.status_code == 200, ok.text

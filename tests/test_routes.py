@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from gateway.config import build_config
+from gateway.core.constraints import ConstraintSet
 from gateway.core.policy import PolicyEngine
 from gateway.core.rules import ProducedAction, check_cross_references
 from gateway.errors import BadRequest, ConfigError, Forbidden, UnknownRoute
@@ -104,6 +105,46 @@ def test_every_route_is_a_spec_operation(table: RouteTable) -> None:
              if spec_operations.get((r.method, r.path)) != r.operation]
     assert extra == []
     assert len(table.routes) == 76
+
+
+@functools.cache
+def load_spec_bodies() -> dict[str, frozenset[str] | None]:
+    """operationId -> the top-level fields of its JSON request body (None: it takes no body)."""
+    document = json.loads(spec_path().read_text())
+    schemas = document["components"]["schemas"]
+    bodies: dict[str, frozenset[str] | None] = {}
+    for item in document["paths"].values():
+        for method, operation in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            content = operation.get("requestBody", {}).get("content")
+            if content is None:
+                bodies[operation["operationId"]] = None
+                continue
+            schema = content["application/json"]["schema"]
+            if "$ref" in schema:
+                schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+            bodies[operation["operationId"]] = frozenset(schema.get("properties", {}))
+    return bodies
+
+
+def test_routes_take_a_body_exactly_where_the_spec_gives_one(table: RouteTable) -> None:
+    """A body sent to a route that takes none is refused (issue 15, class 3): `body: none` must
+    be where the spec has no request body, and nowhere else."""
+    bodies = load_spec_bodies()
+    wrong = [f"{r.method} {r.path} ({r.operation}): route says {'a' if r.takes_body else 'no'} body"
+             for r in table.routes if r.takes_body != (bodies[r.operation] is not None)]
+    assert wrong == []
+
+
+def test_declared_body_fields_are_the_spec_request_schemas(table: RouteTable) -> None:
+    """Where a constraint judges a body, fields outside `fields` are refused: they must be the spec's."""
+    bodies = load_spec_bodies()
+    declared = {r.operation: r.fields for r in table.routes if r.fields is not None}
+    assert {op: bodies[op] for op in declared} == declared
+    # every operation whose action carries a shipped constraint declares its fields
+    constrained = ConstraintSet.load(REPO / "policies/constraints.yaml").actions()
+    assert {r.operation for r in table.routes if r.action in constrained and r.takes_body} <= set(declared)
 
 
 def test_every_routed_action_is_granted_to_some_role_except_the_org_listings(table: RouteTable) -> None:

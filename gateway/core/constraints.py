@@ -4,16 +4,19 @@ A decision says a role may perform an action on an app; a constraint narrows how
 are declared in `policy.constraints` (YAML), each applying to actions, roles and environments
 (globs), and checked on the JSON body before forwarding:
 
-- `images`: `config.image` and `config.containers[].image` must be one of these repositories
-  (globs; `{app}` is the app of the request), e.g. `registry.fly.io/{app}`;
+- `images`: `config.image`, `config.containers[].image` (and a volume's `compute_image`) must be
+  one of these repositories (globs; `{app}` is the app of the request), e.g. `registry.fly.io/{app}`;
 - `regions`: the machine's `region` must be one of these;
-- `max_guest`: upper bounds for `config.guest.cpus`, `memory_mb` and `gpus`;
-- `commands`: `exec` may only run these argument lists (each element a glob);
+- `max_guest`: upper bounds for `config.guest.cpus`, `memory_mb` (and `max_memory_mb`) and `gpus`,
+  and a volume's `compute` alike; a `config.size` preset is refused;
+- `commands`: `exec` may only run these argument lists (each element a glob), without `stdin`;
 - `same_app_volumes`: `config.mounts[].volume`, `source_volume_id` and `snapshot_id` must
   belong to the app, which is asked of the upstream itself.
 
-A violation is 403 naming the field. A body the constraint cannot read (not JSON, wrong shape)
-is refused too: a constraint that cannot be checked does not pass.
+A violation is 403 naming the field. A body the constraint cannot read (not JSON, wrong shape,
+both `cmd` and `command`, a size preset where sizes are bounded) is refused too: a constraint that
+cannot be checked does not pass. The surface reads the body (core/jsonbody.py) and refuses fields
+its route's schema does not list before the constraints see it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Any
 
 import yaml
 
-from gateway.core.jsonbody import load_strict
 from gateway.errors import BadRequest, ConfigError, Forbidden
 
 # (app, volume id) -> does the volume belong to the app? / (app, snapshot id) -> same for snapshots.
@@ -145,13 +147,13 @@ def _parse(item: Any, where: str) -> Constraint:
     return constraint
 
 
-async def enforce(constraints: tuple[Constraint, ...], *, app: str, body: bytes | None,
+async def enforce(constraints: tuple[Constraint, ...], *, app: str, document: Any,
                   ownership: VolumeOwnership) -> None:
-    """Raises Forbidden naming the field that breaks a constraint."""
+    """Raises Forbidden naming the field that breaks a constraint. `document` is the body as
+    `jsonbody.load_strict` read it: keys case folded and unique, so `Image` cannot hide an image
+    (the surface has also refused fields of the body the constraints do not know)."""
     if not constraints:
         return
-    # Keys come back case folded and unique (see jsonbody.py), so `Image` cannot hide an image.
-    document = load_strict(body or b"{}", "the request body (a constraint applies to it)")
     if not isinstance(document, dict):
         raise BadRequest("the request body must be a JSON object: a constraint applies to it")
     config = document.get("config") or {}
@@ -159,14 +161,14 @@ async def enforce(constraints: tuple[Constraint, ...], *, app: str, body: bytes 
         raise BadRequest("field 'config' must be an object")
     for constraint in constraints:
         if constraint.images is not None:
-            _check_images(constraint, config, app)
+            _check_images(constraint, document, config, app)
         if constraint.regions is not None and "region" in document:
             region = document["region"]
             if not isinstance(region, str) or region not in constraint.regions:
                 raise Forbidden(f"field 'region' ({region!r}) is not allowed here by constraint '{constraint.name}'; "
                                 f"allowed: {', '.join(constraint.regions)}")
         if constraint.max_guest:
-            _check_guest(constraint, config)
+            _check_guest(constraint, document, config)
         if constraint.commands is not None:
             _check_command(constraint, document)
         if constraint.same_app_volumes:
@@ -181,17 +183,21 @@ def image_repository(image: str) -> str:
     return name[:colon] if colon > slash else name
 
 
-def _check_images(constraint: Constraint, config: dict[str, Any], app: str) -> None:
+def _check_images(constraint: Constraint, document: dict[str, Any], config: dict[str, Any], app: str) -> None:
     assert constraint.images is not None
     allowed = [pattern.replace("{app}", app) for pattern in constraint.images]
     fields: list[tuple[str, Any]] = []
     if "image" in config:
         fields.append(("config.image", config["image"]))
+    if document.get("compute_image") is not None:  # a volume's compute (Volumes_create)
+        fields.append(("compute_image", document["compute_image"]))
     containers = config.get("containers") or []
     if not isinstance(containers, list):
         raise BadRequest("field 'config.containers' must be a list")
     for index, container in enumerate(containers):
-        if isinstance(container, dict) and "image" in container:
+        if not isinstance(container, dict):
+            raise BadRequest(f"field 'config.containers[{index}]' must be an object")
+        if "image" in container:
             fields.append((f"config.containers[{index}].image", container["image"]))
     for field_name, image in fields:
         if not isinstance(image, str) or not any(fnmatchcase(image_repository(image), p) for p in allowed):
@@ -199,21 +205,40 @@ def _check_images(constraint: Constraint, config: dict[str, Any], app: str) -> N
                             f"'{constraint.name}'; allowed: {', '.join(allowed)}")
 
 
-def _check_guest(constraint: Constraint, config: dict[str, Any]) -> None:
-    guest = config.get("guest") or {}
-    if not isinstance(guest, dict):
-        raise BadRequest("field 'config.guest' must be an object")
-    for key, limit in constraint.max_guest:
-        value = guest.get(key)
-        if value is None:
+# Guest fields bounded by a max_guest key besides the key itself: memory may balloon up to max_memory_mb.
+_ALSO_BOUNDED = {"memory_mb": ("max_memory_mb",)}
+
+
+def _check_guest(constraint: Constraint, document: dict[str, Any], config: dict[str, Any]) -> None:
+    if config.get("size") not in (None, ""):
+        # A size preset (`performance-16x`) sets the guest upstream, out of the constraint's sight.
+        raise Forbidden(f"field 'config.size' ({config['size']!r}) names a machine size preset that constraint "
+                        f"'{constraint.name}' cannot judge; give the size in config.guest instead")
+    # A machine's guest, or a volume's compute (Volumes_create): the same shape, the same bounds.
+    for where, guest in (("config.guest", config.get("guest")), ("compute", document.get("compute"))):
+        if guest is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value > limit:
-            raise Forbidden(f"field 'config.guest.{key}' ({value!r}) is over the maximum {limit} of constraint "
-                            f"'{constraint.name}'")
+        if not isinstance(guest, dict):
+            raise BadRequest(f"field '{where}' must be an object")
+        for key, limit in constraint.max_guest:
+            for field_name in (key, *_ALSO_BOUNDED.get(key, ())):
+                value = guest.get(field_name)
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value > limit:
+                    raise Forbidden(f"field '{where}.{field_name}' ({value!r}) is over the maximum {limit} of "
+                                    f"constraint '{constraint.name}'")
 
 
 def _check_command(constraint: Constraint, document: dict[str, Any]) -> None:
     assert constraint.commands is not None
+    if document.get("command") is not None and document.get("cmd") is not None:
+        raise BadRequest("exec gives both 'command' and 'cmd'; the upstream runs only one of them, so send "
+                         "'command' alone")
+    if document.get("stdin") not in (None, ""):
+        # Input changes what an allowed command does (a shell or a client reading from stdin).
+        raise Forbidden(f"field 'stdin' cannot be judged by constraint '{constraint.name}', which allows commands, "
+                        "not their input; send the command without stdin")
     if "command" in document:
         argv, field_name = document["command"], "command"
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
@@ -242,7 +267,9 @@ async def _check_volumes(constraint: Constraint, document: dict[str, Any], confi
     if not isinstance(mounts, list):
         raise BadRequest("field 'config.mounts' must be a list")
     for index, mount in enumerate(mounts):
-        if isinstance(mount, dict) and mount.get("volume") is not None:
+        if not isinstance(mount, dict):
+            raise BadRequest(f"field 'config.mounts[{index}]' must be an object")
+        if mount.get("volume") is not None:
             volumes.append((f"config.mounts[{index}].volume", mount["volume"]))
     if document.get("source_volume_id") is not None:
         volumes.append(("source_volume_id", document["source_volume_id"]))

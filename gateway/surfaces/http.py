@@ -17,6 +17,16 @@ log = logging.getLogger("scopegate")
 Scope = dict[str, Any]
 BODY_IDLE_TIMEOUT_S = 5.0
 
+# Request headers forwarded upstream, by allow-list (DESIGN section 6, SECURITY.md): each surface
+# passes its own set to `UpstreamClient.build_headers`; everything else the client sends (its
+# address, a region or instance to route to, a URL to re-target, cookies) stops at the gateway.
+# Content negotiation and tracing, what every client sends (answers are relayed as they come, so
+# Accept-Encoding is the client's to choose; where the gateway reads an answer it drops it).
+CLIENT_HEADERS = frozenset({b"accept", b"accept-encoding", b"accept-language", b"content-type", b"user-agent",
+                            b"traceparent", b"tracestate"})
+# flyctl's own (tests/contract/flyctl_calls.md): it says whether it runs in CI or a terminal.
+FLYCTL_HEADERS = CLIENT_HEADERS | {b"fly-client-ci", b"fly-client-interactive", b"fly-client-parent"}
+
 
 def request_target(scope: Scope) -> tuple[bytes, bytes, bool]:
     """(raw path, raw query, whether the target had a '?') as received. The request line's own

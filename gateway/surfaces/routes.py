@@ -53,6 +53,8 @@ class Route:
     remember: str | None = None  # the answer's `<remember>.id` belongs to the request's app
     reason: str = ""
     source: str = ""
+    takes_body: bool = False  # the operation has a request body (JSON)
+    fields: frozenset[str] | None = None  # its request schema's top-level fields, where declared
 
     @property
     def needs_body(self) -> bool:
@@ -159,7 +161,7 @@ def _app_from_body(route: Route, body: bytes | None) -> str:
     fields = " or ".join(repr(f) for f in route.app_fields)
     if not body:
         raise BadRequest(f"{route.method} {route.path} needs a JSON body with the app name in {fields}")
-    document = load_strict(body)
+    document = load_strict(body, f"the body of {route.method} {route.path}")
     if not isinstance(document, dict):
         raise BadRequest(f"{route.method} {route.path} needs a JSON object body with {fields}")
     # Keys come back case folded: `Name` and `NAME` are `name` to the upstream too.
@@ -190,7 +192,8 @@ def _load_file(file: Path) -> list[Route]:
 
 
 _ROUTE_KEYS = {"operation", "method", "path", "action", "app", "refine", "deny", "answer", "filter", "remember",
-               "reason"}
+               "reason", "body", "fields"}
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def _route_from(item: Any, where: str) -> Route:
@@ -218,6 +221,8 @@ def _route_from(item: Any, where: str) -> Route:
             segments.append(part)
             params.append(None)
     kind, _, spec = item["app"].partition(":")
+    if kind == "body" and method not in _BODY_METHODS:
+        raise ConfigError(f"{where}: a {method} request has no body to name the app in")
     app_fields: tuple[str, ...] = ()
     if kind in ("path", "org", "lookup") and spec in params:
         app_fields = (spec,)
@@ -246,6 +251,13 @@ def _route_from(item: Any, where: str) -> Route:
     filter_ = item.get("filter")
     if filter_ not in (None, "apps") or (filter_ == "apps" and kind != "none"):
         raise ConfigError(f"{where}: filter must be `apps`, on an org-level route (app: none)")
+    body = item.get("body", "json" if method in _BODY_METHODS else "none")
+    if body not in ("json", "none") or (body == "json" and method not in _BODY_METHODS):
+        raise ConfigError(f"{where}: body must be `json` or `none` (only POST, PUT and PATCH take a body)")
+    fields = item.get("fields")
+    if fields is not None and (body != "json" or not isinstance(fields, list)
+                               or not all(isinstance(f, str) and f for f in fields)):
+        raise ConfigError(f"{where}: fields lists the request body's top-level field names, on a route with a body")
     return Route(
         operation=item["operation"], method=method, path=path, action=item["action"],
         app_source=_app_source(kind),
@@ -253,6 +265,7 @@ def _route_from(item: Any, where: str) -> Route:
         deny_always=deny == "always", answer_gateway=answer == "gateway", filter_apps=filter_ == "apps",
         remember=remember,
         reason=str(item.get("reason", "")), source=where,
+        takes_body=body == "json", fields=None if fields is None else frozenset(fields),
     )
 
 

@@ -4,8 +4,10 @@ aiohttp's client is used on this path because it measured several times faster t
 here (DESIGN section 1). The target is passed with `encoded=True` so that yarl neither
 re-encodes nor normalizes it: the bytes forwarded are the bytes authorized. Redirects are never
 followed and responses are not decompressed (they are relayed as they came). Request headers
-are rebuilt: the client's credentials, hop-by-hop headers and any forwarding headers it sent are
-dropped; the upstream credential and the gateway's own X-Forwarded-* / X-Request-Id are set.
+are rebuilt from an allow-list the surface passes (`build_headers(allowed=...)`): only the
+headers a real client of that API needs reach the upstream, so nothing a client invents (an
+address, a region or instance to route to, a re-targeting URL, a credential) gets there; the
+upstream credential and the gateway's own X-Forwarded-* / X-Request-Id are set.
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-authenticate",
 })
-# Never relayed from the client: credentials, and what the gateway itself asserts about the
-# request. X-Original-URL / X-Rewrite-URL would let a client re-target some upstreams.
-DROP_REQUEST = HOP_BY_HOP | frozenset({
-    b"authorization", b"proxy-authorization", b"host", b"forwarded", b"x-forwarded-for", b"x-forwarded-proto",
-    b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"x-request-id", b"x-original-url",
-    b"x-rewrite-url", b"x-http-method-override", b"x-method-override", b"x-http-method",
+# What the gateway itself says about a request: never taken from the client, whatever a surface's
+# allow-list holds (a guard against a list that names one of them by mistake).
+GATEWAY_SET = HOP_BY_HOP | frozenset({
+    b"authorization", b"proxy-authorization", b"host", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-forwarded-host", b"x-request-id", b"content-length",
 })
 DROP_RESPONSE = HOP_BY_HOP
 
@@ -86,8 +87,13 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    def build_headers(self, client_headers: list[tuple[bytes, bytes]], *, client_ip: str, scheme: str,
-                      request_id: str) -> CIMultiDict[str]:
+    def build_headers(self, client_headers: list[tuple[bytes, bytes]], *, allowed: frozenset[bytes], client_ip: str,
+                      scheme: str, request_id: str) -> CIMultiDict[str]:
+        """The upstream request's headers: the client's headers named in `allowed` (lower-case names,
+        the surface's allow-list) and not nominated hop-by-hop by its Connection header, then the
+        credential and what the gateway asserts. Content-Length is never copied: the client sends
+        the body's framing, aiohttp writes the forwarded body's (from the bytes, or the surface sets
+        it for a stream it passes through)."""
         named_by_connection: set[bytes] = set()
         host = ""
         for name, value in client_headers:
@@ -97,9 +103,8 @@ class UpstreamClient:
                 host = value.decode("latin-1")
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in client_headers:
-            if name in DROP_REQUEST or name in named_by_connection or name.startswith(b"x-forwarded-"):
-                continue
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+            if name in allowed and name not in GATEWAY_SET and name not in named_by_connection:
+                headers.add(name.decode("latin-1"), value.decode("latin-1"))
         headers["Authorization"] = self._authorization
         headers["X-Forwarded-For"] = client_ip
         headers["X-Forwarded-Proto"] = scheme

@@ -264,7 +264,8 @@ def prism(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Ite
 def prism_gateway(prism: Prism, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-        gateway = Gateway.start(tmp_path_factory.mktemp("gateway-prism"), prism.url)
+        gateway = Gateway.start(tmp_path_factory.mktemp("gateway-prism"), prism.url,
+                                upstream={"org_slug": "personal"})  # the org the spec's examples name
         yield gateway
         gateway.stop()
 

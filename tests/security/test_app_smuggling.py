@@ -31,7 +31,7 @@ from tests.servers import Reply
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    with running_gateway(tmp_path_factory.mktemp("sec-smuggling")) as gateway:
+    with running_gateway(tmp_path_factory.mktemp("sec-smuggling"), upstream={"org_slug": "acme"}) as gateway:
         yield gateway
 
 
@@ -73,11 +73,15 @@ CASES: list[Case] = [
      b"app_name=web-staging", b'{"name":"web-prod"}', 403, "forbidden"),
     # the body names another app on an app-scoped path
     ("machine create body naming web-prod", "deployer", "POST", b"/v1/apps/web-staging/machines", b"",
-     machine(app_name="web-prod", name="web-prod"), 200, None),
+     machine(name="web-prod"), 200, None),
+    ("machine create body with app_name, a field the constrained schema lacks", "deployer", "POST",
+     b"/v1/apps/web-staging/machines", b"", machine(app_name="web-prod"), 400, "bad_request"),
     ("machine create on web-prod with a body naming web-staging", "deployer", "POST", b"/v1/apps/web-prod/machines",
      b"", machine(app_name="web-staging"), 403, "forbidden"),
-    ("ip allocation body naming another org and app", "deployer", "POST", b"/v1/apps/web-staging/ip_assignments",
-     b"", b'{"type":"v6","org_slug":"other-org","app_name":"web-prod"}', 200, None),
+    ("ip allocation body naming another app", "deployer", "POST", b"/v1/apps/web-staging/ip_assignments",
+     b"", b'{"type":"v6","org_slug":"acme","app_name":"web-prod"}', 200, None),
+    ("ip allocation body naming another org", "deployer", "POST", b"/v1/apps/web-staging/ip_assignments",
+     b"", b'{"type":"v6","org_slug":"other-org"}', 403, "forbidden"),
     # POST /v1/apps: the app is in the body
     ("create: name is covered", "deployer", "POST", b"/v1/apps", b"", b'{"name":"web-staging","org_slug":"acme"}',
      200, None),
@@ -120,8 +124,10 @@ CASES: list[Case] = [
      403, "forbidden"),
     ("org volumes, org-wide admin", "org-admin", "GET", b"/v1/orgs/acme/volumes", b"", None, 403, "forbidden"),
     ("org machines, app-scoped token", "viewer", "GET", b"/v1/orgs/acme/machines", b"", None, 403, "forbidden"),
-    ("placements naming another org (a harmless platform read)", "viewer", "POST", b"/v1/platform/placements", b"",
-     b'{"org_slug":"other-org","region":"ams"}', 200, None),
+    ("placements in the gateway's org", "viewer", "POST", b"/v1/platform/placements", b"",
+     b'{"org_slug":"acme","region":"ams"}', 200, None),
+    ("placements naming another org (every org_slug must be the gateway's)", "viewer", "POST",
+     b"/v1/platform/placements", b"", b'{"org_slug":"other-org","region":"ams"}', 403, "forbidden"),
     ("deploy token for the covered app (always denied)", "org-admin", "POST", b"/v1/apps/web-staging/deploy_token",
      b"", b"{}", 403, "forbidden"),
     ("upstream token verification oracle (always denied)", "org-admin", "POST", b"/v1/tokens/authenticate", b"",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from gateway.core.audit import AuditLog
 from gateway.core.authorizer import Authorizer, Check
 from gateway.core.constraints import image_repository
 from gateway.core.grants import APP_NAME
+from gateway.core.jsonbody import load_strict
 from gateway.errors import BadRequest, Forbidden, GatewayError, error_body
 from gateway.frame import RequestFrame
 from gateway.metrics import GatewayMetrics
@@ -35,6 +35,7 @@ from gateway.surfaces.graphql.documents import Document, DocumentAnalyzer, RootU
 from gateway.surfaces.graphql.operations import OperationMap
 from gateway.surfaces.graphql.resolution import DecisionKey, Resolution
 from gateway.surfaces.http import (
+    FLYCTL_HEADERS,
     RequestHeaders,
     Scope,
     client_ip,
@@ -58,7 +59,8 @@ RESOLVED_MAX_CHECKS = 16
 RESOLVED_MAX_BODY = 16 * 1024
 ANSWER_LIMIT = 8 * 1024 * 1024  # an answer the gateway filters (organizations) is read whole
 _REQUEST_KEYS = frozenset({"query", "variables", "operationName"})
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Request headers forwarded to the GraphQL API (SECURITY.md): flyctl's.
+GRAPHQL_HEADERS = FLYCTL_HEADERS
 # fly-go knows UNAUTHORIZED (flyctl then suggests logging in again); the rest are the gateway's codes.
 _CODES = {"forbidden": "FORBIDDEN", "unknown_route": "FORBIDDEN", "unauthenticated": "UNAUTHORIZED",
           "bad_request": "BAD_REQUEST"}
@@ -259,11 +261,15 @@ class GraphQLSurface:
 
     async def forward(self, scope: Scope, send: Any, frame: RequestFrame, body: bytes, resolution: Resolution) -> int:
         filtered = resolution.filtered
-        headers = self.upstream.build_headers(scope["headers"], client_ip=frame.record.client_ip,
-                                              scheme=scope.get("scheme", "http"), request_id=frame.request_id)
+        headers = self.upstream.build_headers(scope["headers"], allowed=GRAPHQL_HEADERS,
+                                              client_ip=frame.record.client_ip, scheme=scope.get("scheme", "http"),
+                                              request_id=frame.request_id)
         headers["Content-Type"] = "application/json"  # the type the gateway read the body as, whatever was sent
+        if filtered:
+            headers.popall("Accept-Encoding", None)  # the gateway reads this answer: it must be plain
         if self.attenuator is not None:
             headers["Authorization"] = self.attenuator.graphql_authorization(resolution.only_mutations)
+        frame.forwarding()
         response = await self.upstream.send("POST", b"", headers, body)
         try:
             if filtered and 200 <= response.status < 300:
@@ -308,17 +314,9 @@ class GraphQLSurface:
 
 def parse_requests(body: bytes) -> list[tuple[str, dict[str, Any]]]:
     """(document, variables) of each request in the body: one JSON object, or a batch (an array)."""
-    try:
-        text = body.decode("utf-8")  # strict: no surrogates smuggled in as bytes
-        parsed = _DECODER.decode(text)
-        if _SURROGATE_ESCAPE.search(text):
-            # A lone surrogate escape (\ud800) would be read differently by other JSON parsers.
-            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
-    except RecursionError:
-        raise BadRequest("the GraphQL request nests JSON too deeply") from None
-    except (ValueError, UnicodeError) as exc:
-        raise BadRequest(f"the GraphQL request is not valid JSON ({exc}); send "
-                         '{"query": "...", "variables": {...}}') from None
+    # Strict JSON with exact keys (core/jsonbody.py): UTF-8, no duplicate keys, no NaN, no lone
+    # surrogate, bounded nesting; what it refuses, it names.
+    parsed = load_strict(body, "the GraphQL request", fold=False)
     batch = parsed if isinstance(parsed, list) else [parsed]
     if not batch or len(batch) > MAX_BATCH:
         raise BadRequest(f"a GraphQL batch holds 1 to {MAX_BATCH} requests")
@@ -359,17 +357,6 @@ def _plain_scalars(definitions: tuple[VariableDefinitionNode, ...], variables: d
         if value is not None and not isinstance(value, expected):
             return False
     return True
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document = dict(pairs)
-    if len(document) != len(pairs):  # rare: find which key, for the message
-        keys = [key for key, _ in pairs]
-        raise ValueError(f"the key {next(key for key in keys if keys.count(key) > 1)!r} appears twice")
-    return document
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)  # one decoder, not one per request
 
 
 def graphql_error_body(error: GatewayError, request_id: str) -> dict[str, Any]:

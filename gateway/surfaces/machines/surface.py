@@ -2,7 +2,9 @@
 
 `MachinesSurface.handle` is the request path of DESIGN section 2 for `/v1/...`, top to bottom.
 Fail closed: any exception before the upstream call becomes an error response and nothing is
-forwarded; the request frame (gateway/frame.py) writes the audit record, allowed or denied.
+forwarded; the request frame (gateway/frame.py) writes the audit record, allowed or denied. A
+body is read whole and judged (bodies.py) before the upstream call, and the upstream gets only
+the client headers on `forwarded_headers`.
 
 A request line that repeats (same method and target) skips the parsing it already passed
 (request_lines.py), and a token that repeats it gets the decision it got the first time
@@ -24,7 +26,7 @@ from gateway.frame import RequestFrame, refuse_tokens_in_query
 from gateway.metrics import GatewayMetrics
 from gateway.surfaces import SurfaceLoad
 from gateway.surfaces.http import (
-    BodyStream,
+    FLYCTL_HEADERS,
     RequestHeaders,
     Scope,
     client_ip,
@@ -36,6 +38,7 @@ from gateway.surfaces.http import (
     send_error,
     send_json,
 )
+from gateway.surfaces.machines.bodies import check_placement, read_document, refuse_unexpected_body
 from gateway.surfaces.machines.listing import LISTING_LIMIT, filter_app_listing
 from gateway.surfaces.machines.ownership import volume_ownership
 from gateway.surfaces.machines.request_lines import RequestLine, RequestLineCache
@@ -44,15 +47,20 @@ from gateway.surfaces.routes import RouteTable, resolve_request
 from gateway.upstream.attenuation import Attenuator
 from gateway.upstream.client import UpstreamClient, ms_since
 
+# Request headers forwarded to the Machines API (SECURITY.md): flyctl's, and the lease nonce.
+MACHINES_HEADERS = FLYCTL_HEADERS | {b"fly-machine-lease-nonce"}
+
 
 class MachinesSurface:
     name = "machines"
     prefixes: tuple[str, ...] = ("",)
+    forwarded_headers: frozenset[bytes] = MACHINES_HEADERS
 
     def __init__(self, route_files: list[Path], *, authorizer: Authorizer, upstream: UpstreamClient,
-                 audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int,
+                 audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int, org_slug: str | None,
                  attenuator: Attenuator | None = None) -> None:
         self.route_files = route_files
+        self.org_slug = org_slug
         self.attenuator = attenuator  # upstream.attenuate: apps
         self.authorizer = authorizer
         self.upstream = upstream
@@ -107,15 +115,18 @@ class MachinesSurface:
         check = line.check
         record.action, record.app, record.env = check.action, check.app, check.env
         headers.check_declared_length(self.max_body_bytes)
-        if line.resolved.route.answer_gateway:
+        route = line.resolved.route
+        refuse_unexpected_body(route, headers.has_body)
+        if route.answer_gateway:
             # About the caller's own token, which it already holds: no grant needed, nothing forwarded.
             record.decision, record.status = "allow", 200
             record.reason = "answered by the gateway about the caller's token"
             await send_json(send, 200, describe_token(claims), frame.request_id)
             return
-        # 4. decide: grants ∩ policy, then the constraints on the body; a repeated request line
+        # 4. decide: grants ∩ policy, then the body and its constraints; a repeated request line
         # gets the decision this token got for it before.
         cached = authorizer.cached(claims, line)
+        ruling = None
         if cached is not None:
             frame.allow(cached.decision.reason)
             record.who, record.what = cached.who, cached.what
@@ -123,13 +134,18 @@ class MachinesSurface:
             ruling = authorizer.decide(claims, [check])
             if not ruling.allowed:
                 raise Forbidden(ruling.decision.reason)
-            body, constrained = await self.enforce_constraints(ruling, line, body, receive, frame.request_id)
+        # The body is read whole (never streamed): the upstream sees nothing until all of it arrived
+        # and was judged, so a body that stalls or breaks the limit is refused with nothing forwarded.
+        if body is None and headers.has_body:
+            body = await read_body(receive, self.max_body_bytes)
+        constrained = await self.judge_body(ruling, line, body, frame.request_id)
+        if ruling is not None:
             frame.allow(ruling.decision.reason)
             if line.cacheable and not constrained:
                 authorizer.remember(claims, line, ruling, record)
         # 5. rate-limit, 6. forward (7. audit: the frame, whatever happened).
         await authorizer.rate_limit(claims)
-        record.status = await self.forward(scope, receive, send, frame, target, line, claims, body, headers.has_body)
+        record.status = await self.forward(scope, send, frame, target, line, claims, body)
 
     async def authenticate(self, headers: RequestHeaders, target: Target) -> Claims:
         refuse_tokens_in_query(target.raw_query)
@@ -146,36 +162,29 @@ class MachinesSurface:
         self.lines.put(routes, self.authorizer.environments, line)
         return line, body
 
-    async def enforce_constraints(self, ruling: Ruling, line: RequestLine, body: bytes | None, receive: Any,
-                                  request_id: str) -> tuple[bytes | None, bool]:
-        """(the body, read if a constraint needed it; whether any constraint applied)."""
-        constraints = self.authorizer.constraints(ruling, line.check)
+    async def judge_body(self, ruling: Ruling | None, line: RequestLine, body: bytes | None,
+                         request_id: str) -> bool:
+        """Checks the body (bodies.py: strict JSON, its placement, and where constraints apply only
+        fields they can judge, then the constraints); says whether any constraint applied. A cached
+        decision (`ruling` None) had none."""
+        constraints = self.authorizer.constraints(ruling, line.check) if ruling is not None else ()
+        document = read_document(line.resolved.route, body, judged=bool(constraints)) if body else None
+        check_placement(document, self.org_slug)
         if not constraints:
-            return body, False
-        if body is None:
-            body = await read_body(receive, self.max_body_bytes)
+            return False
         assert line.check.app is not None  # constraints apply to app-level checks only
-        await enforce(constraints, app=line.check.app, body=body,
+        await enforce(constraints, app=line.check.app, document={} if document is None else document,
                       ownership=volume_ownership(self.upstream, request_id))
-        return body, True
+        return True
 
-    async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
-                      line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
+    async def forward(self, scope: Scope, send: Any, frame: RequestFrame, target: Target, line: RequestLine,
+                      claims: Claims, body: bytes | None) -> int:
         record = frame.record
         headers = await self.outgoing_headers(scope, frame, body, line)
-        payload: Any = body
-        stream = None
-        if body is None and has_body:
-            stream = BodyStream(receive, self.max_body_bytes)
-            payload = stream.chunks()
-        try:
-            response = await self.upstream.send(scope["method"], target.forward_target, headers, payload)
-        except GatewayError:
-            # The client's body broke the limit or the connection mid-stream; the upstream got a
-            # truncated request it will not act on. Say what happened on the client's side.
-            if stream is not None and stream.error is not None:
-                raise stream.error from None
-            raise
+        if line.resolved.route.filter_apps:
+            headers.popall("Accept-Encoding", None)  # the gateway reads this answer: it must be plain
+        frame.forwarding()
+        response = await self.upstream.send(scope["method"], target.forward_target, headers, body)
         try:
             if line.resolved.route.filter_apps and 200 <= response.status < 300:
                 listing = await response.read_all(LISTING_LIMIT)
@@ -201,10 +210,15 @@ class MachinesSurface:
         return headers
 
     def upstream_headers(self, scope: Scope, frame: RequestFrame, body: bytes | None) -> Any:
-        """The headers the upstream gets: the client's, less credentials and hop-by-hop ones, plus
-        the upstream credential and the gateway's own forwarding headers."""
-        return self.upstream.build_headers(scope["headers"], client_ip=frame.record.client_ip,
-                                           scheme=scope.get("scheme", "http"), request_id=frame.request_id)
+        """The headers the upstream gets: the client's that this surface forwards (`forwarded_headers`),
+        the upstream credential and the gateway's own forwarding headers; a body, which the gateway
+        read as JSON, goes as JSON (aiohttp writes its Content-Length from the bytes)."""
+        headers = self.upstream.build_headers(scope["headers"], allowed=self.forwarded_headers,
+                                              client_ip=frame.record.client_ip, scheme=scope.get("scheme", "http"),
+                                              request_id=frame.request_id)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
 
 
 def describe_token(claims: Claims) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.store import TokenStore
 from gateway.surfaces import SurfaceLoad
 from gateway.surfaces.http import (
+    CLIENT_HEADERS,
     BodyStream,
     RequestHeaders,
     Scope,
@@ -49,6 +50,9 @@ from gateway.surfaces.registry.requests import ACTIONS, PULL, RegistryRefusal, R
 from gateway.upstream.client import UpstreamClient, ms_since
 
 REALM = 'Basic realm="scopegate"'
+# Request headers forwarded to the registry (SECURITY.md): what docker, crane and skopeo send for
+# content negotiation, ranged blob reads and chunked uploads.
+REGISTRY_HEADERS = CLIENT_HEADERS | {b"range", b"if-range", b"content-range", b"if-none-match", b"if-match"}
 API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
 UPLOAD_TTL_S = 7 * 86400  # the registry purges abandoned uploads after a week
 _REGISTRY_CODES = {"unauthenticated": "UNAUTHORIZED", "forbidden": "DENIED", "unknown_route": "NAME_UNKNOWN",
@@ -131,7 +135,7 @@ class RegistrySurface:
         frame.allow(ruling.decision.reason)
         # 5. rate-limit, 6. forward (7. audit: the frame).
         await self.authorizer.rate_limit(claims)
-        record.status = await self.forward(scope, receive, send, frame, request, limit)
+        record.status = await self.forward(scope, receive, send, frame, request, limit, headers.lengths)
 
     def checks(self, request: RegistryRequest) -> list[Check]:
         assert request.action is not None and request.repo is not None
@@ -170,9 +174,9 @@ class RegistrySurface:
             raise denied(f"this upload was opened for another repository, not {request.repo}")
 
     async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, request: RegistryRequest,
-                      limit: int | None) -> int:
+                      limit: int | None, declared: list[bytes]) -> int:
         record = frame.record
-        headers = self.upstream.build_headers(scope["headers"], client_ip=record.client_ip,
+        headers = self.upstream.build_headers(scope["headers"], allowed=REGISTRY_HEADERS, client_ip=record.client_ip,
                                               scheme=scope.get("scheme", "http"), request_id=frame.request_id)
         # The registry builds upload Locations from X-Forwarded-Host: a client-chosen host would make
         # it name another host after it has acted. Locations are rewritten to the gateway anyway.
@@ -183,6 +187,12 @@ class RegistrySurface:
         if has_query:
             target += b"?" + query
         stream = None if limit is None else BodyStream(receive, limit)
+        if stream is not None and len(declared) == 1:
+            # The body passes through as the client frames it: exactly these bytes, or the upload is cut.
+            headers["Content-Length"] = declared[0].decode("ascii")
+        # Layers are streamed, so a body that stalls or breaks the limit from here on has partly
+        # reached the registry: the audit record says so (frame.py), it does not claim a denial.
+        frame.forwarding()
         try:  # the body goes upstream as it arrives, chunk by chunk: a layer is never held whole
             response = await self.upstream.send(scope["method"], target, headers,
                                                 None if stream is None else stream.chunks())

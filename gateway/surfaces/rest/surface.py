@@ -20,12 +20,13 @@ from typing import Any
 
 from gateway.core.audit import AuditLog
 from gateway.core.authorizer import Authorizer
+from gateway.core.jsonbody import load_strict
 from gateway.core.tokens import Claims
 from gateway.errors import BadRequest, Forbidden
 from gateway.frame import RequestFrame
 from gateway.metrics import GatewayMetrics
 from gateway.store import TokenStore
-from gateway.surfaces.http import Scope, is_json, keep_headers, read_body
+from gateway.surfaces.http import FLYCTL_HEADERS, Scope, is_json, keep_headers, read_body
 from gateway.surfaces.machines.request_lines import RequestLine
 from gateway.surfaces.machines.surface import MachinesSurface
 from gateway.surfaces.paths import Target
@@ -37,17 +38,21 @@ ANSWER_LIMIT = 4 * 1024 * 1024
 PREFIX = "/api/v1/"
 
 
+# Request headers forwarded to the REST API (SECURITY.md): flyctl's.
+REST_HEADERS = FLYCTL_HEADERS
+
+
 class RestSurface(MachinesSurface):
     name = "rest"
     prefixes: tuple[str, ...] = (PREFIX,)
+    forwarded_headers: frozenset[bytes] = REST_HEADERS
 
     def __init__(self, route_files: list[Path], *, authorizer: Authorizer, upstream: UpstreamClient,
                  audit: AuditLog, metrics: GatewayMetrics, max_body_bytes: int, store: TokenStore,
                  org_slug: str | None, attenuator: Attenuator | None = None) -> None:
         super().__init__(route_files, authorizer=authorizer, upstream=upstream, audit=audit, metrics=metrics,
-                         max_body_bytes=max_body_bytes, attenuator=attenuator)
+                         max_body_bytes=max_body_bytes, org_slug=org_slug, attenuator=attenuator)
         self.store = store
-        self.org_slug = org_slug
 
     def serves(self, path: str) -> bool:
         return path.startswith(PREFIX)
@@ -88,20 +93,14 @@ class RestSurface(MachinesSurface):
                             "ask for one scoped to the app (fly deploy --depot-scope=app)")
         return line, body
 
-    def upstream_headers(self, scope: Scope, frame: RequestFrame, body: bytes | None) -> Any:
-        headers = super().upstream_headers(scope, frame, body)
-        if body is not None:
-            headers["Content-Type"] = "application/json"  # what the gateway read it as
-        return headers
-
-    async def forward(self, scope: Scope, receive: Any, send: Any, frame: RequestFrame, target: Target,
-                      line: RequestLine, claims: Claims, body: bytes | None, has_body: bool) -> int:
-        if body is None and has_body:
-            raise BadRequest(f"{scope['method']} {line.resolved.route.path} takes no body")
+    async def forward(self, scope: Scope, send: Any, frame: RequestFrame, target: Target, line: RequestLine,
+                      claims: Claims, body: bytes | None) -> int:
         remember = line.resolved.route.remember
         if remember is None:
-            return await super().forward(scope, receive, send, frame, target, line, claims, body, has_body)
+            return await super().forward(scope, send, frame, target, line, claims, body)
         headers = await self.outgoing_headers(scope, frame, body, line)
+        headers.popall("Accept-Encoding", None)  # the gateway reads this answer: it must be plain
+        frame.forwarding()
         response = await self.upstream.send(scope["method"], target.forward_target, headers, body)
         try:
             answer = await response.read_all(ANSWER_LIMIT)
@@ -130,27 +129,15 @@ SENSITIVE_KEYS = ("app_name", "builder_scope")
 
 
 def json_document(scope: Scope, body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, read the way a case-sensitive upstream reads it: exact keys, no key
-    twice, `app_name`/`builder_scope` spelled exactly and only at the top level (a `release` wrapper
-    naming another app could be what a framework hands the handler)."""
+    """The body as a JSON object, read the way a case-sensitive upstream reads it: strict JSON
+    (core/jsonbody.py) with exact keys, `app_name`/`builder_scope` spelled exactly and only at the
+    top level (a `release` wrapper naming another app could be what a framework hands the handler)."""
     if not is_json(scope["headers"]):
         raise BadRequest("send the body as Content-Type: application/json (UTF-8)")
-    try:
-        document = json.loads(body.decode("utf-8"), object_pairs_hook=_exact_keys)
-    except RecursionError:
-        raise BadRequest("the body nests JSON too deeply") from None
-    except (ValueError, UnicodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON ({exc})") from None
+    document = load_strict(body, "the body", fold=False)
     if not isinstance(document, dict):
         raise BadRequest("the body must be a JSON object")
     _check_keys(document, top=True)
-    return document
-
-
-def _exact_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document = dict(pairs)
-    if len(document) != len(pairs):
-        raise ValueError("a key appears twice")
     return document
 
 
