@@ -27,6 +27,7 @@ import json
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _quote
@@ -97,9 +98,15 @@ def _fragment(fields: dict[str, Any]) -> str:
     return text[1:-1]
 
 
+RECENT = 10_000  # records a gateway keeps in memory for `GET /_gateway/v1/audit` (a few MB)
+
+
 class AuditLog:
-    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
+    def __init__(self, sinks: Iterable[Sink] = (), *, keep_recent: int = RECENT) -> None:
         self.sinks = list(sinks)
+        # The newest lines this process wrote, whatever the sinks: the admin API reads them back
+        # when no file sink is configured (a stdout-only gateway cannot read its own stdout).
+        self.recent: deque[str] = deque(maxlen=keep_recent)
         self._failed: set[int] = set()
         self._pending: list[str] = []
         self._scheduled: asyncio.AbstractEventLoop | None = None
@@ -128,6 +135,7 @@ class AuditLog:
         # No lock here: list.append is atomic, and `flush` takes lines off the front of this same
         # list, so a line appended while another thread flushes is kept for the next write.
         self._pending.append(line)
+        self.recent.append(line)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -153,6 +161,14 @@ class AuditLog:
                     if index not in self._failed:
                         self._failed.add(index)
                         print(f"scopegate: audit sink {index} failed: {exc.__class__.__name__}", file=sys.stderr)
+
+    def recent_lines(self) -> list[str]:
+        """A copy of the lines kept in memory, oldest first."""
+        while True:
+            try:
+                return list(self.recent)
+            except RuntimeError:  # appended to from another thread while copying: copy again
+                continue
 
     def close(self) -> None:
         self.flush()
