@@ -211,3 +211,19 @@ def test_a_store_opened_twice_in_one_process_keeps_the_first_connection_working(
             await first.close()
 
     asyncio.run(run())
+
+
+def test_an_action_that_cannot_be_audited_is_not_taken(tmp_path: Path) -> None:
+    config, _ = initialized(tmp_path)
+    (tmp_path / "blocker").write_text("a file where the audit folder should be\n")
+    broken = write_config(tmp_path, "http://127.0.0.1:9", audit={"sinks": ["file:blocker/audit.jsonl"]})
+    assert broken == config
+    before = json.loads(cli(config, "token", "list", "--json").stdout)  # reads open no sink
+    refused = cli(config, "token", "mint", "--grant", "viewer@app:web")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "audit sink" in refused.stderr and "nothing was changed" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert json.loads(cli(config, "token", "list", "--json").stdout) == before
+    kids = keyring_kids(config)
+    assert cli(config, "keys", "rotate").returncode == 2
+    assert keyring_kids(config) == kids

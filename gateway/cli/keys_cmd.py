@@ -22,12 +22,12 @@ import time
 from typing import Any
 
 from gateway.cli.common import add_config, add_json, config_from
-from gateway.cli.local import LocalAdmin
 from gateway.cli.local_audit import LocalAudit
 from gateway.cli.output import print_json, print_table
 from gateway.core.keyring import Keyring, SigningKey, new_key
-from gateway.errors import ConfigError, Forbidden, NotFound
-from gateway.store import TokenRecord
+from gateway.errors import ConfigError, Forbidden, NotFound, StateUnavailable
+from gateway.store import TokenRecord, TokenStore
+from gateway.store.backends import open_store
 
 RELOAD_SLACK_S = 5  # a gateway reloads the keyring within a second; tokens it signs meanwhile use the old key
 
@@ -61,19 +61,24 @@ def _time(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _rows(keyring: Keyring, admin: LocalAdmin) -> list[dict[str, Any]]:
-    records, now = await admin.store.records(include_revoked=False), int(time.time())
-    rows = []
+async def _rows(keyring: Keyring, store: TokenStore) -> list[dict[str, Any]]:
+    try:
+        records: list[TokenRecord] | None = await store.records(include_revoked=False)
+    except StateUnavailable as exc:  # the keys are still worth seeing; the counts are unknown
+        print(f"scopegate: warning: live token counts unknown: {exc.message}", file=sys.stderr)
+        records = None
+    now, rows = int(time.time()), []
     for key in keyring.keys:
-        live = [] if key.status == "retired" else signed_by(keyring, key, records, now)
+        counted = records is not None and key.status != "retired"
+        live = signed_by(keyring, key, records, now) if counted and records is not None else []
         rows.append({"kid": key.kid, "status": key.status, "created_at": key.created_at, "alg": "EdDSA",
-                     "live_tokens": None if key.status == "retired" else len(live),
+                     "live_tokens": len(live) if counted else None,
                      "verifies_until": _time(live[-1].exp) if live else None})
     return rows
 
 
-async def _show(args: argparse.Namespace, keyring: Keyring, admin: LocalAdmin) -> None:
-    rows = await _rows(keyring, admin)
+async def _show(args: argparse.Namespace, keyring: Keyring, store: TokenStore) -> None:
+    rows = await _rows(keyring, store)
     if args.json:
         print_json(rows)
     else:
@@ -83,19 +88,19 @@ async def _show(args: argparse.Namespace, keyring: Keyring, admin: LocalAdmin) -
 async def list_keys(args: argparse.Namespace) -> int:
     config = config_from(args)
     keyring = Keyring.load(config.tokens_keyring)
-    admin = LocalAdmin.open(config, keyring)
+    store = open_store(config)
     try:
-        await _show(args, keyring, admin)
+        await _show(args, keyring, store)
     finally:
-        await admin.close()
+        await store.close()
     return 0
 
 
 async def rotate_keys(args: argparse.Namespace) -> int:
     config = config_from(args)
     keyring = Keyring.load(config.tokens_keyring)
-    admin = LocalAdmin.open(config, keyring)
-    audit = LocalAudit.open(config, admin.store)
+    store = open_store(config)
+    audit = LocalAudit.open(config, store)
     try:
         async with audit.action("gateway:rotate-key", "keys rotate") as record:
             fresh = new_key()
@@ -104,37 +109,37 @@ async def rotate_keys(args: argparse.Namespace) -> int:
             rotated.save()
             record.reason, record.status = f"new active key {fresh.kid}; {keyring.active.kid} now only verifies", 200
         old = next(k for k in rotated.keys if k.kid == keyring.active.kid)
-        live = signed_by(rotated, old, await admin.store.records(include_revoked=False), int(time.time()))
+        live = signed_by(rotated, old, await store.records(include_revoked=False), int(time.time()))
         print(f"new active key {fresh.kid}; {old.kid} now only verifies"
               + (f": it keeps verifying its {len(live)} live tokens until the last expires ({_time(live[-1].exp)});"
                  f" retire it after that with `scopegate keys retire {old.kid}`" if live
                  else f" and no live token needs it: `scopegate keys retire {old.kid}` when every gateway has "
                       "reloaded the keyring"), file=sys.stderr)
-        await _show(args, rotated, admin)
+        await _show(args, rotated, store)
     finally:
         await audit.close()
-        await admin.close()
+        await store.close()
     return 0
 
 
 async def retire_key(args: argparse.Namespace) -> int:
     config = config_from(args)
     keyring = Keyring.load(config.tokens_keyring)
-    admin = LocalAdmin.open(config, keyring)
-    audit = LocalAudit.open(config, admin.store)
+    store = open_store(config)
+    audit = LocalAudit.open(config, store)
     try:
         async with audit.action("gateway:retire-key", "keys retire") as record:
-            retired = await _retire(args, keyring, admin)
+            retired = await _retire(args, keyring, store)
             record.reason, record.status = retired, 200
         print(retired, file=sys.stderr)
-        await _show(args, Keyring.load(config.tokens_keyring), admin)
+        await _show(args, Keyring.load(config.tokens_keyring), store)
     finally:
         await audit.close()
-        await admin.close()
+        await store.close()
     return 0
 
 
-async def _retire(args: argparse.Namespace, keyring: Keyring, admin: LocalAdmin) -> str:
+async def _retire(args: argparse.Namespace, keyring: Keyring, store: TokenStore) -> str:
     """Retire the key (or refuse); returns what was done, as the audit record and stderr say it."""
     target = next((k for k in keyring.keys if k.kid == args.kid), None)
     if target is None:
@@ -144,7 +149,7 @@ async def _retire(args: argparse.Namespace, keyring: Keyring, admin: LocalAdmin)
                           "retire it once the tokens it signed have expired (`scopegate keys list` shows when)")
     if target.status == "retired":
         return f"key {args.kid} was already retired; nothing changed"
-    live = signed_by(keyring, target, await admin.store.records(include_revoked=False), int(time.time()))
+    live = signed_by(keyring, target, await store.records(include_revoked=False), int(time.time()))
     if live and not args.force:
         named = ", ".join(f"{r.name} ({r.jti})" for r in live[:5]) + (f" and {len(live) - 5} more"
                                                                          if len(live) > 5 else "")

@@ -7,10 +7,12 @@ leaves one line whichever way it was made. Reads (`token list|show`) are not aud
 whoever can run them can read the store file anyway.
 
 How a local record differs from the API's: the actor is the operator, `sub` = `local:<user>`
-(the login name of the process; no token was presented, so `jti` and `token_name` are null),
+(the login name of the process; no token was presented, so `jti` and `token_name` are null,
+except for `token attenuate`, where they name the token narrowed, as the API's record does),
 `client_ip` is `local`, `method` is `CLI` and `path` the command (`scopegate token mint`), never
 its arguments. `action`, `reason` and `status` are what the admin API would have written for the
 same operation (201 minted, 204 revoked, 200 for key changes; a refusal is `deny` with its status).
+A sink that cannot be opened stops the action before anything changes (fail closed).
 
 The `stdout` sink belongs to the gateway process, whose stdout a log collector reads; a CLI's
 stdout is its output (`TOKEN=$(scopegate token mint ...)`), so there the stdout sink writes to
@@ -42,23 +44,40 @@ def operator() -> str:
 
 
 class LocalAudit:
-    def __init__(self, log: AuditLog) -> None:
-        self.log = log
+    """The config's sinks, opened at the first audited action (a read-only command opens none)."""
+
+    def __init__(self, config: Config, store: TokenStore | None) -> None:
+        self.config = config
+        self.store = store
+        self.log: AuditLog | None = None
 
     @classmethod
     def open(cls, config: Config, store: TokenStore | None = None) -> LocalAudit:
-        redis = None
-        if "redis" in config.audit_sinks and store is not None:
-            sink = store.audit_sink(config.audit_redis_maxlen)
-            redis = None if sink is None else (lambda: sink)
-        sinks: list[Sink] = [StreamSink(sys.stderr) if isinstance(s, StreamSink) and s.stream is sys.stdout else s
-                             for s in sinks_from_config(config.audit_sinks, config.base_dir, redis_sink=redis)]
-        return cls(AuditLog(sinks))
+        return cls(config, store)
+
+    def _open_log(self) -> AuditLog:
+        if self.log is None:
+            config, redis = self.config, None
+            if "redis" in config.audit_sinks and self.store is not None:
+                sink = self.store.audit_sink(config.audit_redis_maxlen)
+                redis = None if sink is None else (lambda: sink)
+            try:
+                opened = sinks_from_config(config.audit_sinks, config.base_dir, redis_sink=redis)
+            except OSError as exc:
+                # Fail closed: an admin action that cannot be audited is not taken.
+                raise ConfigError(f"the audit sink {exc.filename or ''} cannot be opened ({exc.strerror}); nothing "
+                                  "was changed. Run as a user that may write it, or point audit.sinks elsewhere "
+                                  f"({config.source})") from None
+            sinks: list[Sink] = [StreamSink(sys.stderr) if isinstance(s, StreamSink) and s.stream is sys.stdout
+                                 else s for s in opened]
+            self.log = AuditLog(sinks)
+        return self.log
 
     @asynccontextmanager
     async def action(self, action: str, command: str) -> AsyncIterator[AuditRecord]:
         """Audit the admin action done in the `async with` body: allowed when the body completes
         (it sets `reason` and `status`), denied with the error's status when it raises."""
+        log = self._open_log()
         record = AuditRecord(os.urandom(16).hex(), CLIENT, METHOD, f"scopegate {command}", action,
                              sub=operator())
         started = time.perf_counter()
@@ -76,8 +95,9 @@ class LocalAudit:
             raise
         finally:
             record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-            self.log.emit(record)
+            log.emit(record)
 
     async def close(self) -> None:
-        await self.log.drain()
-        self.log.close()
+        if self.log is not None:
+            await self.log.drain()
+            self.log.close()
