@@ -5,6 +5,8 @@ Where the records come from: the first `file:` sink when the config has one (eve
 restart writes there), else the records this process keeps in memory (the newest
 `core.audit.RECENT`; a stdout-only gateway, like the Docker image's default, cannot read its own
 stdout back). The answer says which (`source`), so a partial view is never mistaken for the whole.
+A file is read through on every call (in a thread, off the event loop): keep it rotated by the
+log shipper that forwards it.
 """
 
 from __future__ import annotations
