@@ -4,6 +4,7 @@ sink is stdout (the example config, the Docker image)."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.core.audit import AuditLog, AuditRecord
+from gateway.core.audit_sinks import FileSink, StreamSink
 from tests.conftest import CREDENTIAL_ENV, UPSTREAM_SECRET, RunningGateway, start_gateway
 from tests.servers import RecordingUpstream, ServerThread
 from tests.test_cli_ops import TOKEN_RE, base_env, call, claims, status
@@ -147,3 +150,14 @@ def test_the_audit_endpoint_is_in_the_openapi_document(gateway: RunningGateway) 
         document = client.get(f"{V1}/openapi.json").json()
     operation = document["paths"][f"{V1}/audit"]["get"]
     assert {p["name"] for p in operation["parameters"]} == {"since", "app", "decision", "token", "limit"}
+
+
+def test_records_are_kept_in_memory_only_without_a_file_sink(tmp_path: Path) -> None:
+    with_file = AuditLog([FileSink(tmp_path / "audit.jsonl")], keep_recent=3)
+    stdout_only = AuditLog([StreamSink(io.StringIO())], keep_recent=3)
+    for index in range(5):
+        for log in (with_file, stdout_only):
+            log.emit(AuditRecord(f"r{index}", "127.0.0.1", "GET", "/v1/apps", decision="allow", status=200))
+    assert with_file.recent_lines() == []
+    assert [json.loads(line)["request_id"] for line in stdout_only.recent_lines()] == ["r2", "r3", "r4"]
+    with_file.close()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from gateway.core.audit_sinks import Sink
+from gateway.core.audit_sinks import FileSink, Sink
 from gateway.errors import redact
 
 FIELDS = ("request_id", "jti", "sub", "token_name", "client_ip", "method", "path", "action", "app", "env",
@@ -103,10 +103,12 @@ RECENT = 10_000  # records a gateway keeps in memory for `GET /_gateway/v1/audit
 
 class AuditLog:
     def __init__(self, sinks: Iterable[Sink] = (), *, keep_recent: int = RECENT) -> None:
-        self.sinks = list(sinks)
-        # The newest lines this process wrote, whatever the sinks: the admin API reads them back
-        # when no file sink is configured (a stdout-only gateway cannot read its own stdout).
-        self.recent: deque[str] = deque(maxlen=keep_recent)
+        self.keep_recent = keep_recent
+        # The newest lines this process wrote: the admin API reads them back when no file sink is
+        # configured (a stdout-only gateway cannot read its own stdout). With a file sink the API
+        # reads the file, and nothing is kept here.
+        self.recent: deque[str] = deque(maxlen=0)
+        self.open(sinks)
         self._failed: set[int] = set()
         self._pending: list[str] = []
         self._scheduled: asyncio.AbstractEventLoop | None = None
@@ -117,6 +119,9 @@ class AuditLog:
     def open(self, sinks: Iterable[Sink]) -> None:
         """Start writing to `sinks` (the composition root opens them last, once the rest is good)."""
         self.sinks = list(sinks)
+        keep = 0 if any(isinstance(sink, FileSink) for sink in self.sinks) else self.keep_recent
+        if keep != self.recent.maxlen:
+            self.recent = deque(self.recent, maxlen=keep)
 
     async def drain(self) -> None:
         """Write what is queued, and let sinks that ship in the background (redis) finish."""
