@@ -100,9 +100,11 @@ def test_local_admin_actions_write_the_same_audit_records_as_the_api(tmp_path: P
 
 def test_a_refused_local_action_is_audited_as_a_denial(tmp_path: Path) -> None:
     config, _ = initialized(tmp_path)
-    assert cli(config, "token", "revoke", "no-such-jti").returncode == 1
-    (line,) = [r for r in audit_lines(tmp_path) if r["action"] == "gateway:revoke"]
-    assert line["decision"] == "deny" and line["status"] == 404 and "no-such-jti" in line["reason"]
+    refused = cli(config, "token", "mint", "--grant", "viewer@app:web", "--ttl", "999d", "--name", "too-long")
+    assert refused.returncode == 2 and refused.stdout == ""
+    (line,) = [r for r in audit_lines(tmp_path) if r["path"] == "scopegate token mint"]
+    assert (line["action"], line["decision"], line["status"]) == ("gateway:mint", "deny", 400)
+    assert "max" in line["reason"] or "ttl" in line["reason"], line["reason"]
 
 
 def test_the_same_action_through_the_api_and_locally(gateway: RunningGateway, tmp_path: Path) -> None:
