@@ -12,6 +12,8 @@ RUN groupadd --system --gid 10001 scopegate \
     && useradd --system --uid 10001 --gid scopegate --home-dir /var/lib/scopegate --create-home --shell /usr/sbin/nologin scopegate
 
 COPY pyproject.toml README.md ./
+# gateway/policies links to policies/: the shipped policies and route maps are installed as package
+# data, so the defaults need no path settings. Mount your own and set SCOPEGATE_POLICY__POLICY etc.
 COPY gateway ./gateway
 COPY policies ./policies
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
@@ -22,9 +24,6 @@ ENV SCOPEGATE_SERVER__HOST=0.0.0.0 \
     SCOPEGATE_SERVER__PORT=8080 \
     SCOPEGATE_STORE__URL=sqlite:////var/lib/scopegate/state.db \
     SCOPEGATE_TOKENS__KEYRING=/var/lib/scopegate/keyring.json \
-    SCOPEGATE_POLICY__MODEL=/app/policies/model.conf \
-    SCOPEGATE_POLICY__POLICY=/app/policies/policy.csv \
-    SCOPEGATE_ROUTES='["/app/policies/routes/fly-machines.yaml"]' \
     SCOPEGATE_AUDIT__SINKS='["stdout"]'
 
 USER 10001:10001

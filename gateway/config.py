@@ -27,7 +27,10 @@ if TYPE_CHECKING:
     from gateway.oidc.rules import TrustRule
 
 ENV_PREFIX = "SCOPEGATE_"
-REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+# The shipped policies, route maps and constraints: package data (`gateway/policies/`, which in a
+# clone of the repository is a link to its top-level `policies/`), so an installed wheel or the
+# Docker image finds them from any folder.
+SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
 
 
 @dataclass(frozen=True)
@@ -326,10 +329,11 @@ def _resolve(base_dir: Path, raw: str) -> Path:
     if path.is_absolute():
         return path
     candidate = (base_dir / path).resolve()
-    # The shipped policy files live in the repository; a config-less start (defaults, --dev)
-    # from another folder still finds them.
-    if not candidate.exists() and path.parts[:1] == ("policies",) and (REPO_POLICIES.parent / path).exists():
-        return (REPO_POLICIES.parent / path).resolve()
+    # `policies/...` that the config's folder does not hold is the shipped file of that name: a
+    # config-less start (the defaults, --dev) from any folder finds them.
+    shipped = SHIPPED_POLICIES.joinpath(*path.parts[1:])
+    if not candidate.exists() and path.parts[:1] == ("policies",) and shipped.exists():
+        return shipped.resolve()
     return candidate
 
 

@@ -564,13 +564,22 @@ def test_keys_rotate_and_retire_against_a_running_gateway(gateway: RunningGatewa
     assert unknown.returncode == 1 and "no-such-kid" in unknown.stderr
     assert {k["kid"]: k["status"] for k in json.loads(keys("list", "--json").stdout)} == statuses
 
-    retired = keys("retire", old_kid)
+    # The old key still verifies live tokens: retiring it is refused, naming them and what to do.
+    refused = keys("retire", old_kid, real=True)
+    assert refused.returncode == 1, refused.stderr
+    assert "old-key" in refused.stderr and "keys-admin" in refused.stderr and "live token" in refused.stderr
+    assert "--force" in refused.stderr and "token rotate" in refused.stderr
+    assert status(gateway.url, old_token) == 200
+    retired = keys("retire", old_kid, "--force")
     assert retired.returncode == 0, retired.stderr
+    assert "now refused (--force)" in retired.stderr
     took = wait_for(lambda: status(gateway.url, old_token) == 401, within=2.0, what="401 after keys retire")
     assert took <= 2.0
     assert jwks_kids() == {new_kid}
     assert status(gateway.url, local_new) == 200
-    assert {k["kid"]: k["status"] for k in json.loads(keys("list", "--json").stdout)} == {
+    after = keys("list", "--json")
+    assert after.returncode == 0, after.stderr
+    assert {k["kid"]: k["status"] for k in json.loads(after.stdout)} == {
         old_kid: "retired", new_kid: "active"}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import subprocess
@@ -55,6 +54,15 @@ def test_environment_configuration_loads_with_the_real_loader() -> None:
     assert config.server_host == "0.0.0.0"
     assert config.store_url == "sqlite:////var/lib/scopegate/state.db"
     assert config.tokens_keyring == Path("/var/lib/scopegate/keyring.json")
-    assert config.routes == (Path("/app/policies/routes/fly-machines.yaml"),)
     assert config.audit_sinks == ("stdout",)
-    assert json.loads(environ["SCOPEGATE_ROUTES"]) == ["/app/policies/routes/fly-machines.yaml"]
+    # No policy paths: the image reads the policies installed with the package (package data).
+    assert not [name for name in environ if name.startswith(("SCOPEGATE_POLICY__", "SCOPEGATE_ROUTES"))]
+    assert [path.name for path in config.routes] == ["fly-machines.yaml"]
+    assert all(path.is_file() for path in (*config.routes, config.policy_model, config.policy_policy))
+
+
+def test_the_image_installs_the_policies_as_package_data() -> None:
+    copies = [rest for word, rest in _instructions() if word == "COPY"]
+    assert "gateway ./gateway" in copies and "policies ./policies" in copies  # the link and its target
+    assert (REPO / "gateway" / "policies").is_symlink()
+    assert (REPO / "gateway" / "policies" / "model.conf").resolve() == (REPO / "policies" / "model.conf").resolve()

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway.api.audit import audit_endpoint
 from gateway.api.endpoint import authorized
 from gateway.api.exchange import exchange_endpoint
 from gateway.api.explain import explain_endpoint
@@ -50,6 +51,7 @@ def create_api_app(services: Services) -> Starlette:
                   methods=["POST"]),
             # RFC 8693, form-encoded; the subject token is the credential, so no bearer auth (audited inside).
             Route(f"{V1}/token/exchange", exchange_endpoint(services), methods=["POST"]),
+            Route(f"{V1}/audit", authorized(services, "gateway:audit", audit_endpoint(services)), methods=["GET"]),
             Route(f"{V1}/explain", authorized(services, None, explain_endpoint(services), audit_as="gateway:explain"),
                   methods=["POST"]),
         ],

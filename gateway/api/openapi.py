@@ -102,6 +102,24 @@ def admin_openapi() -> dict[str, Any]:
                              "503": _json("OAuthError", "temporarily_unavailable: the issuer's keys or the "
                                                         "store cannot be reached (Retry-After)")}},
             },
+            "/_gateway/v1/audit": {
+                "get": {"operationId": "readAudit",
+                        "summary": "Recent audit records, oldest first: the file sink's, else this process's "
+                                   "last 10,000 in memory (`source` says which)",
+                        "parameters": [
+                            {"name": "since", "in": "query", "schema": {"type": "string", "example": "1h"},
+                             "description": "an RFC 3339 time or a duration ago (90s, 15m, 1h, 30d)"},
+                            {"name": "app", "in": "query", "schema": {"type": "string", "example": "web-*"},
+                             "description": "app name or glob"},
+                            {"name": "decision", "in": "query", "schema": {"type": "string",
+                                                                          "enum": ["allow", "deny"]}},
+                            {"name": "token", "in": "query", "schema": {"type": "string"},
+                             "description": "a token's jti or name"},
+                            {"name": "limit", "in": "query",
+                             "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 100},
+                             "description": "the newest this many matching records"}],
+                        "responses": {"200": _json("AuditRecords", "The matching records"), **_ERRORS}},
+            },
             "/_gateway/v1/explain": {
                 "post": {"operationId": "explain", "summary": "Dry-run a request",
                          "requestBody": _body("ExplainRequest"),
@@ -178,6 +196,11 @@ def admin_openapi() -> dict[str, Any]:
                         "may": {"type": "array", "items": {"type": "object", "properties": {
                             "grant": {"type": "string"}, "env": {"type": "string", "nullable": True},
                             "actions": {"type": "array", "items": {"type": "string"}}}}}}}]},
+                "AuditRecords": {"type": "object", "required": ["records", "source"], "properties": {
+                    "records": {"type": "array", "items": {"type": "object", "description": "one audit record: "
+                                "ts, request_id, jti, sub, token_name, client_ip, method, path, action, app, env, "
+                                "decision, reason, status, duration_ms, upstream_ms"}},
+                    "source": {"type": "string", "enum": ["file", "memory"]}, "note": {"type": "string"}}},
                 "Explanation": {"type": "object", "required": ["allowed", "reason"], "properties": {
                     "allowed": {"type": "boolean"}, "status": {"type": "integer"},
                     "error": {"type": "string", "nullable": True}, "reason": {"type": "string"},

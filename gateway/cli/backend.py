@@ -18,6 +18,7 @@ import httpx
 
 from gateway.cli.common import config_from
 from gateway.cli.local import LocalAdmin
+from gateway.cli.local_audit import LocalAudit
 from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import GrantError, parse_grants
 from gateway.core.policy import PolicyEngine
@@ -81,9 +82,13 @@ class LocalBackend:
         self.config = config_from(args)
         self.admin = LocalAdmin.open(self.config)
         self.token_source = token_source  # where a caller's own token came from, for messages
+        # Writes are audited like the admin API's (local_audit.py); reads are not.
+        self.audit = LocalAudit.open(self.config, self.admin.store)
 
     async def mint(self, grants: list[str], ttl_s: int | None, name: str, subject: str) -> Json:
-        minted = await self.admin.registry.mint(grants=grants, ttl_s=ttl_s, name=name, subject=subject)
+        async with self.audit.action("gateway:mint", "token mint") as record:
+            minted = await self.admin.registry.mint(grants=grants, ttl_s=ttl_s, name=name, subject=subject)
+            record.reason, record.status = f"minted {minted.record.jti} ({', '.join(minted.record.grants)})", 201
         return {"token": minted.token, **minted.record.to_json()}
 
     async def records(self, wanted: TokenFilter) -> list[Json]:
@@ -94,10 +99,14 @@ class LocalBackend:
         return (await self.admin.registry.show(jti)).to_json()
 
     async def revoke(self, jti: str, reason: str | None) -> None:
-        await self.admin.registry.revoke(jti, reason=reason)
+        async with self.audit.action("gateway:revoke", "token revoke") as record:
+            revoked = await self.admin.registry.revoke(jti, reason=reason)
+            record.reason, record.status = f"revoked {', '.join(revoked) or 'nothing (already revoked)'}", 204
 
     async def rotate(self, jti: str, grace_s: int | None) -> Json:
-        minted = await self.admin.registry.rotate(jti, grace_s=3600 if grace_s is None else grace_s)
+        async with self.audit.action("gateway:rotate", "token rotate") as record:
+            minted = await self.admin.registry.rotate(jti, grace_s=3600 if grace_s is None else grace_s)
+            record.reason, record.status = f"rotated {jti} -> {minted.record.jti}", 201
         return {"token": minted.token, **minted.record.to_json()}
 
     async def _caller(self, token: str) -> Claims:
@@ -109,9 +118,12 @@ class LocalBackend:
         return claims
 
     async def attenuate(self, parent_token: str, grants: list[str], ttl_s: int | None, name: str | None) -> Json:
-        parent = await self._caller(parent_token)
-        minted = await self.admin.registry.attenuate(parent, grants=grants, ttl_s=ttl_s, name=name,
-                                                     env_of=self._environments().resolve)
+        async with self.audit.action("gateway:attenuate", "token attenuate") as record:
+            parent = await self._caller(parent_token)
+            record.jti, record.token_name = parent.jti, parent.name  # the token narrowed, as the API names it
+            minted = await self.admin.registry.attenuate(parent, grants=grants, ttl_s=ttl_s, name=name,
+                                                         env_of=self._environments().resolve)
+            record.reason, record.status = f"attenuated {parent.jti} -> {minted.record.jti}", 201
         return {"token": minted.token, **minted.record.to_json()}
 
     async def explain(self, method: str, path: str, body: Any, *, token: str | None,
@@ -151,7 +163,10 @@ class LocalBackend:
                                    self.config.environment_default)
 
     async def close(self) -> None:
-        await self.admin.close()
+        try:
+            await self.audit.close()
+        finally:
+            await self.admin.close()
 
 
 _ERRORS: dict[int, type[GatewayError]] = {400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound,

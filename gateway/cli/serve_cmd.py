@@ -9,6 +9,7 @@ from typing import Any
 from gateway import config_values
 from gateway.cli.common import add_config, config_from, current_user
 from gateway.cli.local import LocalAdmin
+from gateway.cli.local_audit import LocalAudit
 from gateway.core.keyring import Keyring
 from gateway.errors import ConfigError
 from gateway.store.redis import redact as redact_url
@@ -56,15 +57,19 @@ async def init_gateway(args: argparse.Namespace) -> int:
         keyring.save()
         print(f"created keyring {config.tokens_keyring} (key {keyring.active.kid})", file=sys.stderr)
     admin = LocalAdmin.open(config, keyring)
+    audit = LocalAudit.open(config, admin.store)
     try:
         existing = [r for r in await admin.store.records() if "token-admin@gateway" in r.grants]
         if existing and not created_keyring:
             print("already initialized: keyring and store exist and hold a token-admin token.\n"
                   "Mint another with: scopegate token mint --grant token-admin@gateway --name NAME", file=sys.stderr)
             return 0
-        minted = await admin.registry.mint(grants=["token-admin@gateway"], ttl_s=None, name="bootstrap-admin",
-                                           subject=f"cli:{current_user()}")
+        async with audit.action("gateway:mint", "init") as record:
+            minted = await admin.registry.mint(grants=["token-admin@gateway"], ttl_s=None, name="bootstrap-admin",
+                                               subject=f"cli:{current_user()}")
+            record.reason, record.status = f"minted {minted.record.jti} (token-admin@gateway, bootstrap)", 201
     finally:
+        await audit.close()
         await admin.close()
     print(f"store ready at {redact_url(config.store_url)}", file=sys.stderr)
     print("bootstrap token-admin@gateway token (shown once; keep it secret):", file=sys.stderr)

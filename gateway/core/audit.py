@@ -27,12 +27,13 @@ import json
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from gateway.core.audit_sinks import Sink
+from gateway.core.audit_sinks import FileSink, Sink
 from gateway.errors import redact
 
 FIELDS = ("request_id", "jti", "sub", "token_name", "client_ip", "method", "path", "action", "app", "env",
@@ -97,9 +98,17 @@ def _fragment(fields: dict[str, Any]) -> str:
     return text[1:-1]
 
 
+RECENT = 10_000  # records a gateway keeps in memory for `GET /_gateway/v1/audit` (a few MB)
+
+
 class AuditLog:
-    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
-        self.sinks = list(sinks)
+    def __init__(self, sinks: Iterable[Sink] = (), *, keep_recent: int = RECENT) -> None:
+        self.keep_recent = keep_recent
+        # The newest lines this process wrote: the admin API reads them back when no file sink is
+        # configured (a stdout-only gateway cannot read its own stdout). With a file sink the API
+        # reads the file, and nothing is kept here.
+        self.recent: deque[str] = deque(maxlen=0)
+        self.open(sinks)
         self._failed: set[int] = set()
         self._pending: list[str] = []
         self._scheduled: asyncio.AbstractEventLoop | None = None
@@ -110,6 +119,9 @@ class AuditLog:
     def open(self, sinks: Iterable[Sink]) -> None:
         """Start writing to `sinks` (the composition root opens them last, once the rest is good)."""
         self.sinks = list(sinks)
+        keep = 0 if any(isinstance(sink, FileSink) for sink in self.sinks) else self.keep_recent
+        if keep != self.recent.maxlen:
+            self.recent = deque(self.recent, maxlen=keep)
 
     async def drain(self) -> None:
         """Write what is queued, and let sinks that ship in the background (redis) finish."""
@@ -128,6 +140,7 @@ class AuditLog:
         # No lock here: list.append is atomic, and `flush` takes lines off the front of this same
         # list, so a line appended while another thread flushes is kept for the next write.
         self._pending.append(line)
+        self.recent.append(line)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -153,6 +166,14 @@ class AuditLog:
                     if index not in self._failed:
                         self._failed.add(index)
                         print(f"scopegate: audit sink {index} failed: {exc.__class__.__name__}", file=sys.stderr)
+
+    def recent_lines(self) -> list[str]:
+        """A copy of the lines kept in memory, oldest first."""
+        while True:
+            try:
+                return list(self.recent)
+            except RuntimeError:  # appended to from another thread while copying: copy again
+                continue
 
     def close(self) -> None:
         self.flush()

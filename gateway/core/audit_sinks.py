@@ -55,6 +55,15 @@ class FileSink:
         self.handle.close()
 
 
+def file_sink_path(specs: Iterable[str], base_dir: Path) -> Path | None:
+    """The file of the first `file:PATH` sink, resolved like the sink itself; None without one."""
+    for spec in specs:
+        if spec.startswith("file:"):
+            raw = Path(spec[5:]).expanduser()
+            return raw if raw.is_absolute() else base_dir / raw
+    return None
+
+
 def sinks_from_config(specs: Iterable[str], base_dir: Path, *,
                       redis_sink: Callable[[], Sink] | None = None) -> list[Sink]:
     """The sinks `audit.sinks` names; `redis_sink` makes the redis one (None: the store has no Redis)."""

@@ -23,7 +23,7 @@ from gateway.errors import ConfigError
 
 # The gateway's own API (api/): token administration and explain, granted to token-admin.
 GATEWAY_ACTIONS = frozenset({"gateway:mint", "gateway:list", "gateway:show", "gateway:revoke", "gateway:rotate",
-                             "gateway:explain"})
+                             "gateway:explain", "gateway:audit"})
 
 
 @dataclass(frozen=True, slots=True)

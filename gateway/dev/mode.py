@@ -23,7 +23,7 @@ import uvicorn
 
 from gateway.app import GatewayApp
 from gateway.cli.local import LocalAdmin
-from gateway.config import Config, build_config
+from gateway.config import SHIPPED_POLICIES, Config, build_config
 from gateway.core.keyring import Keyring
 from gateway.dev.local_registry import LocalRegistry
 from gateway.dev.sandbox import create_sandbox_app
@@ -104,7 +104,7 @@ def run_dev(args: argparse.Namespace) -> int:
                           "registry_url": registry_url, "auth_scheme": "FlyV1", "attenuate": "apps"},
              "tokens": {"keyring": str(folder / "keyring.json")},
              "store": {"url": f"sqlite:///{folder / 'state.db'}"},
-             "audit": {"sinks": ["stdout"]}},
+             "audit": {"sinks": ["stdout"]}, **_shipped_policies()},
             base_dir=Path.cwd(), source="(dev)", environ={})
         keyring = Keyring.generate(config.tokens_keyring)
         keyring.save()
@@ -118,6 +118,16 @@ def run_dev(args: argparse.Namespace) -> int:
     finally:
         clean_up()
     return 0
+
+
+def _shipped_policies() -> dict[str, object]:
+    """The policies, route maps and constraints installed with the package, whatever folder dev
+    mode starts in."""
+    routes = SHIPPED_POLICIES / "routes"
+    return {"policy": {"model": str(SHIPPED_POLICIES / "model.conf"), "policy": str(SHIPPED_POLICIES / "policy.csv"),
+                       "constraints": str(SHIPPED_POLICIES / "constraints.yaml")},
+            "routes": [str(routes / "fly-machines.yaml")], "graphql": {"map": str(routes / "fly-graphql.yaml")},
+            "rest": {"routes": [str(routes / "fly-api.yaml")]}}
 
 
 def _start_registry(registry: LocalRegistry, sandbox_port: int) -> str:

@@ -60,8 +60,11 @@ class SqliteStore:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Owner-only, like the keyring: token records name subjects and grants. SQLite creates
-            # its -wal and -shm files with the database file's mode.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            # its -wal and -shm files with the database file's mode. Only when it is missing: closing a
+            # descriptor of the file drops every POSIX lock this process holds on it, those of open
+            # connections too, and another process may then checkpoint and remove the WAL under them.
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
