@@ -7,14 +7,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from gateway.core.authorizer import Authorizer, Check
+from gateway.core.rules import GATEWAY_ACTIONS
 from gateway.core.tokens import Claims
 from gateway.store import TokenRecord
 
 PAGE_SIZE = 50
 STATES = ("all", "active", "revoked", "expired")
 LAST_USED = {"any": None, "never": -1, "1d": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
-GATEWAY_ACTIONS = ("gateway:list", "gateway:show", "gateway:mint", "gateway:revoke", "gateway:rotate",
-                   "gateway:explain")
 
 
 def state_of(record: TokenRecord, now: int) -> str:
@@ -158,9 +157,10 @@ def allowances(claims: Claims, authorizer: Authorizer, actions: Iterable[str]) -
     for grant in claims.grants:
         alone = replace(claims, grants=(grant,))
         if grant.kind == "gateway":
-            allowed = [a for a in GATEWAY_ACTIONS if authorizer.decide_gateway(alone, a).allowed]
+            gateway_actions = sorted(GATEWAY_ACTIONS)
+            allowed = [a for a in gateway_actions if authorizer.decide_gateway(alone, a).allowed]
             out.append(Allowance(str(grant), "the gateway's admin API and console", None, allowed,
-                                 [a for a in GATEWAY_ACTIONS if a not in allowed]))
+                                 [a for a in gateway_actions if a not in allowed]))
             continue
         if grant.kind == "env":
             app, env, target = "*", grant.pattern, f"every app in environment {grant.pattern}"
