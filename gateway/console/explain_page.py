@@ -24,6 +24,7 @@ class ExplainPage:
             "title": "Explain", "values": values, "result": result, "error": error}, status=status, ctx=ctx)
 
     async def form(self, ctx: Ctx) -> Response:
+        ctx.record.reason = "console: the explain form"
         return self._render(ctx, {"method": "GET", "path": "/v1/apps/web-staging/machines", "body": "",
                                   "grants": "", "token": ""}, None, None)
 

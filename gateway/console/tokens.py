@@ -71,6 +71,7 @@ class TokenPages:
         known = dict(self.console.records.by_jti())
         known[record.jti] = record
         tree = lineage(record, known) if ctx.admin else None
+        ctx.record.reason = f"console: the page of token {record.jti}"
         claims = await claims_of(self.services, record)
         actions = self.services.machines.routes.actions()
         return self.console.render(ctx.request, "token.html", {
@@ -151,5 +152,13 @@ def _ago(then: int | None, now: int) -> str:
         return "never"
     delta = now - then
     if delta < 0:
-        return "in " + format_duration(-delta)
-    return "just now" if delta < 1 else f"{format_duration(delta)} ago"
+        return "in " + _rough(-delta)
+    return "just now" if delta < 1 else f"{_rough(delta)} ago"
+
+
+def _rough(seconds: int) -> str:
+    """A span as people read it in a list: 29d, 23h, 14m, 9s (rounded down)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size or (unit != "d" and seconds >= size):
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
