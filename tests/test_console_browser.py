@@ -35,7 +35,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=ARGS,
             viewport={"width": 1280, "height": 860})
-        context.dialogs = []  # type: ignore[attr-defined]
+        context.dialogs = []
 
         def on_page(page: Any) -> None:
             page.on("dialog", lambda dialog: (context.dialogs.append(dialog.message), dialog.dismiss()))
