@@ -23,24 +23,35 @@ XSS = "<img src=x onerror=alert(1)>"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
-if not CHROMIUM.exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)", allow_module_level=True)
 
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     """A fresh Chromium profile per test; every dialog (alert, confirm) is recorded and dismissed."""
+    # Never a skip: the console is untested without them. scripts/test and .ci/run install both.
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.fail("the playwright package is missing; .venv/bin/pip install -e '.[test]'")
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is not installed: apt-get install chromium (.ci/run does)")
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=ARGS,
             viewport={"width": 1280, "height": 860})
-        context.dialogs = []
+        dialogs: list[str] = []
+        setattr(context, "dialogs", dialogs)  # noqa: B010  (tests read browser.dialogs)
+
+        def on_dialog(dialog: Any) -> None:
+            dialogs.append(dialog.message)
+            dialog.dismiss()
 
         def on_page(page: Any) -> None:
-            page.on("dialog", lambda dialog: (context.dialogs.append(dialog.message), dialog.dismiss()))
+            page.on("dialog", on_dialog)
 
         context.on("page", on_page)
+        for page in context.pages:  # the window a persistent context opens with
+            on_page(page)
         try:
             yield context
         finally:
@@ -55,7 +66,6 @@ def mint(gateway: RunningGateway, *grants: str, **options: Any) -> str:
 
 def open_page(browser: Any) -> Any:
     page = browser.pages[0] if browser.pages else browser.new_page()
-    page.on("dialog", lambda dialog: (browser.dialogs.append(dialog.message), dialog.dismiss()))
     page.set_default_timeout(10_000)
     return page
 
@@ -165,6 +175,9 @@ def test_a_name_written_as_html_is_shown_as_text(browser: Any, gateway: RunningG
     admin = mint(gateway, "token-admin@gateway", name="admin")
     hostile = mint(gateway, "viewer@app:web-staging", name=XSS, subject=XSS)
     page = open_page(browser)
+    page.evaluate("alert('probe')")  # the detector works: a dialog is seen
+    assert browser.dialogs == ["probe"]
+    browser.dialogs.clear()
     sign_in(page, gateway, admin)
     with httpx.Client(base_url=gateway.url) as client:  # an audit line naming it, and a path with markup
         client.get("/v1/apps/web-staging/machines/<b>x</b>", headers={"authorization": f"Bearer {hostile}"})

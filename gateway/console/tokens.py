@@ -64,8 +64,10 @@ class TokenPages:
 
     async def show(self, ctx: Ctx) -> Response:
         jti = ctx.request.path_params["jti"]
-        if not ctx.admin and jti != ctx.claims.jti:
-            raise Forbidden("a token without token-admin@gateway sees only its own page")
+        if jti != ctx.claims.jti:
+            ruling = self.services.authorizer.decide_gateway(ctx.claims, "gateway:show")
+            if not ruling.allowed:
+                raise Forbidden("a token without token-admin@gateway sees only its own page")
         record = await self.services.registry.show(jti)
         await self.console.records.current()
         known = dict(self.console.records.by_jti())
