@@ -4,7 +4,9 @@ The browser itself drives it in tests/test_console_browser.py."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,3 +321,28 @@ def test_lineage_tree_and_cascade() -> None:
                                                                                ("succ", "rotated")]
     assert [r.jti for r in cascade("child", known)] == ["child", "grand"]
     assert [r.jti for r in cascade("root", known)] == ["root", "child", "succ", "grand"]
+
+
+def test_stopping_the_server_ends_an_open_audit_stream(tmp_path: Path, upstream: tuple[RecordingUpstream,
+                                                                                      ServerThread],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A graceful stop waits for responses in flight; the live view never ends by itself, so the
+    # server cuts it (gateway/server.py, ENDLESS) instead of waiting for the browser to leave.
+    monkeypatch.setenv("SG_TEST_UPSTREAM_TOKEN", "fm2_test")
+    running = start_gateway(tmp_path, *upstream)
+    client = sign_in(running, running.mint("token-admin@gateway", name="admin"))
+    ended = threading.Event()
+
+    def watch() -> None:
+        with contextlib.suppress(httpx.HTTPError), client.stream("GET", f"{UI}/audit/events") as events:
+            for _ in events.iter_lines():
+                pass
+        ended.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    running.server.stop()
+    assert time.monotonic() - started < 3 and not running.server.thread.is_alive()
+    assert ended.wait(3)

@@ -53,6 +53,8 @@ class AuditView:
 
     async def events(self, ctx: Ctx) -> Response:
         source_of(self.services)  # refused now (409) rather than as a stream that ends at once
+        # It streams until the client leaves: a server stopping says so (gateway/server.py, ENDLESS).
+        ctx.request.scope["scopegate.endless"] = True
         wanted = self._wanted(ctx)
         request = ctx.request
         sessions = self.console.sessions
