@@ -140,6 +140,18 @@ def test_sign_out_ends_the_session_everywhere(gateway: RunningGateway) -> None:
     assert answer.status_code == 303 and answer.headers["location"] == f"{UI}/signin"
 
 
+def test_signing_in_again_ends_the_previous_session(gateway: RunningGateway) -> None:
+    admin = gateway.mint("token-admin@gateway", name="admin")
+    client = sign_in(gateway, admin)
+    first = client.cookies["sg_console"]
+    form = client.get(f"{UI}/signin")
+    client.post(f"{UI}/signin", data={"csrf": csrf_of(form.text), "token": admin})
+    assert client.cookies["sg_console"] != first
+    replay = client_of(gateway)
+    replay.cookies.set("sg_console", first, path="/_gateway/ui/")
+    assert replay.get(f"{UI}/tokens").status_code == 303
+
+
 def test_revoking_the_token_ends_its_session(gateway: RunningGateway) -> None:
     admin = gateway.mint("token-admin@gateway", name="admin")
     client = sign_in(gateway, admin)

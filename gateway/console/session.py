@@ -82,6 +82,12 @@ class Sessions:
         value = json.dumps({"jti": session.jti, "csrf": session.csrf, "started": session.started})
         await self.services.store.remember(_key(session.sid_hash), value, expires_at=until)
 
+    async def end_any(self, request: Request) -> None:
+        """End the session the request's cookie names, if any (signing in again starts afresh)."""
+        sid = request.cookies.get(COOKIE, "")
+        if sid and len(sid) <= 100:
+            await self.services.store.remember(_key(_hash(sid)), "", expires_at=int(time.time()) - 1)
+
     async def end(self, session: Session) -> None:
         await self.services.store.remember(_key(session.sid_hash), "", expires_at=int(time.time()) - 1)
 

@@ -46,6 +46,7 @@ class SignIn:
                 raise Unauthenticated("paste a token (sgt_...) to sign in")
             claims = await self.services.authorizer.authenticate([b"Bearer " + token.encode("utf-8", "replace")])
             frame.identify(claims)
+            await self.console.sessions.end_any(request)  # a new session id at each sign-in (no fixation)
             sid, _ = await self.console.sessions.start(claims)
             admin = self.services.authorizer.decide_gateway(claims, "gateway:list").allowed
             frame.record.reason = "console session started" + (" (token-admin)" if admin else " (own token only)")
