@@ -9,6 +9,7 @@ the last-used filter) may be up to `FULL_RELOAD_S` old; the rows shown are re-re
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -24,13 +25,15 @@ class RecordCache:
     _ordered: list[TokenRecord] | None = None
     _cursor: str | None = None
     _loaded_at: float = 0.0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def current(self) -> list[TokenRecord]:
         """Every record, newest first, as of now (the change feed applied)."""
-        if self._cursor is None or time.monotonic() - self._loaded_at > FULL_RELOAD_S:
-            await self._reload()
-        else:
-            await self._follow()
+        async with self._lock:  # one reader of the feed at a time: the cursor only moves forward
+            if self._cursor is None or time.monotonic() - self._loaded_at > FULL_RELOAD_S:
+                await self._reload()
+            else:
+                await self._follow()
         if self._ordered is None:
             self._ordered = sorted(self._records.values(), key=lambda r: (r.iat, r.jti), reverse=True)
         return self._ordered

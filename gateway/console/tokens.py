@@ -69,10 +69,12 @@ class TokenPages:
             if not ruling.allowed:
                 raise Forbidden("a token without token-admin@gateway sees only its own page")
         record = await self.services.registry.show(jti)
-        await self.console.records.current()
-        known = dict(self.console.records.by_jti())
-        known[record.jti] = record
-        tree = lineage(record, known) if ctx.admin else None
+        tree = None
+        if ctx.admin:
+            await self.console.records.current()
+            known = dict(self.console.records.by_jti())
+            known[record.jti] = record
+            tree = lineage(record, known)
         ctx.record.reason = f"console: the page of token {record.jti}"
         claims = await claims_of(self.services, record)
         actions = self.services.machines.routes.actions()
