@@ -13,11 +13,13 @@ from typing import Any
 
 from gateway.api.app import create_api_app
 from gateway.config import load_config
+from gateway.console.app import create_console_app
 from gateway.errors import ConfigError
 from gateway.server import freeze_startup_heap
 from gateway.services import Services
 
 OWN_PREFIXES = ("/_gateway/", "/.well-known/")
+CONSOLE_PREFIX = "/_gateway/ui/"
 
 
 class GatewayApp:
@@ -26,6 +28,7 @@ class GatewayApp:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.api = create_api_app(services)
+        self.console = create_console_app(services) if services.config.ui_enabled else None
         # The last surface serves every path no other one does (the Machines API); the others are
         # asked only for paths under one of their prefixes, so most requests cost one startswith.
         *self.specific, self.default = services.surfaces
@@ -38,6 +41,9 @@ class GatewayApp:
         if kind == "http":
             path = scope["path"]
             if path.startswith(OWN_PREFIXES):
+                if self.console is not None and path.startswith(CONSOLE_PREFIX):
+                    await self.console(scope, receive, send)
+                    return
                 await self.api(scope, receive, send)
                 return
             if path.startswith(self.prefixes):

@@ -91,6 +91,9 @@ class Config:
     rate_limit_roles: tuple[RoleRateLimit, ...] = ()
     rate_limit_derivations_per_minute: int = 60
     oidc_trust: tuple[TrustRule, ...] = field(default=())
+    ui_enabled: bool = True
+    ui_session_idle_s: int = 15 * 60
+    ui_secure_cookie: str = "auto"
 
     def upstream_credential(self) -> str:
         """The upstream credential, from the file or env var the config names. Never logged."""
@@ -205,6 +208,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "derivations_per_minute": ("rate_limit_derivations_per_minute", parsers.non_negative_int),
     },
     "oidc": {"trust": ("oidc_trust", _trust_rules)},
+    "ui": {"enabled": ("ui_enabled", parsers.boolean), "session_idle": ("ui_session_idle_s", parsers.duration),
+           "secure_cookie": ("ui_secure_cookie", parsers.cookie_secure)},
 }
 _PATH_FIELDS = {"upstream_token_file", "policy_model", "policy_policy", "policy_constraints", "tokens_keyring",
                 "graphql_map"}

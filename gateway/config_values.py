@@ -156,3 +156,19 @@ def optional_path(value: Any) -> str | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         return None
     return nonempty(value)
+
+
+def boolean(value: Any) -> bool:
+    """true/false (YAML), or the words an environment variable spells them with."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError("expected true or false")
+
+
+def cookie_secure(value: Any) -> str:
+    """When the console's session cookie says Secure: `auto` (on a TLS connection), `always`, `never`."""
+    if value not in ("auto", "always", "never"):
+        raise ValueError("expected auto (Secure on a TLS connection), always (TLS ends at a proxy) or never")
+    return str(value)

@@ -35,6 +35,11 @@ class HeaderSectionTooLarge(Exception):
     pass
 
 
+# A response that streams until its client leaves marks its ASGI scope with this key (the console's
+# audit events, gateway/console/audit_view.py), so that stopping the server ends it.
+ENDLESS = "scopegate.endless"
+
+
 class TargetProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _header_bytes = 0
@@ -48,6 +53,16 @@ class TargetProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """A graceful stop lets responses in flight finish; one that never ends by itself (the web
+        console's live audit stream, whose scope says so under ENDLESS) is cut: its connection is
+        closed, which the app sees as its client leaving."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.scope.get(ENDLESS):
+            self.transport.close()
+            return
+        super().shutdown()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -25,7 +25,7 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "gateway"
 HTTP_STACKS = ("starlette", "aiohttp", "uvicorn", "httptools", "httpx", "uvloop", "yarl", "multidict")
-NOT_FOR_THE_CORE = ("gateway.surfaces", "gateway.api", "gateway.cli", "gateway.dev", "gateway.app",
+NOT_FOR_THE_CORE = ("gateway.surfaces", "gateway.api", "gateway.console", "gateway.cli", "gateway.dev", "gateway.app",
                     "gateway.server", "gateway.services", "gateway.watch", "gateway.frame", "gateway.upstream",
                     "gateway.oidc")
 DEV_DOOR = frozenset({("gateway.cli.serve_cmd", "gateway.dev.mode")})
@@ -145,7 +145,10 @@ ALLOWED: dict[str, set[str]] = {
                          "gateway.store", "gateway.surfaces", "gateway.upstream", "gateway.watch"},
     "gateway.api": {"gateway", "gateway.core", "gateway.durations", "gateway.errors", "gateway.frame", "gateway.oidc",
                     "gateway.services", "gateway.surfaces"},
-    "gateway.app": {"gateway.api", "gateway.config", "gateway.errors", "gateway.server", "gateway.services"},
+    "gateway.console": {"gateway.api", "gateway.core", "gateway.durations", "gateway.errors", "gateway.frame",
+                        "gateway.services", "=gateway.store", "gateway.surfaces"},
+    "gateway.app": {"gateway.api", "gateway.config", "gateway.console", "gateway.errors", "gateway.server",
+                    "gateway.services"},
 }
 
 
