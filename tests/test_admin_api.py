@@ -440,7 +440,7 @@ def test_a_revoked_or_rotated_away_token_cannot_be_rotated(client: httpx.Client,
 
 def test_attenuation_narrows_the_callers_own_token(gateway: RunningGateway, client: httpx.Client,
                                                    admin: str) -> None:
-    parent = gateway.mint("deployer@app:web-*", "viewer@app:api", ttl_s=3600, name="wide")
+    parent = gateway.mint("deployer@app:*", "viewer@app:api", ttl_s=3600, name="wide")
     parent_claims = payload(parent)
     assert status_of(client, parent, "POST", "/v1/apps/web-prod/machines") == 200
     response = attenuate(client, parent, "deployer@app:web-staging", ttl="10m", name="narrow")
@@ -541,7 +541,7 @@ def test_a_revoked_token_cannot_attenuate(gateway: RunningGateway, client: httpx
 # --- cascade -------------------------------------------------------------------------------------
 
 def test_revoking_a_parent_revokes_rotated_and_attenuated_descendants(client: httpx.Client, admin: str) -> None:
-    parent = mint(client, admin, "deployer@app:web-*", name="parent")
+    parent = mint(client, admin, "deployer@app:*", name="parent")
     rotated = client.post(f"{V1}/tokens/{parent['jti']}/rotate", headers=bearer(admin), json={"grace": "1h"})
     assert rotated.status_code == 201
     child = attenuate(client, parent["token"], "deployer@app:web-staging", ttl="30m")

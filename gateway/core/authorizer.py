@@ -103,7 +103,8 @@ class Authorizer:
         decided: list[tuple[Check, Decision]] = []
         for check in checks:
             decision = decide(claims.grants, rules.policy, app=check.app, env=check.env, action=check.action,
-                              token_name=claims.name, org_filtered=check.org_filtered)
+                              token_name=claims.name, env_of=self.environments.resolve,
+                              org_filtered=check.org_filtered)
             decided.append((check, decision))
             if not decision.allowed:
                 return Ruling(decision, rules, generation, tuple(decided), check)
@@ -119,7 +120,7 @@ class Authorizer:
         """May the token perform `action` (gateway:*) on the gateway's own API?"""
         rules = self.rules
         decision = decide(claims.grants, rules.policy, app=None, env=None, action=action, token_name=claims.name,
-                          gateway_target=True)
+                          env_of=self.environments.resolve, gateway_target=True)
         return Ruling(decision, rules, rules.policy.generation)
 
     def constraints(self, ruling: Ruling, check: Check) -> tuple[Constraint, ...]:

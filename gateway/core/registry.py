@@ -212,7 +212,7 @@ class TokenRegistry:
 def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str]) -> bool:
     # Same role only: a "lesser" role may carry deny lines its parent role lacks, so a role
     # change is not guaranteed to narrow. A literal app inside an env grant narrows it.
-    if child.within(held):
+    if child.within(held, env_of):
         return True
     return (child.role == held.role and child.kind == "app" and held.kind == "env"
             and not any(c in child.pattern for c in "*?") and env_of(child.pattern) == held.pattern)

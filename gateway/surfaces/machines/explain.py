@@ -61,7 +61,7 @@ def explain(grants: tuple[Grant, ...], method: str, target: str, body: bytes | N
             return Explanation(True, 200, None, "answered by the gateway about the caller's own token", method,
                                raw_path, operation, action, app, env)
         decision = decide(grants, policy, app=app, env=env, action=action, token_name=token_name,
-                          org_filtered=resolved.route.filter_apps)
+                          env_of=environments.resolve, org_filtered=resolved.route.filter_apps)
     except GatewayError as error:
         return Explanation(False, error.status, error.code, error.message, method, raw_path, operation, action,
                            app, env)
