@@ -46,8 +46,9 @@ def explain_endpoint(services: Services) -> Handler:
                     grants, name = parse_grants(grants_field(body)), "explain"
                 except GrantError as exc:
                     raise BadRequest(str(exc)) from None
-        result = explain(grants, method, path, raw_body, routes=services.machines.routes, policy=services.policy,
-                         environments=services.authorizer.environments, token_name=name)
+        result = await explain(grants, method, path, raw_body, routes=services.machines.routes,
+                               rules=services.authorizer.rules, environments=services.authorizer.environments,
+                               token_name=name)
         return JSONResponse(result.to_json())
 
     return run

@@ -160,7 +160,9 @@ def admin_openapi() -> dict[str, Any]:
                     "operation": {"type": "string", "nullable": True}, "action": {"type": "string", "nullable": True},
                     "app": {"type": "string", "nullable": True}, "env": {"type": "string", "nullable": True},
                     "grant": {"type": "string", "nullable": True},
-                    "rule": {"type": "array", "items": {"type": "string"}}}},
+                    "rule": {"type": "array", "items": {"type": "string"}},
+                    "constraints": {"type": "array", "items": {"type": "string"}},
+                    "constraint": {"type": "string", "nullable": True}}},
             },
         },
     }

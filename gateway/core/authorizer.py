@@ -22,6 +22,7 @@ from gateway.core.audit import AuditRecord, what_part, who_part
 from gateway.core.constraints import Constraint
 from gateway.core.decision_cache import CachedDecision, DecisionCache
 from gateway.core.environments import EnvironmentResolver
+from gateway.core.grants import EnvironmentOf, Grant
 from gateway.core.keyring import Keyring
 from gateway.core.policy import Decision, decide
 from gateway.core.ratelimit import RateLimits
@@ -98,23 +99,7 @@ class Authorizer:
 
     def decide(self, claims: Claims, checks: Sequence[Check]) -> Ruling:
         """Allowed iff every check is (grants ∩ policy, DESIGN section 4); the first refusal otherwise."""
-        rules = self.rules
-        generation = rules.policy.generation
-        decided: list[tuple[Check, Decision]] = []
-        for check in checks:
-            decision = decide(claims.grants, rules.policy, app=check.app, env=check.env, action=check.action,
-                              token_name=claims.name, env_of=self.environments.resolve,
-                              org_filtered=check.org_filtered)
-            decided.append((check, decision))
-            if not decision.allowed:
-                return Ruling(decision, rules, generation, tuple(decided), check)
-        if not decided:
-            return Ruling(Decision(False, "the request names nothing this gateway can authorize"), rules, generation)
-        if len(decided) == 1:
-            return Ruling(decided[0][1], rules, generation, tuple(decided), decided[0][0])
-        reason = "; ".join(dict.fromkeys(decision.reason for _, decision in decided))
-        first = decided[0][1]
-        return Ruling(Decision(True, reason, first.grant, first.rule), rules, generation, tuple(decided), decided[0][0])
+        return rule_on(claims.grants, claims.name, checks, self.rules, self.environments.resolve)
 
     def decide_gateway(self, claims: Claims, action: str) -> Ruling:
         """May the token perform `action` (gateway:*) on the gateway's own API?"""
@@ -124,14 +109,8 @@ class Authorizer:
         return Ruling(decision, rules, rules.policy.generation)
 
     def constraints(self, ruling: Ruling, check: Check) -> tuple[Constraint, ...]:
-        """The constraints an allowed check's body must satisfy: those of the grant that allowed that
-        very check, under the rules it was decided under."""
-        decision = ruling.decision_for(check)
-        if decision is None:
-            raise ValueError(f"{check} was not decided in this ruling")  # a surface's bug: fail closed
-        if decision.grant is None or check.app is None or check.env is None:
-            return ()
-        return ruling.rules.constraints.applicable(decision.grant.role, check.env, check.action)
+        """The constraints an allowed check's body must satisfy (see `constraints_for`)."""
+        return constraints_for(ruling, check)
 
     def cached(self, claims: Claims, key: Hashable) -> CachedDecision | None:
         """The allowing decision this token got for the request `key` under the current rules."""
@@ -155,3 +134,35 @@ class Authorizer:
     def cache_hits(self) -> int:
         """Decisions served from a cache: whole requests (DecisionCache) and policy verdicts."""
         return self.decisions.hits + self.rules.policy.cache_hits
+
+
+def rule_on(grants: tuple[Grant, ...], token_name: str, checks: Sequence[Check], rules: Rules,
+            env_of: EnvironmentOf) -> Ruling:
+    """The decision for a token carrying `grants`: allowed iff every check is, under `rules`. The
+    request path (`Authorizer.decide`) and the dry runs (explain, `policy test`) both take it here."""
+    generation = rules.policy.generation
+    decided: list[tuple[Check, Decision]] = []
+    for check in checks:
+        decision = decide(grants, rules.policy, app=check.app, env=check.env, action=check.action,
+                          token_name=token_name, env_of=env_of, org_filtered=check.org_filtered)
+        decided.append((check, decision))
+        if not decision.allowed:
+            return Ruling(decision, rules, generation, tuple(decided), check)
+    if not decided:
+        return Ruling(Decision(False, "the request names nothing this gateway can authorize"), rules, generation)
+    if len(decided) == 1:
+        return Ruling(decided[0][1], rules, generation, tuple(decided), decided[0][0])
+    reason = "; ".join(dict.fromkeys(decision.reason for _, decision in decided))
+    first = decided[0][1]
+    return Ruling(Decision(True, reason, first.grant, first.rule), rules, generation, tuple(decided), decided[0][0])
+
+
+def constraints_for(ruling: Ruling, check: Check) -> tuple[Constraint, ...]:
+    """The constraints an allowed check's body must satisfy: those of the grant that allowed that
+    very check, under the rules it was decided under."""
+    decision = ruling.decision_for(check)
+    if decision is None:
+        raise ValueError(f"{check} was not decided in this ruling")  # a surface's bug: fail closed
+    if decision.grant is None or check.app is None or check.env is None:
+        return ()
+    return ruling.rules.constraints.applicable(decision.grant.role, check.env, check.action)
