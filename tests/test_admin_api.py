@@ -647,7 +647,7 @@ def test_explaining_a_malformed_token_is_a_422_not_a_401_for_the_caller(client: 
 
 
 @pytest.mark.parametrize("body", [
-    {"grants": ["admin@app:*"], "method": "DELETE", "path": "/v1/apps/web"},
+    {"grants": ["admin@env:production"], "method": "DELETE", "path": "/v1/apps/web-prod"},
     {"token": "sgt_whatever", "method": "GET", "path": "/v1/apps/web"},
 ])
 def test_non_admins_cannot_explain_for_others(gateway: RunningGateway, client: httpx.Client,

@@ -87,6 +87,9 @@ def admin_openapi() -> dict[str, Any]:
             },
             "/_gateway/v1/explain": {
                 "post": {"operationId": "explain", "summary": "Dry-run a request",
+                         "description": "The request path's decision, body constraints included, for the caller's "
+                                        "own token or some of its grants; another token or other grants need "
+                                        "token-admin@gateway (403 otherwise).",
                          "requestBody": _body("ExplainRequest"),
                          "responses": {"200": _json("Explanation", "The decision and why"),
                                        "422": _error("The token to explain is malformed, expired or revoked"),
