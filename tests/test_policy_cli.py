@@ -1,6 +1,6 @@
-"""`scopegate policy explain|test` against mistakes (issue 16 item 6), through the real entry point:
-dry runs take the request path's decision, body constraints included, naming the constraint that
-decided.
+"""`scopegate policy check|explain|test` against mistakes (issue 16 items 5 and 6), through the real
+entry point: role names that only a typo made (did-you-mean), and dry runs that take the request
+path's decision, body constraints included, naming the constraint that decided.
 """
 
 from __future__ import annotations
@@ -47,6 +47,59 @@ def edit_policy(folder: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text
     path.write_text(text.replace(old, new, 1))
+
+
+# --- issue 16 item 5: a misspelled role is an error, not a new role ----------------------------------
+
+@pytest.mark.parametrize(("old", "new", "named"), [
+    pytest.param("g, deployer, viewer", "g, deployer, viewer\ng, deployr, viewer",
+                 "role line 'g, deployr, viewer' names role 'deployr', which has no `p,` line of its own "
+                 "(did you mean 'deployer'?)", id="child-typo"),
+    pytest.param("g, operator, viewer", "g, operator, veiwer",
+                 "role line 'g, operator, veiwer' names role 'veiwer', which has no `p,` line of its own "
+                 "(did you mean 'viewer'?)", id="parent-typo"),
+    # The production secrets deny moved to a role nobody holds: it would bind no one.
+    pytest.param("p, deployer, *, production, secrets:write, deny", "p, deployr, *, production, secrets:write, deny",
+                 "role 'deployr' has only deny lines and no role inherits it, so its denies bind no one "
+                 "(did you mean 'deployer'?)", id="deny-line-typo"),
+])
+def test_policy_check_refuses_a_misspelled_role(folder: Path, old: str, new: str, named: str) -> None:
+    edit_policy(folder, old, new)
+    result = scopegate("policy", "check", "--config", "scopegate.yaml", cwd=folder)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_policy_check_accepts_new_roles_that_define_themselves(folder: Path) -> None:
+    edit_policy(folder, "# token-admin:", "\n".join([
+        "p, auditor, *, *, secrets:list, allow",  # a new role with a line of its own, and inheritance
+        "g, auditor, viewer",
+        "p, no-prod-exec, *, production, machines:exec, deny",  # a deny-only mixin some role inherits
+        "g, admin, no-prod-exec",
+        "# token-admin:"]))
+    result = scopegate("policy", "check", "--json", "--config", "scopegate.yaml", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert {"auditor", "no-prod-exec"} <= set(json.loads(result.stdout)["roles"])
+
+
+def test_policy_test_refuses_cases_with_an_unknown_role(folder: Path) -> None:
+    cases = folder / "cases.yaml"
+    cases.write_text(yaml.safe_dump([{"name": "typo", "grants": ["deployr@app:web-staging"], "method": "GET",
+                                      "path": "/v1/apps/web-staging", "expect": "deny"}]))
+    result = scopegate("policy", "test", "--config", "scopegate.yaml", "cases.yaml", cwd=folder)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "case 1: grant deployr@app:web-staging: role 'deployr' is not in the policy (did you mean 'deployer'?)" \
+        in result.stderr
+
+
+def test_token_mint_refuses_while_the_policy_has_a_misspelled_role(folder: Path) -> None:
+    assert scopegate("init", "--config", "scopegate.yaml", cwd=folder).returncode == 0
+    edit_policy(folder, "g, deployer, viewer", "g, deployer, viewer\ng, deployr, viewer")
+    result = scopegate("token", "mint", "--config", "scopegate.yaml", "--grant", "deployr@app:web", cwd=folder)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "deployr" in result.stderr and "did you mean 'deployer'?" in result.stderr
+    assert "sgt_" not in result.stdout
 
 
 # --- issue 16 item 6: explain and test take the request path's decision, constraints included -------

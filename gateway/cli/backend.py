@@ -20,7 +20,6 @@ from gateway.cli.common import config_from
 from gateway.cli.local import LocalAdmin
 from gateway.config import Config
 from gateway.core.environments import EnvironmentResolver
-from gateway.core.grants import GrantError, parse_grants
 from gateway.core.rules import Rules, load_rules
 from gateway.core.tokens import TokenVerifier
 from gateway.errors import (
@@ -110,10 +109,7 @@ class LocalBackend:
                 raise Unprocessable(f"field 'token': {exc.message}") from None
             parsed, name = claims.grants, claims.name
         else:
-            try:
-                parsed, name = parse_grants(grants or []), "explain"
-            except GrantError as exc:
-                raise BadRequest(str(exc)) from None
+            parsed, name = self.admin.registry.validate_grants(grants or []), "explain"
         raw = None if body is None else json.dumps(body).encode()
         routes, rules, environments = dry_run_rules(self.config)
         result = await explain(parsed, method, path, raw, routes=routes, rules=rules, environments=environments,

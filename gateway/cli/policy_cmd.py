@@ -1,10 +1,11 @@
 """`scopegate policy check|explain|test`: the policy files, checked and exercised offline.
 
-`check` loads model, policy, constraint and route files and their cross-references (exit 2
-naming the offending line). `explain` dry-runs one request for a token or a grant set (through
-the admin API when SCOPEGATE_ADDR/SCOPEGATE_TOKEN are set). `test FILE` runs a YAML list of cases
-`{name?, grants, method, path, body?, expect: allow|deny}` and exits 1 on any mismatch. Both dry
-runs take the request path's decision, body constraints included.
+`check` loads model, policy, constraint and route files and their cross-references, roles
+included (exit 2 naming the offending line, with a did-you-mean). `explain` dry-runs one request
+for a token or a grant set (through the admin API when SCOPEGATE_ADDR/SCOPEGATE_TOKEN are set).
+`test FILE` runs a YAML list of cases `{name?, grants, method, path, body?, expect: allow|deny}`
+and exits 1 on any mismatch (2 on a case naming a role or environment the policy lacks). Both dry
+runs take the request path's decision, body constraints included (docs/policy.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gateway.cli.backend import dry_run_rules, open_backend
 from gateway.cli.common import add_config, add_json, config_from
 from gateway.cli.output import console, print_json, print_mapping, print_table
 from gateway.core.grants import GrantError, parse_grants
+from gateway.core.registry import unknown_name
 from gateway.errors import ConfigError
 from gateway.surfaces.machines.explain import explain
 
@@ -84,7 +86,7 @@ async def explain_request(args: argparse.Namespace) -> int:
     return 0 if result["allowed"] else 1
 
 
-def _cases(path: Path) -> list[dict[str, Any]]:
+def _cases(path: Path, roles: set[str], environments: frozenset[str]) -> list[dict[str, Any]]:
     try:
         document = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -110,9 +112,14 @@ def _cases(path: Path) -> list[dict[str, Any]]:
         if isinstance(grants, str):
             case["grants"] = [grants]
         try:
-            parse_grants(case["grants"] if isinstance(case.get("grants"), list) else [])
+            grants = parse_grants(case["grants"] if isinstance(case.get("grants"), list) else [])
         except GrantError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        for grant in grants:
+            # A role or environment the policy lacks would make the case "deny" for a typo's sake.
+            problem = unknown_name(grant, roles, environments)
+            if problem is not None:
+                raise ConfigError(f"{where}: {problem}")
     return document
 
 
@@ -120,7 +127,7 @@ async def test_policy(args: argparse.Namespace) -> int:
     config = config_from(args)
     routes, rules, environments = dry_run_rules(config)
     rows = []
-    for index, case in enumerate(_cases(Path(args.file))):
+    for index, case in enumerate(_cases(Path(args.file), rules.policy.roles(), config.environment_names)):
         body = case.get("body")
         raw = None if body is None else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
         result = await explain(parse_grants(case["grants"]), case["method"], case["path"], raw, routes=routes,

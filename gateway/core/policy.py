@@ -82,6 +82,10 @@ class PolicyEngine:
             roles.update((child, parent))
         return roles
 
+    def role_lines(self) -> list[tuple[str, str]]:
+        """`g, CHILD, PARENT` lines as (child, parent)."""
+        return [(str(rule[0]), str(rule[1])) for rule in self._enforcer.get_grouping_policy()]
+
     def policy_lines(self) -> list[tuple[str, ...]]:
         return [tuple(str(x) for x in rule) for rule in self._enforcer.get_policy()]
 
