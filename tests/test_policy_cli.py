@@ -71,6 +71,25 @@ def test_policy_check_refuses_a_misspelled_role(folder: Path, old: str, new: str
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+@pytest.mark.parametrize(("old", "new", "named"), [
+    pytest.param('roles: ["deployer"]\n    images:', 'roles: ["deployr"]\n    images:',
+                 "constraint 'deployers ship images from the app's own Fly registry' roles names 'deployr', which "
+                 "matches no role of the policy (did you mean 'deployer'?)", id="constraint-role-typo"),
+    pytest.param('envs: ["production"]', 'envs: ["prodution"]',
+                 "constraint 'production machines stay within size and regions' envs names 'prodution', which "
+                 "matches no environment (did you mean 'production'?)", id="constraint-env-typo"),
+])
+def test_policy_check_refuses_a_constraint_that_would_bind_no_one(folder: Path, old: str, new: str,
+                                                                  named: str) -> None:
+    path = folder / "policies/constraints.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    result = scopegate("policy", "check", "--config", "scopegate.yaml", cwd=folder)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert named in result.stderr
+
+
 def test_policy_check_accepts_new_roles_that_define_themselves(folder: Path) -> None:
     edit_policy(folder, "# token-admin:", "\n".join([
         "p, auditor, *, *, secrets:list, allow",  # a new role with a line of its own, and inheritance

@@ -45,7 +45,9 @@ def load_rules(model: Path, policy_file: Path, constraints_file: Path | None,
     check_cross_references(policy, produced)
     check_environments(policy, environments)
     check_roles(policy)
-    return Rules(policy, load_constraints(constraints_file, {p.action for p in produced}))
+    constraints = load_constraints(constraints_file, {p.action for p in produced})
+    check_constraint_names(constraints, policy.roles(), environments)
+    return Rules(policy, constraints)
 
 
 def check_environments(policy: PolicyEngine, environments: frozenset[str]) -> None:
@@ -84,6 +86,18 @@ def check_roles(policy: PolicyEngine) -> None:
             raise ConfigError(f"{policy.policy_path}: role {role!r} has only deny lines and no role inherits it, "
                               f"so its denies bind no one{did_you_mean(role, defined - {role})}; fix the name, or "
                               f"add `g, SOME_ROLE, {role}`")
+
+
+def check_constraint_names(constraints: ConstraintSet, roles: set[str], environments: frozenset[str]) -> None:
+    """A constraint's roles and environments (globs) must each match a role of the policy and an
+    environment some app is in: `roles: [deployr]` would constrain no one, silently."""
+    for constraint in constraints.constraints:
+        for key, patterns, known in (("roles", constraint.roles, roles), ("envs", constraint.envs, environments)):
+            for pattern in patterns:
+                if not any(fnmatchcase(name, pattern) for name in known):
+                    raise ConfigError(f"{constraints.source}: constraint '{constraint.name}' {key} names {pattern!r}, "
+                                      f"which matches no {'role of the policy' if key == 'roles' else 'environment'}"
+                                      f"{did_you_mean(pattern, known)}; known: {', '.join(sorted(known))}")
 
 
 def load_constraints(path: Path | None, known: set[str]) -> ConstraintSet:
