@@ -60,8 +60,8 @@ def edit_policy(folder: Path, old: str, new: str) -> None:
                  "(did you mean 'viewer'?)", id="parent-typo"),
     # The production secrets deny moved to a role nobody holds: it would bind no one.
     pytest.param("p, deployer, *, production, secrets:write, deny", "p, deployr, *, production, secrets:write, deny",
-                 "role 'deployr' has only deny lines and no role inherits it, so its denies bind no one "
-                 "(did you mean 'deployer'?)", id="deny-line-typo"),
+                 "role 'deployr' has only deny lines and no `g,` line, so it allows nothing and its denies bind "
+                 "no one (did you mean 'deployer'?)", id="deny-line-typo"),
 ])
 def test_policy_check_refuses_a_misspelled_role(folder: Path, old: str, new: str, named: str) -> None:
     edit_policy(folder, old, new)
@@ -96,10 +96,12 @@ def test_policy_check_accepts_new_roles_that_define_themselves(folder: Path) -> 
         "g, auditor, viewer",
         "p, no-prod-exec, *, production, machines:exec, deny",  # a deny-only mixin some role inherits
         "g, admin, no-prod-exec",
+        "p, careful-viewer, *, production, secrets:list, deny",  # viewer less something: deny-only, inherits
+        "g, careful-viewer, viewer",
         "# token-admin:"]))
     result = scopegate("policy", "check", "--json", "--config", "scopegate.yaml", cwd=folder)
     assert result.returncode == 0, result.stderr
-    assert {"auditor", "no-prod-exec"} <= set(json.loads(result.stdout)["roles"])
+    assert {"auditor", "no-prod-exec", "careful-viewer"} <= set(json.loads(result.stdout)["roles"])
 
 
 def test_policy_test_refuses_cases_with_an_unknown_role(folder: Path) -> None:

@@ -66,26 +66,26 @@ def check_roles(policy: PolicyEngine) -> None:
     """A role is defined by `p,` lines of its own; a name that has none is a typo, which would
     otherwise create a role silently (`g, deployr, viewer` next to `deployer`). So every role a
     `g,` line names, child or parent, has a `p,` line of its own, and a role whose own lines are
-    all `deny` is inherited by some role: alone, its denies bind no one (`p, deployr, *,
-    production, secrets:write, deny` would deny nothing). Grants are checked against the same
-    roles (registry.unknown_name)."""
+    all `deny` is in some `g,` line (inheriting what it may do, or passing its denies on): alone,
+    it allows nothing and its denies bind no one (`p, deployr, *, production, secrets:write, deny`
+    would deny nothing). Grants are checked against the same roles (registry.unknown_name)."""
     own: dict[str, set[str]] = {}
     for rule in policy.policy_lines():
         own.setdefault(rule[0], set()).add(rule[4])
     defined = set(own)
-    parents: set[str] = set()
+    related: set[str] = set()
     for child, parent in policy.role_lines():
-        parents.add(parent)
+        related.update((child, parent))
         for role in (child, parent):
             if role not in defined:
                 raise ConfigError(f"{policy.policy_path}: role line 'g, {child}, {parent}' names role {role!r}, "
                                   f"which has no `p,` line of its own{did_you_mean(role, defined)}; a role is "
                                   "defined by its own permission lines: fix the name, or give the role a line")
     for role, effects in sorted(own.items()):
-        if effects == {"deny"} and role not in parents:
-            raise ConfigError(f"{policy.policy_path}: role {role!r} has only deny lines and no role inherits it, "
-                              f"so its denies bind no one{did_you_mean(role, defined - {role})}; fix the name, or "
-                              f"add `g, SOME_ROLE, {role}`")
+        if effects == {"deny"} and role not in related:
+            raise ConfigError(f"{policy.policy_path}: role {role!r} has only deny lines and no `g,` line, so it "
+                              f"allows nothing and its denies bind no one{did_you_mean(role, defined - {role})}; "
+                              f"fix the name, or add `g, {role}, PARENT_ROLE` or `g, SOME_ROLE, {role}`")
 
 
 def check_constraint_names(constraints: ConstraintSet, roles: set[str], environments: frozenset[str]) -> None:
