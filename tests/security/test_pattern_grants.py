@@ -14,24 +14,37 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import RunningGateway
+from tests.conftest import CREDENTIAL_ENV, RunningGateway, start_gateway
 from tests.security.harness import (
+    CREDENTIAL,
     assert_forwarded_exactly,
     assert_refused,
     request,
     reset,
-    running_gateway,
     send,
 )
-from tests.servers import Reply
+from tests.servers import RecordingUpstream, Reply, ServerThread
 
 PR_GRANT = "deployer@app:web-pr-*"
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    with running_gateway(tmp_path_factory.mktemp("sec-patterns")) as gateway:
-        yield gateway
+    """A gateway whose every surface (Machines, GraphQL, registry) goes to one recording upstream."""
+    recorder = RecordingUpstream()
+    server = ServerThread(recorder).start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+            gateway = start_gateway(tmp_path_factory.mktemp("sec-patterns"), recorder, server,
+                                    upstream={"graphql_url": f"{server.url}/graphql", "registry_url": server.url,
+                                              "org_slug": "acme"})
+            try:
+                yield gateway
+            finally:
+                gateway.server.stop()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +142,26 @@ def test_a_pattern_of_a_production_shape_reaches_production_only(gw: RunningGate
     reset(gw)
     answer = send(gw, request("GET", b"/v1/apps/web-pr-1", token=token))
     assert_refused(gw, answer, 403, "forbidden")
+
+
+@pytest.mark.parametrize("query", [
+    pytest.param('{ app(name: "web-pr-1-prod") { id name } }', id="read"),
+    pytest.param('mutation { createApp(input: {name: "web-pr-1-prod", organizationId: "acme"}) { app { id } } }',
+                 id="createApp"),
+])
+def test_graphql_refuses_the_production_app_too(gw: RunningGateway, pr_token: str, query: str) -> None:
+    answer = send(gw, request("POST", b"/graphql", token=pr_token, body=json.dumps({"query": query}).encode(),
+                              headers=[(b"content-type", b"application/json")]))
+    assert answer.status == 200, answer.body  # GraphQL refusals travel as 200 with errors (docs/graphql.md)
+    (error,) = answer.json()["errors"]
+    assert error["extensions"]["code"] == "FORBIDDEN" and error["extensions"]["status"] == 403
+    assert gw.upstream.received == []
+
+
+def test_the_registry_refuses_the_production_app_and_serves_the_pr_app(gw: RunningGateway, pr_token: str) -> None:
+    answer = send(gw, request("GET", b"/v2/web-pr-1-prod/tags/list", token=pr_token))
+    assert_refused(gw, answer, 403)
+    assert b"DENIED" in answer.body
+    answer = send(gw, request("GET", b"/v2/web-pr-1/tags/list", token=pr_token))
+    assert answer.status == 200, answer.body
+    assert [r.raw_path for r in gw.upstream.received] == [b"/v2/web-pr-1/tags/list"]
