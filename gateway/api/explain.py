@@ -20,7 +20,7 @@ from gateway.api.endpoint import Handler
 from gateway.core.audit import AuditRecord
 from gateway.core.grants import Grant
 from gateway.core.tokens import Claims
-from gateway.errors import Forbidden, Unauthenticated, Unprocessable
+from gateway.errors import BadRequest, Forbidden, Unauthenticated, Unprocessable
 from gateway.services import Services
 from gateway.surfaces.machines.explain import explain
 
@@ -48,11 +48,12 @@ async def whose(services: Services, claims: Claims, body: dict[str, Any]) -> tup
     """The grants to explain for, and the token name the answer uses: the caller's own unless it
     asks for others, which only a token-admin may."""
     admin = services.authorizer.decide_gateway(claims, "gateway:explain").allowed
+    if body.get("token") is not None and body.get("grants") is not None:
+        raise BadRequest("give 'grants' or 'token', not both")
     if body.get("token") is not None:
         other = await _token(services, field(body, "token", str), admin=admin)
         if not admin and other.jti != claims.jti:
-            raise Forbidden(f"field 'token' is not the token you call with ('{claims.name}'); {_ADMIN_ONLY}. "
-                            "Omit 'token' to explain for your own token")
+            raise _not_yours()
         return other.grants, other.name
     if body.get("grants") is not None:
         asked = services.registry.validate_grants(grants_field(body))  # unknown roles: 400, did you mean
@@ -73,8 +74,13 @@ async def _token(services: Services, text: str, *, admin: bool) -> Claims:
         await services.registry.check(other)
     except Unauthenticated as exc:
         if not admin:
-            # Not provably the caller's own: the same refusal as for any other token.
-            raise Forbidden(f"field 'token' is not the token you call with; {_ADMIN_ONLY}") from None
+            # Not provably the caller's own: the same refusal as for any other token, word for word.
+            raise _not_yours() from None
         # The token asked about is the request's data, not the caller's credential.
         raise Unprocessable(f"field 'token': {exc.message}") from None
     return other
+
+
+def _not_yours() -> Forbidden:
+    return Forbidden(f"field 'token' is not the token you call with; {_ADMIN_ONLY}. Omit 'token' to explain for "
+                     "your own token")

@@ -71,8 +71,16 @@ def test_a_non_admin_cannot_explain_another_token(gw: RunningGateway, tokens: di
     response = explain(gw, tokens["pr"], token=other, method="GET", path="/v1/apps/web-prod")
     # 403 for a malformed one too: a non-admin learns nothing about a token string it sends.
     assert response.status_code == 403, response.text
-    assert "field 'token' is not the token you call with" in response.json()["message"]
+    assert response.json()["message"] == ("field 'token' is not the token you call with; explaining other grants "
+                                          "or another token needs token-admin@gateway. Omit 'token' to explain "
+                                          "for your own token")  # the same words whichever token it was
     assert "sgt_" not in response.text
+
+
+def test_grants_and_token_together_are_refused(gw: RunningGateway, tokens: dict[str, str]) -> None:
+    response = explain(gw, tokens["admin"], grants=["viewer@app:web"], token=tokens["pr"], method="GET",
+                       path="/v1/apps/web")
+    assert response.status_code == 400 and "not both" in response.json()["message"]
 
 
 def test_a_token_explains_itself_and_its_own_grants(gw: RunningGateway, tokens: dict[str, str]) -> None:
