@@ -152,7 +152,8 @@ async def time_path(verifier: TokenVerifier, registry: TokenRegistry, routes: Ro
         resolved = resolve_request(match, target.raw_query, None)
         env = environments.resolve(resolved.app) if resolved.app is not None else None
         decision = decide(claims.grants, policy, app=resolved.app, env=env, action=resolved.action,
-                          token_name=claims.name, org_filtered=resolved.route.filter_apps)
+                          token_name=claims.name, env_of=environments.resolve,
+                          org_filtered=resolved.route.filter_apps)
         samples[i] = clock() - t0
         if not decision.allowed:
             raise AssertionError(f"decision path benchmark request was denied: {decision.reason}")

@@ -112,7 +112,7 @@ class Services:
         roles = authorizer.rules.policy.roles()
         check_rate_limit_roles(config, roles)  # before the audit sinks open: a bad key opens no file
         exchanger = TokenExchanger(config.oidc_trust, registry=registry, store=store,
-                                   gateway_audience=config.tokens_audience,
+                                   gateway_audience=config.tokens_audience, env_of=authorizer.environments.resolve,
                                    known_roles=roles) if config.oidc_trust else None
         audit.open(sinks_from_config(config.audit_sinks, config.base_dir, redis_sink=redis_sink(config, store)))
         return cls(config=config, store=store, authorizer=authorizer, audit=audit, upstream=upstream,

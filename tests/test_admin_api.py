@@ -440,7 +440,7 @@ def test_a_revoked_or_rotated_away_token_cannot_be_rotated(client: httpx.Client,
 
 def test_attenuation_narrows_the_callers_own_token(gateway: RunningGateway, client: httpx.Client,
                                                    admin: str) -> None:
-    parent = gateway.mint("deployer@app:web-*", "viewer@app:api", ttl_s=3600, name="wide")
+    parent = gateway.mint("deployer@app:*", "viewer@app:api", ttl_s=3600, name="wide")
     parent_claims = payload(parent)
     assert status_of(client, parent, "POST", "/v1/apps/web-prod/machines") == 200
     response = attenuate(client, parent, "deployer@app:web-staging", ttl="10m", name="narrow")
@@ -543,7 +543,7 @@ def test_a_revoked_token_cannot_attenuate(gateway: RunningGateway, client: httpx
 def test_revoking_a_parent_revokes_attenuated_descendants_but_not_its_rotation_successor(
         client: httpx.Client, admin: str) -> None:
     # Issue 16 item 8: "rotate because it leaked, then revoke the leaked one" keeps the new one.
-    parent = mint(client, admin, "deployer@app:web-*", name="parent")
+    parent = mint(client, admin, "deployer@app:*", name="parent")
     rotated = client.post(f"{V1}/tokens/{parent['jti']}/rotate", headers=bearer(admin), json={"grace": "1h"})
     assert rotated.status_code == 201
     assert rotated.json()["rotated_from"] == parent["jti"] and rotated.json()["parent"] is None
@@ -655,7 +655,7 @@ def test_explaining_a_malformed_token_is_a_422_not_a_401_for_the_caller(client: 
 
 
 @pytest.mark.parametrize("body", [
-    {"grants": ["admin@app:*"], "method": "DELETE", "path": "/v1/apps/web"},
+    {"grants": ["admin@env:production"], "method": "DELETE", "path": "/v1/apps/web-prod"},
     {"token": "sgt_whatever", "method": "GET", "path": "/v1/apps/web"},
 ])
 def test_non_admins_cannot_explain_for_others(gateway: RunningGateway, client: httpx.Client,

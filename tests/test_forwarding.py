@@ -191,7 +191,9 @@ def test_app_listing_is_filtered_to_the_apps_the_token_covers(gateway: RunningGa
     cases = {
         ("viewer@app:web-staging",): ["web-staging"],
         ("deployer@env:staging",): ["web-staging", "api-staging"],
-        ("viewer@app:web-*",): ["web-staging", "web-prod", "web-pr-7"],
+        # A pattern grant stays in its pattern's environment: web-* (development), web*-prod (production).
+        ("viewer@app:web-*",): ["web-pr-7"],
+        ("viewer@app:web*-prod",): ["web-prod"],
         ("viewer@app:nothing-here",): [],
     }
     with gateway.client() as client:

@@ -6,7 +6,11 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import APP_NAME, Grant, GrantError, parse_grant, parse_grants
+
+# The environment rules of config.example.yaml: what a pattern grant's own environment is read with.
+ENV_OF = EnvironmentResolver((("*-prod", "production"), ("*-staging", "staging")), "development").resolve
 
 # --- parse_grant: valid forms -----------------------------------------------------------------
 
@@ -123,17 +127,25 @@ COVERS: list[tuple[str, str, str, bool]] = [
     ("viewer@app:web", "WEB", "production", False),
     ("viewer@app:web-staging", "web-staging", "staging", True),
     ("viewer@app:web-staging", "web-prod", "staging", False),
-    ("deployer@app:web-pr-*", "web-pr-42", "preview", True),
-    ("deployer@app:web-pr-*", "web-pr-", "preview", True),
-    ("deployer@app:web-pr-*", "web-pr-42-x", "preview", True),
+    ("deployer@app:web-pr-*", "web-pr-42", "development", True),
+    ("deployer@app:web-pr-*", "web-pr-", "development", True),
+    ("deployer@app:web-pr-*", "web-pr-42-x", "development", True),
     ("deployer@app:web-pr-*", "web-prod", "production", False),
-    ("deployer@app:web-pr-*", "web-pr", "preview", False),
-    ("deployer@app:web-pr-*", "api-web-pr-1", "preview", False),
-    ("deployer@app:web-pr-*", "WEB-PR-1", "preview", False),
-    ("viewer@app:web-?", "web-a", "staging", True),
-    ("viewer@app:web-?", "web-1", "staging", True),
-    ("viewer@app:web-?", "web-", "staging", False),
-    ("viewer@app:web-?", "web-ab", "staging", False),
+    ("deployer@app:web-pr-*", "web-pr", "development", False),
+    ("deployer@app:web-pr-*", "api-web-pr-1", "development", False),
+    ("deployer@app:web-pr-*", "WEB-PR-1", "development", False),
+    ("viewer@app:web-?", "web-a", "development", True),
+    ("viewer@app:web-?", "web-1", "development", True),
+    ("viewer@app:web-?", "web-", "development", False),
+    ("viewer@app:web-?", "web-ab", "development", False),
+    # A pattern grant stays in its pattern's own environment (issue 15 class 5).
+    ("deployer@app:web-pr-*", "web-pr-1-prod", "production", False),
+    ("deployer@app:web-pr-*", "web-pr-1-staging", "staging", False),
+    ("viewer@app:web-*", "web-staging", "staging", False),
+    ("viewer@app:web-*-prod", "web-a-prod", "production", True),
+    ("viewer@app:web-*-prod", "web-a-prod-staging", "staging", False),
+    ("viewer@app:web-?", "web-prod", "production", False),
+    ("viewer@app:*", "web-pr-1-prod", "production", True),
     ("viewer@app:*-staging", "api-staging", "staging", True),
     ("viewer@app:*-staging", "api-staging-2", "staging", False),
     ("viewer@app:*", "anything-at-all", "production", True),
@@ -151,7 +163,7 @@ COVERS: list[tuple[str, str, str, bool]] = [
 @pytest.mark.parametrize(("grant", "app", "env", "covered"), COVERS,
                          ids=[f"{g} {'covers' if c else 'not'} {a} ({e})" for g, a, e, c in COVERS])
 def test_covers_app(grant: str, app: str, env: str, covered: bool) -> None:
-    assert parse_grant(grant).covers_app(app, env) is covered
+    assert parse_grant(grant).covers_app(app, env, ENV_OF) is covered
 
 
 @pytest.mark.parametrize(("text", "org_wide"), [
@@ -173,6 +185,9 @@ WITHIN: list[tuple[str, str, bool]] = [
     ("deployer@app:anything", "deployer@app:*", True),
     ("deployer@app:*", "deployer@app:*", True),
     ("deployer@app:web-prod", "deployer@app:web-pr-*", False),
+    ("deployer@app:web-pr-1-prod", "deployer@app:web-pr-*", False),  # matches, but in production
+    ("deployer@app:web-pr-1-staging", "deployer@app:web-pr-*", False),
+    ("deployer@app:web-pr-1-prod", "deployer@app:*", True),
     ("deployer@app:web-pr-*", "deployer@app:web-pr-42", False),
     ("deployer@app:*", "deployer@app:web-pr-*", False),
     ("deployer@app:web-pr-1*", "deployer@app:web-pr-*", False),  # narrower glob: refused, conservatively
@@ -193,7 +208,7 @@ WITHIN: list[tuple[str, str, bool]] = [
 @pytest.mark.parametrize(("child", "parent", "inside"), WITHIN,
                          ids=[f"{c} {'within' if w else 'not within'} {p}" for c, p, w in WITHIN])
 def test_within(child: str, parent: str, inside: bool) -> None:
-    assert parse_grant(child).within(parse_grant(parent)) is inside
+    assert parse_grant(child).within(parse_grant(parent), ENV_OF) is inside
 
 
 # --- APP_NAME: the app-name check routes.py applies to names taken from paths and bodies -------
@@ -218,17 +233,17 @@ ENVS = st.from_regex(r"[a-z][a-z0-9_-]{0,10}", fullmatch=True)
 @given(name=APP_NAMES, env=ENVS)
 def test_literal_grant_covers_its_own_app(name: str, env: str) -> None:
     grant = Grant("viewer", "app", name)
-    assert grant.covers_app(name, "x")
-    assert grant.covers_app(name, env)
+    assert grant.covers_app(name, "x", ENV_OF)
+    assert grant.covers_app(name, env, ENV_OF)
     assert parse_grant(f"viewer@app:{name}") == grant
-    assert grant.within(grant)
+    assert grant.within(grant, ENV_OF)
 
 
 @given(name=APP_NAMES, other=APP_NAMES)
 def test_literal_grant_never_covers_a_different_app(name: str, other: str) -> None:
     assume(name != other)
-    assert not Grant("viewer", "app", name).covers_app(other, "x")
-    assert not parse_grant(f"viewer@app:{name}").covers_app(other, "x")
+    assert not Grant("viewer", "app", name).covers_app(other, "x", ENV_OF)
+    assert not parse_grant(f"viewer@app:{name}").covers_app(other, "x", ENV_OF)
 
 
 GLOBS = st.from_regex(r"[ab*?-]{1,6}", fullmatch=True).filter(lambda g: g[0] != "-")
@@ -239,5 +254,5 @@ SMALL_APPS = st.from_regex(r"[ab][ab-]{0,6}", fullmatch=True)
 def test_within_never_widens(child: str, parent: str, app: str) -> None:
     """A grant accepted as narrower than its parent covers no app the parent does not."""
     narrowed, original = parse_grant(f"deployer@app:{child}"), parse_grant(f"deployer@app:{parent}")
-    if narrowed.within(original) and narrowed.covers_app(app, "x"):
-        assert original.covers_app(app, "x")
+    if narrowed.within(original, ENV_OF) and narrowed.covers_app(app, ENV_OF(app), ENV_OF):
+        assert original.covers_app(app, ENV_OF(app), ENV_OF)

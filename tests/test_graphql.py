@@ -203,7 +203,7 @@ def test_a_batch_with_one_other_app_is_refused_whole(gql: RunningGateway, deploy
 
 
 def test_deployers_still_cannot_write_production_secrets(gql: RunningGateway) -> None:
-    token = gql.mint("deployer@app:web-*")
+    token = gql.mint("deployer@app:web*-prod")
     payload = {"query": SET_SECRETS, "variables": {"input": {"appId": "web-prod", "secrets": []}}}
     message = refused(post(gql, token, payload), gql)
     assert "secrets:write" in message and "production" in message

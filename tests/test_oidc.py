@@ -192,10 +192,13 @@ def test_a_feature_branch_gets_only_what_its_rules_allow(ci: RunningGateway, iss
 
 
 def test_scope_narrows_the_grants(ci: RunningGateway, issuer: FakeIssuer) -> None:
-    response = exchange(ci, issuer.github_token(), scope="viewer@app:web-staging")
+    response = exchange(ci, issuer.github_token(), scope="viewer@app:web-preview")
     assert response.status_code == 200, response.text
-    assert response.json()["scope"] == "viewer@app:web-staging"
-    assert token_claims(response.json()["access_token"])["grants"] == ["viewer@app:web-staging"]
+    assert response.json()["scope"] == "viewer@app:web-preview"
+    assert token_claims(response.json()["access_token"])["grants"] == ["viewer@app:web-preview"]
+    # web-staging matches web-*, but in staging: the rule's pattern stays in development.
+    staging = exchange(ci, issuer.github_token(), scope="viewer@app:web-staging")
+    assert staging.status_code == 400, staging.text
     before = record_count(ci)
     wider = exchange(ci, issuer.github_token(), scope="deployer@app:web-prod")
     assert_refused(ci, wider, before, 400, "invalid_scope", "deployer@app:web-prod")

@@ -126,7 +126,8 @@ def test_rule_grant_roles_are_checked_against_the_policy() -> None:
     rules = parse_trust_rules([rule(grants=["deployr@app:web"])])
     with pytest.raises(ConfigError, match=r"oidc\.trust\[0\]\.grants.*deployr"):
         TokenExchanger(rules, registry=SimpleNamespace(environments=frozenset({"staging"})),  # type: ignore[arg-type]
-                       store=None, gateway_audience="scopegate", known_roles={"deployer", "viewer"})  # type: ignore[arg-type]
+                       store=None, gateway_audience="scopegate", env_of=lambda app: "staging",  # type: ignore[arg-type]
+                       known_roles={"deployer", "viewer"})
 
 
 # --- matching -----------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ MODEL = REPO / "policies/model.conf"
 POLICY = REPO / "policies/policy.csv"
 ROUTE_ACTIONS = sorted(RouteTable.load([REPO / "policies/routes/fly-machines.yaml"]).actions())
 ENVIRONMENTS = ["production", "staging", "development"]
+# config.example.yaml's environment rules: a pattern grant stays in its pattern's own environment.
+ENV_OF = EnvironmentResolver((("*-prod", "production"), ("*-staging", "staging")), "development").resolve
 APP_FAMILIES = ("apps", "machines", "leases", "metadata", "secrets", "secretkeys", "volumes", "ips", "certificates")
 
 VIEWER = {"apps:read", "apps:list", "machines:read", "leases:read", "metadata:read", "secrets:list", "volumes:read",
@@ -49,7 +51,7 @@ def engine() -> PolicyEngine:
 def ask(engine: PolicyEngine, grants: list[str], *, app: str | None, env: str | None, action: str,
         name: str = "ci", gateway_target: bool = False, org_filtered: bool = False) -> Decision:
     return decide(parse_grants(grants), engine, app=app, env=env, action=action, token_name=name,
-                  gateway_target=gateway_target, org_filtered=org_filtered)
+                  env_of=ENV_OF, gateway_target=gateway_target, org_filtered=org_filtered)
 
 
 def test_the_action_list_is_representative() -> None:
@@ -87,11 +89,12 @@ def test_no_role_gets_tokens_or_orgs_at_org_level(engine: PolicyEngine, role: st
 # --- grant coverage --------------------------------------------------------------------------
 
 COVERAGE: list[tuple[str, str, str, str, bool]] = [
-    ("deployer@app:web-pr-*", "web-pr-42", "staging", "machines:deploy", True),
+    ("deployer@app:web-pr-*", "web-pr-42", "development", "machines:deploy", True),
     ("deployer@app:web-pr-*", "web-prod", "production", "machines:deploy", False),
-    ("deployer@app:web-pr-*", "api-web-pr-1", "staging", "machines:deploy", False),
-    ("viewer@app:web-?", "web-a", "staging", "apps:read", True),
-    ("viewer@app:web-?", "web-ab", "staging", "apps:read", False),
+    ("deployer@app:web-pr-*", "api-web-pr-1", "development", "machines:deploy", False),
+    ("viewer@app:web-?", "web-a", "development", "apps:read", True),
+    ("viewer@app:web-?", "web-ab", "development", "apps:read", False),
+    ("viewer@app:web*-prod", "web-prod", "production", "apps:read", True),
     ("viewer@app:web", "web", "production", "apps:read", True),
     ("viewer@app:web", "web-2", "production", "apps:read", False),
     ("deployer@env:staging", "api-staging", "staging", "machines:deploy", True),
@@ -112,6 +115,13 @@ def test_grant_coverage(engine: PolicyEngine, grant: str, app: str, env: str, ac
         assert decision.reason == f"token 'ci' has no grant that covers app {app} (environment {env})"
 
 
+def test_a_pattern_grant_in_another_environment_is_named(engine: PolicyEngine) -> None:
+    decision = ask(engine, ["deployer@app:web-pr-*"], app="web-pr-1-prod", env="production", action="apps:create")
+    assert not decision.allowed
+    assert decision.reason.startswith("token 'ci' has no grant that covers app web-pr-1-prod (environment production)")
+    assert "deployer@app:web-pr-* matches the name but stays in environment development" in decision.reason
+
+
 def test_uncovered_reason_names_token_app_and_environment(engine: PolicyEngine) -> None:
     decision = ask(engine, ["admin@app:web-staging", "deployer@env:staging"], app="web-prod", env="production",
                    action="machines:read", name="nightly")
@@ -121,10 +131,10 @@ def test_uncovered_reason_names_token_app_and_environment(engine: PolicyEngine) 
 
 
 def test_any_covering_grant_that_allows_wins(engine: PolicyEngine) -> None:
-    grants = ["deployer@app:web-prod", "admin@app:web-*"]
+    grants = ["deployer@app:web-prod", "admin@app:web*-prod"]
     decision = ask(engine, grants, app="web-prod", env="production", action="secrets:write")
     assert decision.allowed
-    assert str(decision.grant) == "admin@app:web-*"
+    assert str(decision.grant) == "admin@app:web*-prod"
     assert not ask(engine, grants[:1], app="web-prod", env="production", action="secrets:write").allowed
 
 

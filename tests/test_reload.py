@@ -217,6 +217,10 @@ BROKEN: list[Any] = [
     pytest.param("policy", PROD_SECRETS_DENY, "p, deployer, secrets:write\n", id="policy-short-line"),
     pytest.param("policy", PROD_SECRETS_DENY, "p, deployer, *, production, secrets:write, dney\n",
                  id="policy-effect-typo"),
+    # A misspelled role is no new role (issue 16 item 5): a deny moved to it would bind no one.
+    pytest.param("policy", PROD_SECRETS_DENY, "p, deployr, *, production, secrets:write, deny\n",
+                 id="policy-deny-role-typo"),
+    pytest.param("policy", "g, operator, viewer\n", "g, operator, veiwer\n", id="policy-parent-role-typo"),
     pytest.param("routes", "routes:\n", "routes: [\n", id="routes-yaml-garbage"),
     pytest.param("routes", "action: platform:read", "action: platfrom:read", id="routes-action-typo"),
 ]

@@ -122,6 +122,9 @@ def admin_openapi() -> dict[str, Any]:
             },
             "/_gateway/v1/explain": {
                 "post": {"operationId": "explain", "summary": "Dry-run a request",
+                         "description": "The request path's decision, body constraints included, for the caller's "
+                                        "own token or some of its grants; another token or other grants need "
+                                        "token-admin@gateway (403 otherwise).",
                          "requestBody": _body("ExplainRequest"),
                          "responses": {"200": _json("Explanation", "The decision and why"),
                                        "422": _error("The token to explain is malformed, expired or revoked"),
@@ -208,7 +211,9 @@ def admin_openapi() -> dict[str, Any]:
                     "operation": {"type": "string", "nullable": True}, "action": {"type": "string", "nullable": True},
                     "app": {"type": "string", "nullable": True}, "env": {"type": "string", "nullable": True},
                     "grant": {"type": "string", "nullable": True},
-                    "rule": {"type": "array", "items": {"type": "string"}}}},
+                    "rule": {"type": "array", "items": {"type": "string"}},
+                    "constraints": {"type": "array", "items": {"type": "string"}},
+                    "constraint": {"type": "string", "nullable": True}}},
             },
         },
     }

@@ -19,9 +19,10 @@ import httpx
 from gateway.cli.common import config_from
 from gateway.cli.local import LocalAdmin
 from gateway.cli.local_audit import LocalAudit
+from gateway.config import Config
 from gateway.core.environments import EnvironmentResolver
-from gateway.core.grants import GrantError, parse_grants
 from gateway.core.policy import PolicyEngine
+from gateway.core.rules import Rules, load_rules
 from gateway.core.token_query import TokenFilter, abilities, select, state_of
 from gateway.core.tokens import Claims, TokenVerifier
 from gateway.errors import (
@@ -34,6 +35,7 @@ from gateway.errors import (
     Unauthenticated,
     Unprocessable,
 )
+from gateway.services import produced_actions
 from gateway.surfaces.machines.explain import explain
 from gateway.surfaces.routes import RouteTable
 
@@ -134,17 +136,13 @@ class LocalBackend:
                 await self.admin.registry.check(claims)
             except Unauthenticated as exc:
                 raise Unprocessable(f"field 'token': {exc.message}") from None
-            parsed, name = claims.grants, claims.name
+            parsed, name, chain = claims.grants, claims.name, claims.chain
         else:
-            try:
-                parsed, name = parse_grants(grants or []), "explain"
-            except GrantError as exc:
-                raise BadRequest(str(exc)) from None
+            parsed, name, chain = self.admin.registry.validate_grants(grants or []), "explain", ()
         raw = None if body is None else json.dumps(body).encode()
-        config = self.config
-        result = explain(parsed, method, path, raw, routes=RouteTable.load(config.routes),
-                         policy=PolicyEngine(config.policy_model, config.policy_policy),
-                         environments=self._environments(), token_name=name)
+        routes, rules, environments = dry_run_rules(self.config)
+        result = await explain(parsed, method, path, raw, routes=routes, rules=rules, environments=environments,
+                               token_name=name, chain=chain)
         return result.to_json()
 
     async def whoami(self, token: str) -> Json:
@@ -159,14 +157,25 @@ class LocalBackend:
         return TokenVerifier(self.admin.keyring, self.config.tokens_issuer, self.config.tokens_audience)
 
     def _environments(self) -> EnvironmentResolver:
-        return EnvironmentResolver(tuple((r.app, r.env) for r in self.config.environment_rules),
-                                   self.config.environment_default)
+        return environment_resolver(self.config)
 
     async def close(self) -> None:
         try:
             await self.audit.close()
         finally:
             await self.admin.close()
+
+
+def environment_resolver(config: Config) -> EnvironmentResolver:
+    return EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules), config.environment_default)
+
+
+def dry_run_rules(config: Config) -> tuple[RouteTable, Rules, EnvironmentResolver]:
+    """What a dry run (explain, `policy test`) decides with: the rules a gateway would load from this
+    config (policy and constraints, checked as a start or reload checks them), and its routes."""
+    rules = load_rules(config.policy_model, config.policy_policy, config.policy_constraints,
+                       produced_actions(config), config.environment_names)
+    return RouteTable.load(config.routes), rules, environment_resolver(config)
 
 
 _ERRORS: dict[int, type[GatewayError]] = {400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound,

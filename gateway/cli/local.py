@@ -13,6 +13,7 @@ from gateway.core.keyring import Keyring
 from gateway.core.policy import PolicyEngine
 from gateway.core.ratelimit import DerivationLimit
 from gateway.core.registry import TokenRegistry
+from gateway.core.rules import check_roles
 from gateway.core.tokens import TokenIssuer
 from gateway.store import TokenStore
 from gateway.store.backends import open_store
@@ -29,6 +30,7 @@ class LocalAdmin:
     def open(cls, config: Config, keyring: Keyring | None = None) -> LocalAdmin:
         keyring = keyring or Keyring.load(config.tokens_keyring)
         policy = PolicyEngine(config.policy_model, config.policy_policy)
+        check_roles(policy)  # grants are checked against the roles; a typo'd role is no role
         store = open_store(config)
         issuer = TokenIssuer(keyring, config.tokens_issuer, config.tokens_audience)
         registry = TokenRegistry(store, issuer, known_roles=policy.roles,

@@ -1,9 +1,11 @@
 """`scopegate policy check|explain|test`: the policy files, checked and exercised offline.
 
-`check` loads model, policy and route files and their cross-references (exit 2 naming the
-offending line). `explain` dry-runs one request for a token or a grant set (through the admin
-API when SCOPEGATE_ADDR/SCOPEGATE_TOKEN are set). `test FILE` runs a YAML list of cases
-`{name?, grants, method, path, body?, expect: allow|deny}` and exits 1 on any mismatch.
+`check` loads model, policy, constraint and route files and their cross-references, roles
+included (exit 2 naming the offending line, with a did-you-mean). `explain` dry-runs one request
+for a token or a grant set (through the admin API when SCOPEGATE_ADDR/SCOPEGATE_TOKEN are set).
+`test FILE` runs a YAML list of cases `{name?, grants, method, path, body?, expect: allow|deny}`
+and exits 1 on any mismatch (2 on a case naming a role or environment the policy lacks). Both dry
+runs take the request path's decision, body constraints included (docs/policy.md).
 """
 
 from __future__ import annotations
@@ -15,21 +17,16 @@ from typing import Any
 
 import yaml
 
-from gateway.cli.backend import open_backend
+from gateway.cli.backend import dry_run_rules, open_backend
 from gateway.cli.common import add_config, add_json, config_from
 from gateway.cli.output import console, print_json, print_mapping, print_table
-from gateway.config import Config
-from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import GrantError, parse_grants
-from gateway.core.policy import PolicyEngine
-from gateway.core.rules import load_rules
+from gateway.core.registry import unknown_name
 from gateway.errors import ConfigError
-from gateway.services import produced_actions
 from gateway.surfaces.machines.explain import explain
-from gateway.surfaces.routes import RouteTable
 
 EXPLAIN_KEYS = ("allowed", "status", "error", "method", "path", "operation", "action", "app", "env", "grant",
-                "rule", "reason")
+                "rule", "constraints", "constraint", "reason")
 
 
 def register(sub: Any) -> None:
@@ -52,18 +49,10 @@ def register(sub: Any) -> None:
     test.set_defaults(handler=test_policy)
 
 
-def _load(config: Config) -> tuple[RouteTable, PolicyEngine, EnvironmentResolver]:
-    routes = RouteTable.load(config.routes)
-    policy = load_rules(config.policy_model, config.policy_policy, config.policy_constraints,
-                        produced_actions(config), config.environment_names).policy
-    environments = EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
-                                       config.environment_default)
-    return routes, policy, environments
-
-
 def check_policy(args: argparse.Namespace) -> int:
     config = config_from(args)
-    routes, policy, _ = _load(config)
+    routes, rules, _ = dry_run_rules(config)
+    policy = rules.policy
     roles = sorted(policy.roles())
     summary = {"ok": True, "routes": len(routes.routes), "policy_lines": len(policy.policy_lines()),
                "roles": roles, "model": str(config.policy_model),
@@ -91,11 +80,13 @@ async def explain_request(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print_mapping({**result, "allowed": "yes" if result["allowed"] else "no"}, EXPLAIN_KEYS)
+        # Constraint names hold spaces and commas: one list item per "; ".
+        print_mapping({**result, "allowed": "yes" if result["allowed"] else "no",
+                       "constraints": "; ".join(result.get("constraints") or ())}, EXPLAIN_KEYS)
     return 0 if result["allowed"] else 1
 
 
-def _cases(path: Path) -> list[dict[str, Any]]:
+def _cases(path: Path, roles: set[str], environments: frozenset[str]) -> list[dict[str, Any]]:
     try:
         document = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -121,25 +112,31 @@ def _cases(path: Path) -> list[dict[str, Any]]:
         if isinstance(grants, str):
             case["grants"] = [grants]
         try:
-            parse_grants(case["grants"] if isinstance(case.get("grants"), list) else [])
+            grants = parse_grants(case["grants"] if isinstance(case.get("grants"), list) else [])
         except GrantError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        for grant in grants:
+            # A role or environment the policy lacks would make the case "deny" for a typo's sake.
+            problem = unknown_name(grant, roles, environments)
+            if problem is not None:
+                raise ConfigError(f"{where}: {problem}")
     return document
 
 
-def test_policy(args: argparse.Namespace) -> int:
+async def test_policy(args: argparse.Namespace) -> int:
     config = config_from(args)
-    routes, policy, environments = _load(config)
+    routes, rules, environments = dry_run_rules(config)
     rows = []
-    for index, case in enumerate(_cases(Path(args.file))):
+    for index, case in enumerate(_cases(Path(args.file), rules.policy.roles(), config.environment_names)):
         body = case.get("body")
         raw = None if body is None else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
-        result = explain(parse_grants(case["grants"]), case["method"], case["path"], raw, routes=routes,
-                         policy=policy, environments=environments, token_name=case.get("name") or "test")
+        result = await explain(parse_grants(case["grants"]), case["method"], case["path"], raw, routes=routes,
+                               rules=rules, environments=environments, token_name=case.get("name") or "test")
         got = "allow" if result.allowed else "deny"
         rows.append({"case": str(index + 1), "name": case.get("name") or "", "grants": case["grants"],
                      "request": f"{case['method'].upper()} {case['path']}", "expect": case["expect"], "got": got,
-                     "ok": "ok" if got == case["expect"] else "FAIL", "reason": result.reason})
+                     "ok": "ok" if got == case["expect"] else "FAIL", "reason": result.reason,
+                     "constraint": result.constraint or ""})
     failures = [r for r in rows if r["ok"] != "ok"]
     if args.json:
         print_json({"passed": len(rows) - len(failures), "failed": len(failures), "cases": rows})

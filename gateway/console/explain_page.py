@@ -49,7 +49,7 @@ class ExplainPage:
                 raw_body = json.dumps(json.loads(ctx.one("body"))).encode()
             except ValueError:
                 raise BadRequest("body is not valid JSON; leave it empty or paste a JSON document") from None
-        grants, name = ctx.claims.grants, ctx.claims.name
+        grants, name, chain = ctx.claims.grants, ctx.claims.name, ctx.claims.chain
         other_token, grant_text = ctx.one("token").strip(), ctx.one("grants").strip()
         if other_token or grant_text:
             if not ctx.admin:
@@ -61,12 +61,12 @@ class ExplainPage:
                     await self.services.registry.check(other)
                 except Unauthenticated as exc:
                     raise BadRequest(f"token: {exc.message}") from None
-                grants, name = other.grants, other.name
+                grants, name, chain = other.grants, other.name, other.chain
             else:
                 try:
-                    grants, name = parse_grants(grant_text.replace(",", " ").split()), "explain"
+                    grants, name, chain = parse_grants(grant_text.replace(",", " ").split()), "explain", ()
                 except GrantError as exc:
                     raise BadRequest(str(exc)) from None
-        return explain(grants, method, path, raw_body, routes=self.services.machines.routes,
-                       policy=self.services.policy, environments=self.services.authorizer.environments,
-                       token_name=name)
+        return await explain(grants, method, path, raw_body, routes=self.services.machines.routes,
+                             rules=self.services.authorizer.rules, environments=self.services.authorizer.environments,
+                             token_name=name, chain=chain)

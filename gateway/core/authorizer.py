@@ -22,7 +22,7 @@ from gateway.core.audit import AuditRecord, what_part, who_part
 from gateway.core.constraints import Constraint
 from gateway.core.decision_cache import CachedDecision, DecisionCache
 from gateway.core.environments import EnvironmentResolver
-from gateway.core.grants import Grant
+from gateway.core.grants import EnvironmentOf, Grant
 from gateway.core.keyring import Keyring
 from gateway.core.policy import Decision, decide
 from gateway.core.ratelimit import RateLimits
@@ -100,52 +100,22 @@ class Authorizer:
 
     def decide(self, claims: Claims, checks: Sequence[Check]) -> Ruling:
         """Allowed iff every check is (grants ∩ policy, DESIGN section 4); the first refusal otherwise."""
-        rules = self.rules
-        generation = rules.policy.generation
-        decided: list[tuple[Check, Decision]] = []
-        for check in checks:
-            decision = decide(claims.grants, rules.policy, app=check.app, env=check.env, action=check.action,
-                              token_name=claims.name, org_filtered=check.org_filtered)
-            if claims.chain and decision.allowed:
-                decision = _within_chain(claims, decision, rules, check.app, check.env, check.action,
-                                         org_filtered=check.org_filtered)
-            decided.append((check, decision))
-            if not decision.allowed:
-                return Ruling(decision, rules, generation, tuple(decided), check)
-        if not decided:
-            return Ruling(Decision(False, "the request names nothing this gateway can authorize"), rules, generation)
-        if len(decided) == 1:
-            return Ruling(decided[0][1], rules, generation, tuple(decided), decided[0][0])
-        reason = "; ".join(dict.fromkeys(decision.reason for _, decision in decided))
-        first = decided[0][1]
-        return Ruling(Decision(True, reason, first.grant, first.rule), rules, generation, tuple(decided), decided[0][0])
+        return rule_on(claims.grants, claims.name, checks, self.rules, self.environments.resolve,
+                       chain=claims.chain)
 
     def decide_gateway(self, claims: Claims, action: str) -> Ruling:
         """May the token perform `action` (gateway:*) on the gateway's own API?"""
         rules = self.rules
         decision = decide(claims.grants, rules.policy, app=None, env=None, action=action, token_name=claims.name,
-                          gateway_target=True)
+                          env_of=self.environments.resolve, gateway_target=True)
         if claims.chain and decision.allowed:
-            decision = _within_chain(claims, decision, rules, None, None, action, gateway_target=True)
+            decision = _within_chain(claims.chain, claims.name, decision, rules, None, None, action,
+                                     self.environments.resolve, gateway_target=True)
         return Ruling(decision, rules, rules.policy.generation)
 
     def constraints(self, ruling: Ruling, check: Check) -> tuple[Constraint, ...]:
-        """The constraints an allowed check's body must satisfy: those of the grant that allowed that
-        very check, under the rules it was decided under."""
-        decision = ruling.decision_for(check)
-        if decision is None:
-            raise ValueError(f"{check} was not decided in this ruling")  # a surface's bug: fail closed
-        if decision.grant is None or check.app is None or check.env is None:
-            return ()
-        applicable = ruling.rules.constraints.applicable
-        own = applicable(decision.grant.role, check.env, check.action)
-        if not decision.chain:
-            return own
-        # A derived token's request also meets what its ancestors' allowing grants would have to.
-        every = list(own)
-        for grant in decision.chain:
-            every += [c for c in applicable(grant.role, check.env, check.action) if c not in every]
-        return tuple(every)
+        """The constraints an allowed check's body must satisfy (see `constraints_for`)."""
+        return constraints_for(ruling, check)
 
     def cached(self, claims: Claims, key: Hashable) -> CachedDecision | None:
         """The allowing decision this token got for the request `key` under the current rules."""
@@ -171,17 +141,62 @@ class Authorizer:
         return self.decisions.hits + self.rules.policy.cache_hits
 
 
-def _within_chain(claims: Claims, decision: Decision, rules: Rules, app: str | None, env: str | None, action: str,
-                  *, org_filtered: bool = False, gateway_target: bool = False) -> Decision:
-    """`decision` (allowed) if every token `claims` descends from allows the same, else a refusal:
-    a child never does more than its ancestors, whatever the policy says today."""
+def rule_on(grants: tuple[Grant, ...], token_name: str, checks: Sequence[Check], rules: Rules,
+            env_of: EnvironmentOf, *, chain: tuple[tuple[Grant, ...], ...] = ()) -> Ruling:
+    """The decision for a token carrying `grants` (derived from tokens carrying each of `chain`):
+    allowed iff every check is, under `rules`, for the token and for each of its ancestors. The
+    request path (`Authorizer.decide`) and the dry runs (explain, `policy test`) both take it here."""
+    generation = rules.policy.generation
+    decided: list[tuple[Check, Decision]] = []
+    for check in checks:
+        decision = decide(grants, rules.policy, app=check.app, env=check.env, action=check.action,
+                          token_name=token_name, env_of=env_of, org_filtered=check.org_filtered)
+        if chain and decision.allowed:
+            decision = _within_chain(chain, token_name, decision, rules, check.app, check.env, check.action, env_of,
+                                     org_filtered=check.org_filtered)
+        decided.append((check, decision))
+        if not decision.allowed:
+            return Ruling(decision, rules, generation, tuple(decided), check)
+    if not decided:
+        return Ruling(Decision(False, "the request names nothing this gateway can authorize"), rules, generation)
+    if len(decided) == 1:
+        return Ruling(decided[0][1], rules, generation, tuple(decided), decided[0][0])
+    reason = "; ".join(dict.fromkeys(decision.reason for _, decision in decided))
+    first = decided[0][1]
+    return Ruling(Decision(True, reason, first.grant, first.rule), rules, generation, tuple(decided), decided[0][0])
+
+
+def constraints_for(ruling: Ruling, check: Check) -> tuple[Constraint, ...]:
+    """The constraints an allowed check's body must satisfy: those of the grant that allowed that
+    very check, under the rules it was decided under, and, for a derived token, those of each
+    ancestor's grant that allowed it too."""
+    decision = ruling.decision_for(check)
+    if decision is None:
+        raise ValueError(f"{check} was not decided in this ruling")  # a surface's bug: fail closed
+    if decision.grant is None or check.app is None or check.env is None:
+        return ()
+    applicable = ruling.rules.constraints.applicable
+    own = applicable(decision.grant.role, check.env, check.action)
+    if not decision.chain:
+        return own
+    every = list(own)
+    for grant in decision.chain:
+        every += [c for c in applicable(grant.role, check.env, check.action) if c not in every]
+    return tuple(every)
+
+
+def _within_chain(chain: tuple[tuple[Grant, ...], ...], token_name: str, decision: Decision, rules: Rules,
+                  app: str | None, env: str | None, action: str, env_of: EnvironmentOf, *,
+                  org_filtered: bool = False, gateway_target: bool = False) -> Decision:
+    """`decision` (allowed) if every ancestor's grants in `chain` allow the same, else a refusal: a
+    child never does more than the tokens it came from, whatever the policy says today."""
     allowing: list[Grant] = []
-    for level, grants in enumerate(claims.chain, start=1):
-        ancestor = decide(grants, rules.policy, app=app, env=env, action=action, token_name=claims.name,
-                          org_filtered=org_filtered, gateway_target=gateway_target)
+    for level, grants in enumerate(chain, start=1):
+        ancestor = decide(grants, rules.policy, app=app, env=env, action=action, token_name=token_name,
+                          env_of=env_of, org_filtered=org_filtered, gateway_target=gateway_target)
         if not ancestor.allowed or ancestor.grant is None:
             whose = "its parent" if level == 1 else f"its ancestor {level} levels up"
-            return Decision(False, f"token '{claims.name}' was derived from a token that does not allow this: "
+            return Decision(False, f"token '{token_name}' was derived from a token that does not allow this: "
                             f"{whose} ({', '.join(str(g) for g in grants)}) is refused {action} there; a derived "
                             "token never does more than the tokens it came from", None, ancestor.rule)
         allowing.append(ancestor.grant)

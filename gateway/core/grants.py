@@ -4,11 +4,19 @@ A grant names a role and the targets it applies to: `app:GLOB` (app names, `*` a
 wildcards), `env:NAME` (every app whose environment is NAME) or `gateway` (the gateway's own
 admin API). Whether the role may perform an action is Casbin's business (`policy.py`); a grant
 only says where the role applies. Parsing is strict so that a typo never widens a grant.
+
+An `app:GLOB` grant stays in one environment: the one the environment rules give the pattern
+itself, read as an app name (`web-pr-*` is in `development`, `web-*-prod` in `production`). It
+covers an app only when the name matches *and* the app is in that environment, so a
+`deployer@app:web-pr-*` job cannot create `web-pr-1-prod` (which the rules put in production) and
+then act there, nor plant an app every `*@env:production` grant would cover. `app:*` alone is
+the whole organization, every environment.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
@@ -21,6 +29,10 @@ _ENV_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 # Fly app names: lowercase letters, digits and dashes. Always used with fullmatch: `$` would
 # accept a trailing newline.
 APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+# App name (or pattern, read as a name) -> its environment: EnvironmentResolver.resolve.
+EnvironmentOf = Callable[[str], str]
 
 
 class GrantError(ValueError):
@@ -41,22 +53,41 @@ class Grant:
         """True for `app:*`, which covers every app of the organization."""
         return self.kind == "app" and self.pattern == "*"
 
-    def covers_app(self, app: str, env: str) -> bool:
+    @property
+    def is_pattern(self) -> bool:
+        return self.kind == "app" and any(c in self.pattern for c in "*?")
+
+    def environment(self, env_of: EnvironmentOf) -> str | None:
+        """The one environment this grant reaches (an app grant: its pattern's own), None for
+        `app:*` (every environment) and `gateway` (none)."""
+        if self.kind == "env":
+            return self.pattern
+        if self.kind == "gateway" or self.is_org_wide:
+            return None
+        return env_of(self.pattern)
+
+    def matches_name(self, app: str) -> bool:
+        """The app name matches the pattern (whatever its environment): for messages only."""
+        return self.kind == "app" and fnmatchcase(app, self.pattern)
+
+    def covers_app(self, app: str, env: str, env_of: EnvironmentOf) -> bool:
+        """`app` (in environment `env`) is one this grant applies to."""
         if self.kind == "app":
-            return fnmatchcase(app, self.pattern)
+            return fnmatchcase(app, self.pattern) and (
+                self.is_org_wide or not self.is_pattern or env_of(self.pattern) == env)
         if self.kind == "env":
             return env == self.pattern
         return False
 
-    def within(self, parent: Grant) -> bool:
+    def within(self, parent: Grant, env_of: EnvironmentOf) -> bool:
         """True when this grant covers no target `parent` does not (used to narrow tokens)."""
         if self.role != parent.role or self.kind != parent.kind:
             return False
         if self.kind == "app":
-            # A literal app inside the parent's glob, or the very same glob.
+            # The very same glob, or a literal app the parent covers (its environment included:
+            # `web-pr-1-prod` is not within `web-pr-*`, which stays in development).
             return self.pattern == parent.pattern or (
-                not any(c in self.pattern for c in "*?") and fnmatchcase(self.pattern, parent.pattern)
-            )
+                not self.is_pattern and parent.covers_app(self.pattern, env_of(self.pattern), env_of))
         return self.pattern == parent.pattern
 
 

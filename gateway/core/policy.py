@@ -6,7 +6,8 @@ cached by (role, app, environment, action); the cache is bounded and replaced wh
 policy is reloaded, so a stale verdict can never outlive the policy that produced it.
 
 `decide` is pure: a request resolved to (app, environment, action) is allowed iff some grant
-covers the app and Casbin allows that grant's role there.
+covers the app (a pattern grant only in its pattern's own environment, see grants.py) and
+Casbin allows that grant's role there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import casbin
 
-from gateway.core.grants import Grant
+from gateway.core.grants import EnvironmentOf, Grant
 from gateway.errors import ConfigError
 
 # Placeholders for requests with no app: org-level operations and the gateway's own API.
@@ -87,6 +88,10 @@ class PolicyEngine:
     def includes(self, role: str, other: str) -> bool:
         """Does `role` include `other` (the same role, or one it inherits through `g` lines)?"""
         return role == other or other in self._enforcer.get_implicit_roles_for_user(role)
+
+    def role_lines(self) -> list[tuple[str, str]]:
+        """`g, CHILD, PARENT` lines as (child, parent)."""
+        return [(str(rule[0]), str(rule[1])) for rule in self._enforcer.get_grouping_policy()]
 
     def policy_lines(self) -> list[tuple[str, ...]]:
         return [tuple(str(x) for x in rule) for rule in self._enforcer.get_policy()]
@@ -175,7 +180,8 @@ def _check_policy_lines(policy: Path) -> None:
 
 
 def decide(grants: tuple[Grant, ...], policy: PolicyEngine, *, app: str | None, env: str | None,
-           action: str, token_name: str, gateway_target: bool = False, org_filtered: bool = False) -> Decision:
+           action: str, token_name: str, env_of: EnvironmentOf, gateway_target: bool = False,
+           org_filtered: bool = False) -> Decision:
     """Is `action` on `app` allowed for a token carrying `grants`? Pure apart from the cache."""
     if gateway_target:
         target_desc = "the gateway's admin API"
@@ -191,10 +197,11 @@ def decide(grants: tuple[Grant, ...], policy: PolicyEngine, *, app: str | None, 
     else:
         assert env is not None
         target_desc = f"app {app} (environment {env})"
-        candidates = [g for g in grants if g.kind != "gateway" and g.covers_app(app, env)]
+        candidates = [g for g in grants if g.kind != "gateway" and g.covers_app(app, env, env_of)]
         app_key, env_key = app, env
     if not candidates:
-        return Decision(False, f"token '{token_name}' has no grant that covers {target_desc}")
+        return Decision(False, f"token '{token_name}' has no grant that covers {target_desc}"
+                               + _other_environment(grants, app, env_of))
     last_rule: tuple[str, ...] = ()
     for grant in candidates:
         verdict = policy.verdict(grant.role, app_key, env_key, action)
@@ -205,3 +212,15 @@ def decide(grants: tuple[Grant, ...], policy: PolicyEngine, *, app: str | None, 
     why = f" (denied by policy line: {', '.join(last_rule)})" if last_rule and last_rule[-1] == "deny" else ""
     return Decision(False, f"token '{token_name}' does not grant {action} on {target_desc}; "
                            f"its role(s) there: {roles}{why}", None, last_rule)
+
+
+def _other_environment(grants: tuple[Grant, ...], app: str | None, env_of: EnvironmentOf) -> str:
+    """Why a pattern grant whose glob matches the name does not cover the app: another environment."""
+    if app is None:
+        return ""
+    stopped = [f"{g} matches the name but stays in environment {g.environment(env_of)}, its pattern's own"
+               for g in grants if g.is_pattern and g.matches_name(app)]
+    if not stopped:
+        return ""
+    return ("; " + "; ".join(stopped) + " (a pattern grant never reaches another environment: grant the app "
+            "by name, or an env: grant)")

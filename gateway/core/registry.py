@@ -293,7 +293,7 @@ def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str],
     if not includes(held.role, child.role):
         return False
     child = replace(child, role=held.role)
-    if child.within(held):
+    if child.within(held, env_of):
         return True
     return (child.kind == "app" and held.kind == "env"
             and not any(c in child.pattern for c in "*?") and env_of(child.pattern) == held.pattern)
@@ -303,14 +303,15 @@ def unknown_name(grant: Grant, roles: set[str], environments: frozenset[str]) ->
     """What is wrong with a grant naming a role the policy lacks or an environment no app is in
     (a typo such as `env:produciton` would grant nothing, silently); None when both exist."""
     if grant.role not in roles:
-        return (f"grant {grant}: role {grant.role!r} is not in the policy{_did_you_mean(grant.role, roles)}; "
+        return (f"grant {grant}: role {grant.role!r} is not in the policy{did_you_mean(grant.role, roles)}; "
                 f"known roles: {', '.join(sorted(roles))}")
     if grant.kind == "env" and grant.pattern not in environments:
         return (f"grant {grant}: environment {grant.pattern!r} is not one the environment rules produce"
-                f"{_did_you_mean(grant.pattern, environments)}; known environments: {', '.join(sorted(environments))}")
+                f"{did_you_mean(grant.pattern, environments)}; known environments: {', '.join(sorted(environments))}")
     return None
 
 
-def _did_you_mean(given: str, known: set[str] | frozenset[str]) -> str:
+def did_you_mean(given: str, known: set[str] | frozenset[str]) -> str:
+    """` (did you mean 'x'?)` for the closest known name, or nothing: for messages about typos."""
     close = difflib.get_close_matches(given, sorted(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -11,7 +11,6 @@ old whole (`Authorizer.install`), never in parts.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from gateway.core.constraints import ConstraintSet
 from gateway.core.policy import PolicyEngine
+from gateway.core.registry import did_you_mean
 from gateway.errors import ConfigError
 
 # The gateway's own API (api/): token administration and explain, granted to token-admin.
@@ -44,7 +44,10 @@ def load_rules(model: Path, policy_file: Path, constraints_file: Path | None,
     policy = PolicyEngine(model, policy_file)
     check_cross_references(policy, produced)
     check_environments(policy, environments)
-    return Rules(policy, load_constraints(constraints_file, {p.action for p in produced}))
+    check_roles(policy)
+    constraints = load_constraints(constraints_file, {p.action for p in produced})
+    check_constraint_names(constraints, policy.roles(), environments)
+    return Rules(policy, constraints)
 
 
 def check_environments(policy: PolicyEngine, environments: frozenset[str]) -> None:
@@ -53,11 +56,48 @@ def check_environments(policy: PolicyEngine, environments: frozenset[str]) -> No
     for rule in policy.policy_lines():
         pattern = rule[2]
         if not any(fnmatchcase(env, pattern) for env in environments):
-            close = difflib.get_close_matches(pattern, sorted(environments), n=1, cutoff=0.6)
             raise ConfigError(f"{policy.policy_path}: policy line 'p, {', '.join(rule)}' names environment "
-                              f"{pattern!r}, which no app is in" + (f" (did you mean {close[0]!r}?)" if close else "")
-                              + f"; environments: {', '.join(sorted(environments))} (environments.rules, "
+                              f"{pattern!r}, which no app is in{did_you_mean(pattern, environments)}; "
+                              f"environments: {', '.join(sorted(environments))} (environments.rules, "
                               "environments.default)")
+
+
+def check_roles(policy: PolicyEngine) -> None:
+    """A role is defined by `p,` lines of its own; a name that has none is a typo, which would
+    otherwise create a role silently (`g, deployr, viewer` next to `deployer`). So every role a
+    `g,` line names, child or parent, has a `p,` line of its own, and a role whose own lines are
+    all `deny` is in some `g,` line (inheriting what it may do, or passing its denies on): alone,
+    it allows nothing and its denies bind no one (`p, deployr, *, production, secrets:write, deny`
+    would deny nothing). Grants are checked against the same roles (registry.unknown_name)."""
+    own: dict[str, set[str]] = {}
+    for rule in policy.policy_lines():
+        own.setdefault(rule[0], set()).add(rule[4])
+    defined = set(own)
+    related: set[str] = set()
+    for child, parent in policy.role_lines():
+        related.update((child, parent))
+        for role in (child, parent):
+            if role not in defined:
+                raise ConfigError(f"{policy.policy_path}: role line 'g, {child}, {parent}' names role {role!r}, "
+                                  f"which has no `p,` line of its own{did_you_mean(role, defined)}; a role is "
+                                  "defined by its own permission lines: fix the name, or give the role a line")
+    for role, effects in sorted(own.items()):
+        if effects == {"deny"} and role not in related:
+            raise ConfigError(f"{policy.policy_path}: role {role!r} has only deny lines and no `g,` line, so it "
+                              f"allows nothing and its denies bind no one{did_you_mean(role, defined - {role})}; "
+                              f"fix the name, or add `g, {role}, PARENT_ROLE` or `g, SOME_ROLE, {role}`")
+
+
+def check_constraint_names(constraints: ConstraintSet, roles: set[str], environments: frozenset[str]) -> None:
+    """A constraint's roles and environments (globs) must each match a role of the policy and an
+    environment some app is in: `roles: [deployr]` would constrain no one, silently."""
+    for constraint in constraints.constraints:
+        for key, patterns, known in (("roles", constraint.roles, roles), ("envs", constraint.envs, environments)):
+            for pattern in patterns:
+                if not any(fnmatchcase(name, pattern) for name in known):
+                    raise ConfigError(f"{constraints.source}: constraint '{constraint.name}' {key} names {pattern!r}, "
+                                      f"which matches no {'role of the policy' if key == 'roles' else 'environment'}"
+                                      f"{did_you_mean(pattern, known)}; known: {', '.join(sorted(known))}")
 
 
 def load_constraints(path: Path | None, known: set[str]) -> ConstraintSet:

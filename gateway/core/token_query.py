@@ -45,13 +45,13 @@ class TokenFilter:
         return {key: value for key in FILTER_KEYS if (value := getattr(self, key)) is not None}
 
 
-def _covers(texts: Iterable[str], app: str, env: str) -> bool:
+def _covers(texts: Iterable[str], app: str, env: str, env_of: Callable[[str], str]) -> bool:
     for text in texts:
         try:
             grant = parse_grant(text)
         except GrantError:
             continue
-        if grant.covers_app(app, env):
+        if grant.covers_app(app, env, env_of):
             return True
     return False
 
@@ -63,7 +63,7 @@ def select(records: Iterable[TokenRecord], wanted: TokenFilter, *, env_of: Calla
             if (wanted.grant is None or wanted.grant in r.grants)
             and (wanted.subject is None or fnmatchcase(r.sub, wanted.subject))
             and (wanted.state is None or state_of(r, now) == wanted.state)
-            and (wanted.app is None or _covers(r.grants, wanted.app, env))]
+            and (wanted.app is None or _covers(r.grants, wanted.app, env, env_of))]
 
 
 def _action_patterns(policy: PolicyEngine) -> list[str]:

@@ -46,7 +46,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
-from gateway.core.grants import GrantError, parse_grant, parse_grants
+from gateway.core.grants import EnvironmentOf, GrantError, parse_grant, parse_grants
 from gateway.core.registry import unknown_name
 from gateway.errors import ConfigError, GatewayError, RateLimited
 from gateway.oidc.errors import ExchangeError, invalid_grant, invalid_request, unavailable
@@ -133,12 +133,13 @@ class TokenExchanger:
     """Checks subject tokens against the trust rules and mints through the registry."""
 
     def __init__(self, rules: Sequence[TrustRule], *, registry: TokenRegistry, store: TokenStore,
-                 gateway_audience: str, known_roles: set[str] | None = None,
+                 gateway_audience: str, env_of: EnvironmentOf, known_roles: set[str] | None = None,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.rules = tuple(rules)
         self.registry = registry
         self.store = store
         self.gateway_audience = gateway_audience
+        self.env_of = env_of  # a scope narrowed to one app must be in the environment the rule's pattern is in
         self.clock = clock
         if known_roles is not None:
             for index, rule in enumerate(self.rules):
@@ -261,7 +262,7 @@ class TokenExchanger:
         if not wanted:
             raise ExchangeError("invalid_scope", "scope is empty; omit it to get every grant the rules allow")
         for grant in wanted:
-            if not any(grant == h or grant.within(h) for h in held):
+            if not any(grant == h or grant.within(h, self.env_of) for h in held):
                 raise ExchangeError("invalid_scope", f"scope {grant} is not within the grants the trust rules "
                                     f"allow this job ({', '.join(granted)})")
         texts = tuple(dict.fromkeys(str(g) for g in wanted))

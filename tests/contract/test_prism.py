@@ -148,7 +148,8 @@ CASES = [
     Case("Secrets_list", "GET", f"{A}/secrets", "viewer@app:{app}", READ, "secrets:list", query="min_version=3"),
     Case("Secrets_list", "GET", f"{A}/secrets", "admin@app:{app}", "deployer@app:dn-*", "secrets:read",
          query="show_secrets=true", label="values"),
-    Case("Secrets_update", "POST", f"{A}/secrets", "deployer@app:{app}", "deployer@app:dn-*", "secrets:write",
+    # dn-*-prod: a pattern grant reaches only its pattern's environment (production here).
+    Case("Secrets_update", "POST", f"{A}/secrets", "deployer@app:{app}", "deployer@app:dn-*-prod", "secrets:write",
          body={"values": {"DATABASE_URL": "postgres://db.internal/web", "API_KEY": "k-123"}},
          deny_env_suffix="-prod"),
     Case("Secret_get", "GET", f"{A}/secrets/DATABASE_URL", "viewer@app:{app}", READ, "secrets:list"),
@@ -156,7 +157,7 @@ CASES = [
          "secrets:read", query="show_secrets=true", label="value"),
     Case("Secret_create", "POST", f"{A}/secrets/API_KEY", "deployer@app:{app}", "viewer@app:dn-*",
          "secrets:write", body={"value": "k-456"}),
-    Case("Secret_delete", "DELETE", f"{A}/secrets/API_KEY", "deployer@app:{app}", "deployer@app:dn-*",
+    Case("Secret_delete", "DELETE", f"{A}/secrets/API_KEY", "deployer@app:{app}", "deployer@app:dn-*-prod",
          "secrets:write", deny_env_suffix="-prod"),
     # secret keys: admin only
     Case("Secretkeys_list", "GET", f"{A}/secretkeys", "admin@app:{app}", "deployer@app:dn-*", "secretkeys:read",
@@ -370,7 +371,7 @@ def test_denied_request_never_reaches_prism(case: Case, prism: Prism, prism_gate
     prism.sync()
     before = prism.received(case.method, path)
     response = send(client, token, case.method, target, case.content(app), case.headers)
-    covers = case.deny.endswith("@app:dn-*")
+    covers = case.deny.endswith(("@app:dn-*", "@app:dn-*-prod"))
     words = [case.action, app] if covers else ["no grant that covers"]
     if case.deny_env_suffix == "-prod":
         words.append("production")

@@ -1,22 +1,28 @@
-"""Dry runs: would this token or grant set be allowed METHOD PATH, and why.
+"""Dry runs: would this token or grant set be allowed METHOD PATH (with this body), and why.
 
-The same steps as the Machines API surface (canonicalize, resolve, decide), without a token check or a
-forward, returning each intermediate answer so that a person can see where a request stops:
-the route and action, the app and environment, the grant that covered it or why none did, and
-the policy line that decided.
+The same steps as the Machines API surface (canonicalize, resolve, decide, then the request-body
+constraints), through the same decision (`core.authorizer.rule_on`, `constraints_for`), without
+a token check or a forward, returning each intermediate answer so that a person can see where a
+request stops: the route and action, the app and environment, the grant that covered it or why
+none did, the policy line that decided, and the constraints that applied (and the one that
+refused). A dry run asks nothing upstream: a constraint that needs the upstream's answer (whether
+a volume belongs to the app) is not taken as passed, and the explanation says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from gateway.core.authorizer import Check, constraints_for, rule_on
+from gateway.core.constraints import Constraint, VolumeOwnership, enforce
 from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import Grant
-from gateway.core.policy import PolicyEngine, decide
+from gateway.core.rules import Rules
 from gateway.errors import BadRequest, GatewayError
+from gateway.surfaces.machines.bodies import read_document
 from gateway.surfaces.paths import canonicalize
-from gateway.surfaces.routes import RouteTable, resolve_request
+from gateway.surfaces.routes import Route, RouteTable, resolve_request
 
 
 @dataclass(frozen=True)
@@ -33,15 +39,39 @@ class Explanation:
     env: str | None = None
     grant: str | None = None
     rule: tuple[str, ...] = ()
+    constraints: tuple[str, ...] = ()  # the constraints that applied to the body, in order
+    constraint: str | None = None  # the one that refused it (or could not be judged in a dry run)
 
     def to_json(self) -> dict[str, Any]:
         return {"allowed": self.allowed, "status": self.status, "error": self.error, "reason": self.reason,
                 "method": self.method, "path": self.path, "operation": self.operation, "action": self.action,
-                "app": self.app, "env": self.env, "grant": self.grant, "rule": list(self.rule)}
+                "app": self.app, "env": self.env, "grant": self.grant, "rule": list(self.rule),
+                "constraints": list(self.constraints), "constraint": self.constraint}
 
 
-def explain(grants: tuple[Grant, ...], method: str, target: str, body: bytes | None, *, routes: RouteTable,
-            policy: PolicyEngine, environments: EnvironmentResolver, token_name: str = "explain") -> Explanation:
+class _AsksUpstream(Exception):
+    """A constraint wanted the upstream's answer, which a dry run does not ask."""
+
+    def __init__(self, what: str, ident: str, app: str) -> None:
+        super().__init__(f"whether {what} {ident!r} belongs to app {app}")
+
+
+async def _volume(app: str, volume: str) -> bool:
+    raise _AsksUpstream("volume", volume, app)
+
+
+async def _snapshot(app: str, snapshot: str) -> bool:
+    raise _AsksUpstream("snapshot", snapshot, app)
+
+
+DRY_RUN_OWNERSHIP = VolumeOwnership(_volume, _snapshot)
+
+
+async def explain(grants: tuple[Grant, ...], method: str, target: str, body: bytes | None, *, routes: RouteTable,
+                  rules: Rules, environments: EnvironmentResolver, token_name: str = "explain",
+                  chain: tuple[tuple[Grant, ...], ...] = ()) -> Explanation:
+    """The request path's decision for `method target` with `body`, for a token carrying `grants`
+    (derived from tokens carrying each of `chain`), without asking anything upstream."""
     method = method.upper()
     raw_path, _, raw_query = target.partition("?")
     operation = action = app = env = None
@@ -60,11 +90,44 @@ def explain(grants: tuple[Grant, ...], method: str, target: str, body: bytes | N
         if resolved.route.answer_gateway:
             return Explanation(True, 200, None, "answered by the gateway about the caller's own token", method,
                                raw_path, operation, action, app, env)
-        decision = decide(grants, policy, app=app, env=env, action=action, token_name=token_name,
-                          org_filtered=resolved.route.filter_apps)
+        check = Check(action, app, env, resolved.route.filter_apps)
+        ruling = rule_on(grants, token_name, [check], rules, environments.resolve, chain=chain)
     except GatewayError as error:
         return Explanation(False, error.status, error.code, error.message, method, raw_path, operation, action,
                            app, env)
-    return Explanation(decision.allowed, 200 if decision.allowed else 403, None if decision.allowed else "forbidden",
-                       decision.reason, method, raw_path, operation, action, app, env,
-                       str(decision.grant) if decision.grant else None, decision.rule)
+    decision = ruling.decision
+    explained = Explanation(decision.allowed, 200 if decision.allowed else 403,
+                            None if decision.allowed else "forbidden", decision.reason, method, raw_path, operation,
+                            action, app, env, str(decision.grant) if decision.grant else None, decision.rule)
+    if not decision.allowed or app is None:
+        return explained
+    return await _constrain(explained, constraints_for(ruling, check), app, body, resolved.route)
+
+
+async def _constrain(explained: Explanation, constraints: tuple[Constraint, ...], app: str,
+                     body: bytes | None, route: Route) -> Explanation:
+    """The allowed decision, narrowed by the body constraints the request path would enforce, in
+    the same order, one at a time so that the one that refuses is named; the body read as the
+    request path reads it (bodies.py)."""
+    names = tuple(c.name for c in constraints)
+    if not constraints:
+        return explained
+    try:
+        document = read_document(route, body, judged=True) if body else {}
+    except GatewayError as error:
+        return replace(explained, allowed=False, status=error.status, error=error.code, reason=error.message,
+                       constraints=names)
+    for constraint in constraints:
+        try:
+            await enforce((constraint,), app=app, document=document, ownership=DRY_RUN_OWNERSHIP)
+        except GatewayError as error:
+            return replace(explained, allowed=False, status=error.status, error=error.code, reason=error.message,
+                            constraints=names, constraint=constraint.name)
+        except _AsksUpstream as asked:
+            reason = (f"constraint '{constraint.name}' asks the upstream {asked}; a dry run asks nothing upstream, "
+                      "so it does not say allowed (the real request is decided by the upstream's answer)")
+            return replace(explained, allowed=False, status=403, error="forbidden", reason=reason,
+                            constraints=names, constraint=constraint.name)
+    passed = ", ".join(f"'{name}'" for name in names)
+    return replace(explained, reason=f"{explained.reason}; the body passes constraint(s) {passed}", constraints=names)
+
