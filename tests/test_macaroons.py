@@ -230,6 +230,55 @@ def test_graphql_mutations_are_confined_to_exactly_the_mutations_authorized(atte
     assert guard.problem(scope, json.dumps(mutation).encode()) is None
 
 
+def test_a_body_mixing_mutations_and_queries_is_refused_under_attenuation(attenuated: Attenuated) -> None:
+    # Red-team finding: with operationName picking the mutation, a mixed document went up with the
+    # window only, the organization's whole power. One credential per body: mixed bodies are refused.
+    deployer = attenuated.gateway.mint("deployer@app:web-staging")
+    mixed: dict[str, Any] = {
+        "query": 'mutation M($input: SetSecretsInput!) { setSecrets(input: $input) { release { id } } } '
+                 'query Q { app(name: "web-staging") { name } }',
+        "operationName": "M",
+        "variables": {"input": {"appId": "web-staging", "secrets": [{"key": "A", "value": "b"}]}}}
+    batch = [{"query": mixed["query"].split(" query Q")[0], "variables": mixed["variables"]},
+             {"query": 'query { app(name: "web-staging") { name } }'}]
+    before = len(attenuated.recorder.calls)
+    with attenuated.gateway.client() as client:
+        auth = {"Authorization": f"Bearer {deployer}"}
+        answers = [client.post("/graphql", headers=auth, json=body) for body in (mixed, batch)]
+    # GraphQL refusals are HTTP 200 (flyctl reads `errors` only from a 200), their status inside.
+    errors = [answer.json()["errors"][0] for answer in answers]
+    assert [e["extensions"]["status"] for e in errors] == [400, 400], errors
+    assert all("not both" in e["message"] for e in errors)
+    assert [c for c in attenuated.recorder.calls[before:] if c.path == "/graphql"] == []
+
+
+def test_the_sandbox_reads_mutations_through_fragments_and_refuses_odd_caveat_bodies() -> None:
+    key = new_root_key()
+    guard = RequireMacaroon(lambda *a: None, key, {"web-staging": 11}.get)  # type: ignore[arg-type]
+    root = macaroon.mint(key, b"k", "loc")
+
+    def problem(token: macaroon.Macaroon, path: str, body: bytes = b"", method: str = "POST") -> str | None:
+        return guard.problem({"type": "http", "method": method, "path": path,
+                              "headers": [(b"authorization", f"FlyV1 {macaroon.encode(token)}".encode())]}, body)
+
+    only_secrets = macaroon.attenuate(root, macaroon.mutations(["setSecrets"]))
+    spread = {"query": "mutation { ...F } fragment F on Mutations { deleteApp(appId: \"x\") { organization { id } } }"}
+    inline = {"query": "mutation { ... on Mutations { deleteApp(appId: \"x\") { organization { id } } } }"}
+    for body in (spread, inline):
+        assert "does not allow deleteApp" in str(problem(only_secrets, "/graphql", json.dumps(body).encode()))
+    odd = macaroon.attenuate(root, macaroon.caveat(macaroon.APPS, [[1, 2]]))
+    assert "cannot read" in str(problem(odd, "/v1/apps/web-staging/machines", method="GET"))
+
+
+def test_a_macaroon_with_unhashable_map_keys_is_a_clear_error() -> None:
+    # Found by fuzzing: an Apps map keyed by a list raised TypeError out of the decoder.
+    packed = msgpack.packb([[b"k", b"r" * 16], "loc", [3, [{1: 1}]], b"t" * 32], use_bin_type=True)
+    assert b"\x81\x01\x01" in packed
+    listed_key = packed.replace(b"\x81\x01\x01", b"\x81\x91\x01\x01", 1)  # {[1]: 1}
+    with pytest.raises(MacaroonError, match="not valid MessagePack"):
+        macaroon.decode("fm2_" + base64.b64encode(listed_key).decode())
+
+
 def test_a_mismapped_request_is_refused_by_the_upstream_itself(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # A route map broken on purpose: Machines_show reads the app from the machine id segment, so

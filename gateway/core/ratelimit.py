@@ -12,10 +12,10 @@ largest burst. Buckets of tokens not seen for a minute are dropped, so memory fo
 tokens only.
 
 A token's bucket is its lineage's (`Claims.lineage`: the root token it was attenuated from, at
-any depth): children spend their root's bucket, so minting children buys no extra rate (children
-of another role, with another limit, share that role's bucket of the same root).
+any depth) at the root's rate (the limit of the root's roles): minting children, of any role, buys
+no extra rate.
 `DerivationLimit` bounds how fast new tokens are derived at all: attenuations per lineage and
-exchanges per CI identity (`rate_limit.derivations_per_minute`).
+exchanges per trust rule (`rate_limit.derivations_per_minute`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ class RateLimits:
     async def check(self, claims: Claims) -> None:
         """Spend one request of the token's bucket; raises RateLimited when it is empty."""
         if self.roles:
-            roles = frozenset(grant.role for grant in claims.grants)
+            # A derived token spends its root's bucket at its root's rate (chain[-1]: the root's grants).
+            roles = frozenset(grant.role for grant in (claims.chain[-1] if claims.chain else claims.grants))
             limits = self._chosen.get(roles)
             if limits is None:
                 limits = self.limits_for(roles)
@@ -112,7 +113,7 @@ DERIVATION_BURST = 10  # derivations at once, before the per-minute refill appli
 
 
 class DerivationLimit:
-    """`per_minute` new tokens per key (a lineage for attenuation, a CI identity for the exchange),
+    """`per_minute` new tokens per key (a lineage for attenuation, a trust rule for the exchange),
     up to DERIVATION_BURST at once; 0 disables."""
 
     def __init__(self, make: BucketFactory, per_minute: int) -> None:

@@ -27,7 +27,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from graphql import FieldNode, GraphQLError, OperationDefinitionNode, OperationType, parse
+from graphql import (
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    OperationType,
+    parse,
+)
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -92,6 +101,8 @@ class RequireMacaroon:
         return None
 
     def _refuses(self, item: Caveat, scope: Scope, app: str | None, body: bytes) -> str | None:
+        if not _well_formed(item):
+            return f"caveat type {item.type} has a body the sandbox cannot read"
         if item.type == macaroon.VALIDITY_WINDOW:
             not_before, not_after = item.body
             now = self.clock()
@@ -117,22 +128,53 @@ class RequireMacaroon:
         return f"caveat type {item.type} is not one the sandbox can check"
 
 
+def _well_formed(item: Caveat) -> bool:
+    body = item.body
+    if item.type == macaroon.VALIDITY_WINDOW:
+        return isinstance(body, list) and len(body) == 2 and all(isinstance(v, int) for v in body)
+    if item.type == macaroon.APPS:
+        return (isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict)
+                and all(isinstance(k, int) and isinstance(v, int) for k, v in body[0].items()))
+    if item.type == macaroon.MUTATIONS:
+        return (isinstance(body, list) and len(body) == 1 and isinstance(body[0], list)
+                and all(isinstance(name, str) for name in body[0]))
+    return True
+
+
 def _graphql_mutations(body: bytes) -> list[str] | None:
-    """The mutation fields a GraphQL body (one request or a batch) runs; None if it runs anything else."""
+    """The mutation fields a GraphQL body (one request or a batch) runs, through fragments; None if
+    it runs anything else."""
     try:
         document = json.loads(body)
         requests = document if isinstance(document, list) else [document]
         names: list[str] = []
         for request in requests:
-            for definition in parse(request["query"]).definitions:
+            definitions = parse(request["query"]).definitions
+            fragments = {d.name.value: d for d in definitions if isinstance(d, FragmentDefinitionNode)}
+            for definition in definitions:
                 if not isinstance(definition, OperationDefinitionNode):
                     continue
                 if definition.operation != OperationType.MUTATION:
                     return None
-                names += [s.name.value for s in definition.selection_set.selections if isinstance(s, FieldNode)]
+                names += _root_fields(definition.selection_set.selections, fragments)
         return names
     except (ValueError, KeyError, TypeError, GraphQLError):
         return None
+
+
+def _root_fields(selections: Any, fragments: dict[str, FragmentDefinitionNode]) -> list[str]:
+    names: list[str] = []
+    for selection in selections:
+        if isinstance(selection, FieldNode):
+            names.append(selection.name.value)
+        elif isinstance(selection, FragmentSpreadNode):
+            fragment = fragments.get(selection.name.value)
+            if fragment is None:
+                raise KeyError(selection.name.value)
+            names += _root_fields(fragment.selection_set.selections, fragments)
+        elif isinstance(selection, InlineFragmentNode):
+            names += _root_fields(selection.selection_set.selections, fragments)
+    return names
 
 
 def _app_of(path: str, body: bytes) -> str | None:

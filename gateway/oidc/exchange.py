@@ -202,14 +202,17 @@ class TokenExchanger:
         principal = f"oidc:{issuer_id(issuer)}:{subject}"
         if len(principal) > 256:
             raise invalid_grant("the id token's sub claim is too long for a token subject (256 characters)")
-        # Before the replay cache takes the id token: a refused exchange may be retried with it.
-        if self.registry.derivations is not None:
-            try:
-                await self.registry.derivations.take(principal, f"CI identity {principal}")
-            except RateLimited as exc:
-                raise ExchangeError("rate_limited", exc.message, status=429,
-                                    retry_after_s=int(exc.headers["Retry-After"])) from None
+        # After the replay cache took the id token (a replay must not spend the allowance of the
+        # pipeline it came from), and per trust rule rather than per `sub`, which a CI platform varies
+        # by branch: a refused exchange needs a fresh id token, which CI platforms hand out freely.
         await self._claim_once(token, issuer, claims)
+        if self.registry.derivations is not None:
+            rules = "+".join(rule.name for rule in outcome.matched)
+            try:
+                await self.registry.derivations.take(f"oidc:{issuer_id(issuer)}:{rules}", f"trust rule(s) {rules}")
+            except RateLimited as exc:
+                raise ExchangeError("rate_limited", exc.message + "; request a fresh id token to retry", status=429,
+                                    retry_after_s=int(exc.headers["Retry-After"])) from None
         name = ("ci:" + "+".join(rule.name for rule in outcome.matched))[:128]
         ttl_s = min(outcome.ttl_s, self.registry.max_ttl_s)
         try:

@@ -62,7 +62,8 @@ class TokenStore(Protocol):
         ...
 
     async def shorten(self, jti: str, *, exp: int) -> None:
-        """Move the record's expiry earlier (never later), e.g. at the end of a rotation's grace."""
+        """Move the expiry of the record and of every token attenuated from it, transitively, earlier
+        (never later), e.g. to the end of a rotation's grace: a child never outlives its parent."""
         ...
 
     async def touch(self, last_used: dict[str, int]) -> None: ...

@@ -160,8 +160,7 @@ class RedisStore:
 
     async def shorten(self, jti: str, *, exp: int) -> None:
         async with self._guard("shorten"):
-            await self._shorten(keys=[self._record_key(jti), self._k_changes, self._k_seq],
-                                args=[exp, jti, self.feed_maxlen])
+            await self._shorten(keys=[self._k_changes, self._k_seq], args=[exp, jti, self.feed_maxlen, self.prefix])
 
     async def touch(self, last_used: dict[str, int]) -> None:
         items = list(last_used.items())

@@ -111,7 +111,9 @@ while i <= #queue do
   if not seen[jti] then
     seen[jti] = true
     local key = prefix .. 'tok:' .. jti
-    if redis.call('EXISTS', key) == 1 and not redis.call('HGET', key, 'revoked_at') then
+    local state = redis.call('HMGET', key, 'revoked_at', 'exp')
+    -- Already revoked, or (a descendant) already expired: nothing to write; the root is always marked.
+    if redis.call('EXISTS', key) == 1 and not state[1] and (jti == ARGV[2] or tonumber(state[2]) > tonumber(at)) then
       redis.call('HSET', key, 'revoked_at', at)
       if ARGV[5] == '1' then
         redis.call('HSET', key, 'revoked_reason', ARGV[6])
@@ -131,12 +133,28 @@ return revoked
 """
 
 SHORTEN = APPEND + """
--- KEYS: record, changes stream, feed counter.  ARGV: exp, jti, feed maxlen
-local current = redis.call('HGET', KEYS[1], 'exp')
-if current and tonumber(ARGV[1]) < tonumber(current) then
-  redis.call('HSET', KEYS[1], 'exp', ARGV[1])
+-- KEYS: changes stream, feed counter.  ARGV: exp, root jti, feed maxlen, prefix
+-- The token and everything attenuated from it (children:{jti}, transitively) end no later than
+-- exp: a child never outlives its parent, rotated away or not.
+local exp, maxlen, prefix = tonumber(ARGV[1]), ARGV[3], ARGV[4]
+local queue, seen = {ARGV[2]}, {}
+local i = 1
+while i <= #queue do
+  local jti = queue[i]
+  i = i + 1
+  if not seen[jti] then
+    seen[jti] = true
+    local key = prefix .. 'tok:' .. jti
+    local current = redis.call('HGET', key, 'exp')
+    if current and exp < tonumber(current) then
+      redis.call('HSET', key, 'exp', exp)
+      append(KEYS[1], KEYS[2], maxlen, jti)
+    end
+    for _, child in ipairs(redis.call('SMEMBERS', prefix .. 'children:' .. jti)) do
+      queue[#queue + 1] = child
+    end
+  end
 end
-append(KEYS[2], KEYS[3], ARGV[3], ARGV[2])
 return 1
 """
 

@@ -122,7 +122,7 @@ def decode(token: str) -> Macaroon:
             raise MacaroonError("trailing bytes after the macaroon")
     except msgpack.OutOfData:
         raise MacaroonError("the macaroon is truncated") from None
-    except (msgpack.UnpackException, ValueError) as exc:
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:  # TypeError: unhashable map keys
         if isinstance(exc, MacaroonError):
             raise
         raise MacaroonError(f"the macaroon is not valid MessagePack ({exc.__class__.__name__})") from None

@@ -38,10 +38,13 @@ class Resolution:
     key: DecisionKey
 
     @property
-    def only_mutations(self) -> tuple[str, ...]:
-        """The mutations the body runs, when it runs nothing else; () otherwise."""
+    def mutations(self) -> tuple[str, ...]:
+        """The mutation fields the body's documents hold, each once."""
+        return tuple(dict.fromkeys(name for document in self.key.documents for name in document.mutations))
+
+    @property
+    def mixed(self) -> bool:
+        """The body holds mutations and other root fields (in one document or across a batch)."""
         documents = self.key.documents
-        names = tuple(dict.fromkeys(name for document in documents for name in document.mutations))
-        if sum(len(document.mutations) for document in documents) != sum(len(d.uses) for d in documents):
-            return ()
-        return names
+        mutations = sum(len(document.mutations) for document in documents)
+        return 0 < mutations < sum(len(document.uses) for document in documents)

@@ -268,7 +268,12 @@ class GraphQLSurface:
         if filtered:
             headers.popall("Accept-Encoding", None)  # the gateway reads this answer: it must be plain
         if self.attenuator is not None:
-            headers["Authorization"] = self.attenuator.graphql_authorization(resolution.only_mutations)
+            if resolution.mixed:
+                # One credential per body: a Mutations caveat would refuse the queries, none would let
+                # the mutations run under the whole organization's power. flyctl never mixes them.
+                raise BadRequest("upstream.attenuate: apps forwards a GraphQL body of mutations or of queries, "
+                                 "not both; send the mutations and the queries as separate requests")
+            headers["Authorization"] = self.attenuator.graphql_authorization(resolution.mutations)
         frame.forwarding()
         response = await self.upstream.send("POST", b"", headers, body)
         try:
