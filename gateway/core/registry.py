@@ -107,7 +107,8 @@ class TokenRegistry:
         token, claims = self.issuer.mint(sub=subject, name=name, grants=parsed, ttl_s=ttl, parent=parent, root=root,
                                          chain=chain)
         record = TokenRecord(jti=claims.jti, sub=claims.sub, name=claims.name, grants=tuple(claims.grant_strings()),
-                             iat=claims.iat, exp=claims.exp, parent=parent, root=root, rotated_from=rotated_from)
+                             iat=claims.iat, exp=claims.exp, parent=parent, root=root, rotated_from=rotated_from,
+                             chain=_chain_text(chain))
         if parent is None:
             await self.store.put(record)
         else:
@@ -277,10 +278,14 @@ def _refusal_of(claims: Claims, record: TokenRecord) -> str | None:
         return f"token '{claims.name}' has been revoked; ask for a new one"
     if (tuple(claims.grant_strings()) != record.grants or claims.sub != record.sub or claims.name != record.name
             or claims.iat != record.iat or claims.exp < record.exp or claims.parent != record.parent
-            or claims.root != record.root):
-        return (f"token '{claims.name}' does not match the record this gateway keeps of it (grants, subject or "
-                "lineage differ); it was not minted as presented; ask for a new one")
+            or claims.root != record.root or _chain_text(claims.chain) != record.chain):
+        return (f"token '{claims.name}' does not match the record this gateway keeps of it (grants, subject, "
+                "lineage or ancestors' grants differ); it was not minted as presented; ask for a new one")
     return None
+
+
+def _chain_text(chain: tuple[tuple[Grant, ...], ...]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(str(grant) for grant in level) for level in chain)
 
 
 def _narrows(child: Grant, held: Grant, env_of: Callable[[str], str],

@@ -35,10 +35,14 @@ class TokenRecord:
     revoked_at: int | None = None
     revoked_reason: str | None = None
     last_used_at: int | None = None
+    # The grants of every token this one descends from, its parent's first, as minted into its
+    # `chain` claim: the registry compares the two (a leaked key cannot drop the ancestors' checks).
+    chain: tuple[tuple[str, ...], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["grants"] = list(self.grants)
+        del data["chain"]  # the lineage is told by parent and root; the chain is the registry's check
         return data
 
 

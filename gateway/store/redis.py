@@ -265,6 +265,8 @@ def _fields(record: TokenRecord) -> dict[str, str | int]:
                                              "revoked_reason": record.revoked_reason,
                                              "last_used_at": record.last_used_at}
     fields.update({name: value for name, value in optional.items() if value is not None})
+    if record.chain:
+        fields["chain"] = json.dumps([list(level) for level in record.chain])
     return fields
 
 
@@ -283,4 +285,5 @@ def _record(jti: str, data: dict[Any, Any]) -> TokenRecord:
         iat=int(data["iat"]), exp=int(data["exp"]), parent=None if parent is None else str(parent),
         revoked_at=number("revoked_at"), revoked_reason=None if reason is None else str(reason),
         last_used_at=number("last_used_at"), root=text("root"), rotated_from=text("rotated_from"),
+        chain=tuple(tuple(level) for level in json.loads(data["chain"])) if data.get("chain") else (),
     )

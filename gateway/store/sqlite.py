@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked_reason TEXT,
     last_used_at INTEGER,
     root TEXT,
-    rotated_from TEXT
+    rotated_from TEXT,
+    chain TEXT
 );
 CREATE INDEX IF NOT EXISTS tokens_parent ON tokens(parent);
 CREATE TABLE IF NOT EXISTS once (
@@ -49,11 +50,12 @@ CREATE TABLE IF NOT EXISTS changes (
     jti TEXT NOT NULL
 );
 """
-_COLUMNS = "jti, sub, name, grants, iat, exp, parent, revoked_at, revoked_reason, last_used_at, root, rotated_from"
+_COLUMNS = ("jti, sub, name, grants, iat, exp, parent, revoked_at, revoked_reason, last_used_at, root, rotated_from, "
+            "chain")
 # A token and everything attenuated from it, transitively (parameter: the token's jti).
 _TREE = "WITH RECURSIVE tree(jti) AS (SELECT ? UNION SELECT t.jti FROM tokens t JOIN tree ON t.parent = tree.jti)"
 # Columns added after the first release: a store created before them gets them on open.
-_ADDED_COLUMNS = (("root", "TEXT"), ("rotated_from", "TEXT"))
+_ADDED_COLUMNS = (("root", "TEXT"), ("rotated_from", "TEXT"), ("chain", "TEXT"))
 
 
 class SqliteStore:
@@ -127,10 +129,10 @@ class SqliteStore:
         return None
 
     def _insert(self, record: TokenRecord) -> None:
-        self._run(f"INSERT INTO tokens ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", (
+        self._run(f"INSERT INTO tokens ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (
             record.jti, record.sub, record.name, json.dumps(list(record.grants)), record.iat, record.exp,
             record.parent, record.revoked_at, record.revoked_reason, record.last_used_at, record.root,
-            record.rotated_from))
+            record.rotated_from, json.dumps([list(level) for level in record.chain]) if record.chain else None))
         self._run("INSERT INTO changes (jti) VALUES (?)", (record.jti,))
 
     async def get(self, jti: str) -> TokenRecord | None:
@@ -236,7 +238,7 @@ class SqliteStore:
 
 
 def _record(row: tuple[object, ...]) -> TokenRecord:
-    jti, sub, name, grants, iat, exp, parent, revoked_at, reason, last_used, root, rotated_from = row
+    jti, sub, name, grants, iat, exp, parent, revoked_at, reason, last_used, root, rotated_from, chain = row
     return TokenRecord(
         jti=str(jti), sub=str(sub), name=str(name), grants=tuple(json.loads(str(grants))), iat=int(str(iat)),
         exp=int(str(exp)), parent=None if parent is None else str(parent),
@@ -244,4 +246,5 @@ def _record(row: tuple[object, ...]) -> TokenRecord:
         revoked_reason=None if reason is None else str(reason),
         last_used_at=None if last_used is None else int(str(last_used)),
         root=None if root is None else str(root), rotated_from=None if rotated_from is None else str(rotated_from),
+        chain=() if chain is None else tuple(tuple(level) for level in json.loads(str(chain))),
     )

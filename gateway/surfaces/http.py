@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.errors import BadRequest, GatewayError, RequestTimeout, TooLarge, error_body
+from gateway.surfaces.stalls import stalls
 from gateway.upstream.client import UpstreamResponse
 
 log = logging.getLogger("scopegate")
@@ -102,10 +103,37 @@ class RequestHeaders:
 
 
 async def read_body(receive: Any, limit: int) -> bytes:
-    body = bytearray()
-    async for chunk in BodyStream(receive, limit).chunks():
-        body += chunk
-    return bytes(body)
+    """The client's whole body, at most `limit` bytes, cut off when it stalls for
+    BODY_IDLE_TIMEOUT_S (stalls.py: one watchdog per loop instead of a timer per message)."""
+    task = asyncio.current_task()
+    if task is None:  # not in a task: nothing for the watchdog to cancel
+        body = bytearray()
+        async for chunk in BodyStream(receive, limit).chunks():
+            body += chunk
+        return bytes(body)
+    watch = stalls()
+    parts: list[bytes] = []
+    seen = 0
+    try:
+        while True:
+            watch.watch(task, watch.loop.time() + BODY_IDLE_TIMEOUT_S)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest("the client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                raise TooLarge(f"request body is larger than limits.max_body_bytes ({limit} bytes)")
+            if chunk:
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+    except asyncio.CancelledError:
+        if watch.was_stalled(task):
+            raise RequestTimeout(f"the request body stalled for {BODY_IDLE_TIMEOUT_S:g}s; send it promptly") from None
+        raise
+    finally:
+        watch.reading.pop(task, None)
 
 
 class BodyStream:

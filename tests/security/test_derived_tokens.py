@@ -202,6 +202,25 @@ def test_a_token_whose_claims_differ_from_its_record_is_refused(start: StartGate
     assert all(received.method == "GET" for received in gateway.upstream.received)
 
 
+def test_a_derived_token_resigned_without_its_ancestors_grants_is_refused(start: StartGateway) -> None:
+    # Red-team note: the record did not keep the chain, so a leaked key could drop the ancestors'
+    # checks from a registered child. The record keeps it now and the two are compared.
+    gateway = start()
+    parent = gateway.mint("deployer@app:web-staging", ttl_s=3600, name="parent")
+    with gateway.client() as client:
+        child = attenuate(client, parent, "viewer@app:web-staging").json()["token"]
+    claims = jwt.decode(child[4:], options={"verify_signature": False})
+    assert claims["chain"] == [["deployer@app:web-staging"]]
+    key = Keyring.load(gateway.config.tokens_keyring).active
+    unchained = "sgt_" + jwt.encode({k: v for k, v in claims.items() if k != "chain"}, key.private_key,
+                                    algorithm="EdDSA", headers={"kid": key.kid})
+    with gateway.client() as client:
+        refused = client.get(STAGING, headers=bearer(unchained))
+        genuine = client.get(STAGING, headers=bearer(child))
+    assert refused.status_code == 401 and "ancestors' grants" in refused.json()["message"], refused.text
+    assert genuine.status_code == 200
+
+
 def test_exchanges_are_rate_limited_per_trust_rule_and_replays_spend_nothing(
         tmp_path: Path, upstream: tuple[RecordingUpstream, ServerThread], monkeypatch: pytest.MonkeyPatch) -> None:
     issuer = FakeIssuer("RSA").start()
