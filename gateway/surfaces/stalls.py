@@ -55,12 +55,18 @@ class Stalls:
 
 
 _LOOPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Stalls] = weakref.WeakKeyDictionary()
+_last: Stalls | None = None  # the last loop's, checked first: a server runs one loop per process
 
 
 def stalls() -> Stalls:
     """The running loop's watch over body reads."""
+    global _last
     loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last.loop is loop:
+        return last
     found = _LOOPS.get(loop)
     if found is None:
         found = _LOOPS[loop] = Stalls(loop)
+    _last = found
     return found
