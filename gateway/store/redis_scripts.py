@@ -98,63 +98,61 @@ write(4)
 return 'ok'
 """
 
-REVOKE = APPEND + """
--- KEYS: changes stream, feed counter, the root record.
--- ARGV: prefix, root jti, at, feed maxlen, has reason, reason
--- Walks children:{jti} from the root (through what is already revoked), revokes what is live.
-local prefix, at, maxlen = ARGV[1], ARGV[3], ARGV[4]
-local queue, seen, revoked = {ARGV[2]}, {}, {}
-local i = 1
-while i <= #queue do
-  local jti = queue[i]
-  i = i + 1
-  if not seen[jti] then
-    seen[jti] = true
-    local key = prefix .. 'tok:' .. jti
-    local state = redis.call('HMGET', key, 'revoked_at', 'exp')
-    -- Already revoked, or (a descendant) already expired: nothing to write; the root is always marked.
-    if redis.call('EXISTS', key) == 1 and not state[1] and (jti == ARGV[2] or tonumber(state[2]) > tonumber(at)) then
-      redis.call('HSET', key, 'revoked_at', at)
-      if ARGV[5] == '1' then
-        redis.call('HSET', key, 'revoked_reason', ARGV[6])
-      else
-        redis.call('HDEL', key, 'revoked_reason')
+# The token `root` and everything attenuated from it (children:{jti}, transitively, through what is
+# already revoked), each visited once: visit(jti, its record's key).
+WALK = """
+local function walk(prefix, root, visit)
+  local queue, seen = {root}, {}
+  local i = 1
+  while i <= #queue do
+    local jti = queue[i]
+    i = i + 1
+    if not seen[jti] then
+      seen[jti] = true
+      visit(jti, prefix .. 'tok:' .. jti)
+      for _, child in ipairs(redis.call('SMEMBERS', prefix .. 'children:' .. jti)) do
+        queue[#queue + 1] = child
       end
-      append(KEYS[1], KEYS[2], maxlen, jti)
-      revoked[#revoked + 1] = jti
-    end
-    local children = redis.call('SMEMBERS', prefix .. 'children:' .. jti)
-    for _, child in ipairs(children) do
-      queue[#queue + 1] = child
     end
   end
 end
+"""
+
+REVOKE = APPEND + WALK + """
+-- KEYS: changes stream, feed counter, the root record.
+-- ARGV: prefix, root jti, at, feed maxlen, has reason, reason
+-- Revokes the root and its live descendants: one already revoked, or a descendant already
+-- expired, needs no write (nothing accepts it); the root is always marked.
+local prefix, at, maxlen = ARGV[1], ARGV[3], ARGV[4]
+local revoked = {}
+walk(prefix, ARGV[2], function(jti, key)
+  local state = redis.call('HMGET', key, 'revoked_at', 'exp')
+  if redis.call('EXISTS', key) == 1 and not state[1] and (jti == ARGV[2] or tonumber(state[2]) > tonumber(at)) then
+    redis.call('HSET', key, 'revoked_at', at)
+    if ARGV[5] == '1' then
+      redis.call('HSET', key, 'revoked_reason', ARGV[6])
+    else
+      redis.call('HDEL', key, 'revoked_reason')
+    end
+    append(KEYS[1], KEYS[2], maxlen, jti)
+    revoked[#revoked + 1] = jti
+  end
+end)
 return revoked
 """
 
-SHORTEN = APPEND + """
+SHORTEN = APPEND + WALK + """
 -- KEYS: changes stream, feed counter.  ARGV: exp, root jti, feed maxlen, prefix
--- The token and everything attenuated from it (children:{jti}, transitively) end no later than
--- exp: a child never outlives its parent, rotated away or not.
-local exp, maxlen, prefix = tonumber(ARGV[1]), ARGV[3], ARGV[4]
-local queue, seen = {ARGV[2]}, {}
-local i = 1
-while i <= #queue do
-  local jti = queue[i]
-  i = i + 1
-  if not seen[jti] then
-    seen[jti] = true
-    local key = prefix .. 'tok:' .. jti
-    local current = redis.call('HGET', key, 'exp')
-    if current and exp < tonumber(current) then
-      redis.call('HSET', key, 'exp', exp)
-      append(KEYS[1], KEYS[2], maxlen, jti)
-    end
-    for _, child in ipairs(redis.call('SMEMBERS', prefix .. 'children:' .. jti)) do
-      queue[#queue + 1] = child
-    end
+-- The token and everything attenuated from it end no later than exp: a child never outlives its
+-- parent, rotated away or not.
+local exp, maxlen = tonumber(ARGV[1]), ARGV[3]
+walk(ARGV[4], ARGV[2], function(jti, key)
+  local current = redis.call('HGET', key, 'exp')
+  if current and exp < tonumber(current) then
+    redis.call('HSET', key, 'exp', exp)
+    append(KEYS[1], KEYS[2], maxlen, jti)
   end
-end
+end)
 return 1
 """
 
