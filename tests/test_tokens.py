@@ -806,3 +806,29 @@ def test_a_store_made_before_lineage_columns_opens_and_derives(tmp_path: Any) ->
     before, put, again = asyncio.run(run())
     assert before is not None and before.root is None and before.rotated_from is None
     assert put is None and again == "full"
+
+
+def test_two_processes_opening_an_older_store_at_once_both_open_it(tmp_path: Any) -> None:
+    # A server's workers open the store together after an upgrade: both add the new columns; one
+    # was refused ("duplicate column name", "database is locked") and a worker failed to start.
+    import sqlite3
+    import subprocess
+    import sys
+
+    from gateway.store.sqlite import _SCHEMA
+
+    old_schema = _SCHEMA.replace("    rotated_from TEXT,\n    chain TEXT\n", "")
+    old_schema = old_schema.replace("    last_used_at INTEGER,\n    root TEXT,\n", "    last_used_at INTEGER\n")
+    opener = ("import sys, time; from pathlib import Path; from gateway.store.sqlite import SqliteStore; "
+              "at = float(sys.argv[2]); time.sleep(max(0.0, at - time.time())); SqliteStore(Path(sys.argv[1]))")
+    for attempt in range(4):
+        path = tmp_path / f"old-{attempt}.db"
+        db = sqlite3.connect(path)
+        db.executescript(old_schema)
+        db.close()
+        assert "chain" not in old_schema and "root TEXT" not in old_schema
+        at = str(time.time() + 1.0)
+        procs = [subprocess.Popen([sys.executable, "-c", opener, str(path), at], stderr=subprocess.PIPE)
+                 for _ in range(3)]
+        errors = [proc.communicate(timeout=30)[1].decode() for proc in procs]
+        assert [proc.returncode for proc in procs] == [0, 0, 0], errors

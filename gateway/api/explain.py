@@ -38,7 +38,7 @@ def explain_endpoint(services: Services) -> Handler:
         grants, name, chain = await whose(services, claims, body)
         result = await explain(grants, method, path, raw_body, routes=services.machines.routes,
                                rules=services.authorizer.rules, environments=services.authorizer.environments,
-                               token_name=name, chain=chain)
+                               org_slug=services.config.upstream_org_slug, token_name=name, chain=chain)
         return JSONResponse(result.to_json())
 
     return run
@@ -55,9 +55,7 @@ async def whose(services: Services, claims: Claims, body: dict[str, Any]) -> tup
     if body.get("token") is not None and body.get("grants") is not None:
         raise BadRequest("give 'grants' or 'token', not both")
     if body.get("token") is not None:
-        other = await _token(services, field(body, "token", str), admin=admin)
-        if not admin and other.jti != claims.jti:
-            raise _not_yours()
+        other = await _token(services, field(body, "token", str), admin=admin, caller=claims)
         return other.grants, other.name, other.chain
     if body.get("grants") is not None:
         asked = services.registry.validate_grants(grants_field(body))  # unknown roles: 400, did you mean
@@ -72,10 +70,13 @@ async def whose(services: Services, claims: Claims, body: dict[str, Any]) -> tup
     return claims.grants, claims.name, claims.chain
 
 
-async def _token(services: Services, text: str, *, admin: bool) -> Claims:
+async def _token(services: Services, text: str, *, admin: bool, caller: Claims) -> Claims:
+    """The token asked about, checked but not counted as used (asking is not using)."""
     try:
         other = services.authorizer.verifier.verify(text)
-        await services.registry.check(other)
+        if not admin and other.jti != caller.jti:
+            raise _not_yours()
+        await services.registry.check(other, use=False)
     except Unauthenticated as exc:
         if not admin:
             # Not provably the caller's own: the same refusal as for any other token, word for word.

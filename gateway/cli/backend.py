@@ -133,7 +133,7 @@ class LocalBackend:
         if token is not None:
             try:
                 claims = self._verifier().verify(token)
-                await self.admin.registry.check(claims)
+                await self.admin.registry.check(claims, use=False)  # asked about, not used
             except Unauthenticated as exc:
                 raise Unprocessable(f"field 'token': {exc.message}") from None
             parsed, name, chain = claims.grants, claims.name, claims.chain
@@ -142,7 +142,7 @@ class LocalBackend:
         raw = None if body is None else json.dumps(body).encode()
         routes, rules, environments = dry_run_rules(self.config)
         result = await explain(parsed, method, path, raw, routes=routes, rules=rules, environments=environments,
-                               token_name=name, chain=chain)
+                               org_slug=self.config.upstream_org_slug, token_name=name, chain=chain)
         return result.to_json()
 
     async def whoami(self, token: str) -> Json:

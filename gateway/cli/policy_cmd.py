@@ -131,7 +131,8 @@ async def test_policy(args: argparse.Namespace) -> int:
         body = case.get("body")
         raw = None if body is None else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
         result = await explain(parse_grants(case["grants"]), case["method"], case["path"], raw, routes=routes,
-                               rules=rules, environments=environments, token_name=case.get("name") or "test")
+                               rules=rules, environments=environments, org_slug=config.upstream_org_slug,
+                               token_name=case.get("name") or "test")
         got = "allow" if result.allowed else "deny"
         rows.append({"case": str(index + 1), "name": case.get("name") or "", "grants": case["grants"],
                      "request": f"{case['method'].upper()} {case['path']}", "expect": case["expect"], "got": got,

@@ -8,7 +8,7 @@ import json
 from starlette.responses import Response
 
 from gateway.console.pages import Console, Ctx
-from gateway.core.grants import GrantError, parse_grants
+from gateway.core.grants import GrantError
 from gateway.errors import BadRequest, Forbidden, Unauthenticated
 from gateway.surfaces.machines.explain import Explanation, explain
 
@@ -58,15 +58,16 @@ class ExplainPage:
             if other_token:
                 try:
                     other = self.services.authorizer.verifier.verify(other_token)
-                    await self.services.registry.check(other)
+                    await self.services.registry.check(other, use=False)  # asked about, not used
                 except Unauthenticated as exc:
                     raise BadRequest(f"token: {exc.message}") from None
                 grants, name, chain = other.grants, other.name, other.chain
             else:
                 try:
-                    grants, name, chain = parse_grants(grant_text.replace(",", " ").split()), "explain", ()
+                    texts = grant_text.replace(",", " ").split()
+                    grants, name, chain = self.services.registry.validate_grants(texts), "explain", ()
                 except GrantError as exc:
                     raise BadRequest(str(exc)) from None
         return await explain(grants, method, path, raw_body, routes=self.services.machines.routes,
                              rules=self.services.authorizer.rules, environments=self.services.authorizer.environments,
-                             token_name=name, chain=chain)
+                             org_slug=self.services.config.upstream_org_slug, token_name=name, chain=chain)

@@ -203,9 +203,10 @@ class TokenRegistry:
 
     # --- the hot path --------------------------------------------------------------------------
 
-    async def check(self, claims: Claims) -> None:
+    async def check(self, claims: Claims, *, use: bool = True) -> None:
         """Raises Unauthenticated unless the token's record exists, is not revoked and not cut short;
-        StateUnavailable while the store is down, even for a record in the cache."""
+        StateUnavailable while the store is down, even for a record in the cache. `use`: the token
+        is being used (its `last_used_at` moves); False when it is only asked about (explain)."""
         if self.unavailable is not None:
             raise StateUnavailable(self.unavailable)
         status = self._status.get(claims.jti)
@@ -228,7 +229,8 @@ class TokenRegistry:
         if now >= not_after:
             raise Unauthenticated(f"token '{claims.name}' has expired (rotated, or past its lifetime); "
                                   "use its replacement")
-        self._last_used[claims.jti] = now
+        if use:
+            self._last_used[claims.jti] = now
 
     def _remember(self, jti: str, status: tuple[Claims, str | None, int]) -> None:
         self._status[jti] = status

@@ -70,16 +70,40 @@ class SqliteStore:
             if not self.path.exists():
                 os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
+            self._prepare()
+        except (sqlite3.Error, OSError) as exc:
+            raise StateUnavailable(f"the token store {self.path} cannot be opened ({exc})") from None
+
+    def _prepare(self) -> None:
+        """WAL mode, the schema and the columns added since: several processes may open the same
+        file at once (a server's workers, the CLI), and SQLite answers one of them "locked" at once
+        rather than waiting when both change the schema; that one retries."""
+        for attempt in range(8):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA busy_timeout=5000")
+                self._db.executescript(_SCHEMA)
+                self._add_columns()
+                return
+            except sqlite3.OperationalError as exc:
+                if attempt == 7 or not ("locked" in str(exc) or "duplicate column" in str(exc)):
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+
+    def _add_columns(self) -> None:
+        """Columns added after the first release, added to an older store under the write lock:
+        two processes opening it at once (the workers of one server) must not both add them."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
             have = {str(row[1]) for row in self._db.execute("PRAGMA table_info(tokens)").fetchall()}
             for column, kind in _ADDED_COLUMNS:
                 if column not in have:
                     self._db.execute(f"ALTER TABLE tokens ADD COLUMN {column} {kind}")
             self._db.execute("CREATE INDEX IF NOT EXISTS tokens_root ON tokens(root)")
-        except (sqlite3.Error, OSError) as exc:
-            raise StateUnavailable(f"the token store {self.path} cannot be opened ({exc})") from None
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.rollback()
+            raise
 
     def _run(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         try:

@@ -111,12 +111,13 @@ async def read_body(receive: Any, limit: int) -> bytes:
         async for chunk in BodyStream(receive, limit).chunks():
             body += chunk
         return bytes(body)
-    watch = stalls()
+    loop = asyncio.get_running_loop()
+    watch = stalls(loop)
     parts: list[bytes] = []
     seen = 0
     try:
         while True:
-            watch.watch(task, watch.loop.time() + BODY_IDLE_TIMEOUT_S)
+            watch.watch(task, loop.time() + BODY_IDLE_TIMEOUT_S)
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise BadRequest("the client disconnected before sending the whole body")
@@ -134,6 +135,7 @@ async def read_body(receive: Any, limit: int) -> bytes:
         raise
     finally:
         watch.reading.pop(task, None)
+        watch.stalled.discard(task)
 
 
 class BodyStream:

@@ -20,7 +20,7 @@ from gateway.core.environments import EnvironmentResolver
 from gateway.core.grants import Grant
 from gateway.core.rules import Rules
 from gateway.errors import BadRequest, GatewayError
-from gateway.surfaces.machines.bodies import read_document
+from gateway.surfaces.machines.bodies import check_placement, read_document
 from gateway.surfaces.paths import canonicalize
 from gateway.surfaces.routes import Route, RouteTable, resolve_request
 
@@ -68,8 +68,8 @@ DRY_RUN_OWNERSHIP = VolumeOwnership(_volume, _snapshot)
 
 
 async def explain(grants: tuple[Grant, ...], method: str, target: str, body: bytes | None, *, routes: RouteTable,
-                  rules: Rules, environments: EnvironmentResolver, token_name: str = "explain",
-                  chain: tuple[tuple[Grant, ...], ...] = ()) -> Explanation:
+                  rules: Rules, environments: EnvironmentResolver, org_slug: str | None,
+                  token_name: str = "explain", chain: tuple[tuple[Grant, ...], ...] = ()) -> Explanation:
     """The request path's decision for `method target` with `body`, for a token carrying `grants`
     (derived from tokens carrying each of `chain`), without asking anything upstream."""
     method = method.upper()
@@ -101,22 +101,24 @@ async def explain(grants: tuple[Grant, ...], method: str, target: str, body: byt
                             action, app, env, str(decision.grant) if decision.grant else None, decision.rule)
     if not decision.allowed or app is None:
         return explained
-    return await _constrain(explained, constraints_for(ruling, check), app, body, resolved.route)
+    return await _constrain(explained, constraints_for(ruling, check), app, body, resolved.route, org_slug)
 
 
 async def _constrain(explained: Explanation, constraints: tuple[Constraint, ...], app: str,
-                     body: bytes | None, route: Route) -> Explanation:
-    """The allowed decision, narrowed by the body constraints the request path would enforce, in
-    the same order, one at a time so that the one that refuses is named; the body read as the
-    request path reads it (bodies.py)."""
+                     body: bytes | None, route: Route, org_slug: str | None) -> Explanation:
+    """The allowed decision, narrowed as the request path narrows it (machines/surface.py
+    `judge_body`): the body read strictly, its placement (organization, network), then the body
+    constraints in order, one at a time so that the one that refuses is named."""
     names = tuple(c.name for c in constraints)
-    if not constraints:
-        return explained
     try:
-        document = read_document(route, body, judged=True) if body else {}
+        document = read_document(route, body, judged=bool(constraints)) if body else None
+        check_placement(document, org_slug)
     except GatewayError as error:
         return replace(explained, allowed=False, status=error.status, error=error.code, reason=error.message,
                        constraints=names)
+    if not constraints:
+        return explained
+    document = {} if document is None else document
     for constraint in constraints:
         try:
             await enforce((constraint,), app=app, document=document, ownership=DRY_RUN_OWNERSHIP)

@@ -109,6 +109,8 @@ class RestSurface(MachinesSurface):
             response.release()
         if 200 <= response.status < 300:
             await self._remember(remember, answer, line)
+        elif response.status in (401, 403) and self.attenuator is not None:
+            self.attenuator.forget(line.check.app)  # its numeric id may be stale
         await send({"type": "http.response.start", "status": response.status,
                     "headers": [*keep_headers(response.headers), *_length_and_type(response.headers, answer),
                                 (b"x-request-id", frame.request_id.encode("ascii"))]})
