@@ -1,15 +1,18 @@
-"""The baseline: a bare pass-through proxy on the gateway's own server stack.
+"""The baseline: the bare pass-through proxy a user would write in an afternoon.
 
-Same uvicorn configuration (`gateway.server.uvicorn_config`: httptools + TargetProtocol, uvloop,
-no access log), the startup heap frozen (`gateway.server.freeze_startup_heap`), same upstream
-client (`gateway.upstream.client.UpstreamClient`: aiohttp, the same header rebuilding and streaming
-relay) as the gateway, and nothing else: no canonicalization, no token, no route, no decision,
-no audit record. What the gateway costs on top of this is the price of authorization.
+Starlette's server stack (uvicorn with httptools and uvloop, served with
+`gateway.server.uvicorn_config`, the startup heap frozen as `scopegate serve` does) and aiohttp's
+client, the usual pair: a raw ASGI app that forwards every request with an
+`aiohttp.ClientSession` (kept-alive pool, no decompression, no redirects, the client's headers
+cut to the same allow-list as the gateway's Machines surface, the credential injected) and
+streams the answer back. No canonicalization, no token, no route, no decision, no audit record.
+The gateway is measured against it (issue 19: the gateway's own forwarding path must beat it).
 
     python bench/baseline.py --upstream http://127.0.0.1:8081 --port 8082
 
-`--client httpx` swaps the upstream client for an httpx.AsyncClient doing the same job, for
-`bench/clients.py` (the choice of client by measurement); it is never what `bench/run` uses.
+`--client httpx` swaps the upstream client for an httpx.AsyncClient doing the same job and
+`--client scopegate` for the gateway's own (gateway.upstream.client.UpstreamClient), for
+`bench/clients.py` (the choice of client by measurement); `bench/run` uses aiohttp.
 """
 
 from __future__ import annotations
@@ -22,17 +25,61 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import aiohttp
 import uvicorn
+from yarl import URL
 
 from gateway.server import freeze_startup_heap, uvicorn_config
 from gateway.surfaces.machines.surface import MACHINES_HEADERS
 from gateway.upstream.client import UpstreamClient
 
 CREDENTIAL = "baseline-upstream-credential"
+HOP_BY_HOP = (b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade")
 
 
 class PassThrough:
-    """ASGI: forward every request upstream with the gateway's UpstreamClient, relay the answer."""
+    """ASGI: forward every request upstream with aiohttp's client, relay the answer."""
+
+    def __init__(self, upstream_url: str) -> None:
+        self.base = upstream_url.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
+
+    async def _start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=75),
+            cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent", "Accept-Encoding"))
+
+    async def _stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send, self._start, self._stop)
+            return
+        if scope["type"] != "http":
+            return
+        assert self.session is not None
+        request_id = uuid.uuid4().hex
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k in MACHINES_HEADERS]
+        headers += [("Authorization", f"Bearer {CREDENTIAL}"), ("X-Request-Id", request_id),
+                    ("X-Forwarded-For", (scope.get("client") or ("", 0))[0])]
+        target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
+        body = await _read_body(receive) if _has_body(scope) else None
+        url = URL(self.base + target.decode("ascii"), encoded=True)
+        async with self.session.request(scope["method"], url, headers=headers, data=body or None,
+                                        allow_redirects=False) as response:
+            out = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in HOP_BY_HOP]
+            out.append((b"x-request-id", request_id.encode("ascii")))
+            await send({"type": "http.response.start", "status": response.status, "headers": out})
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class ScopegateClientPassThrough:
+    """The same pass-through with the gateway's own upstream client (bench/clients.py only)."""
 
     def __init__(self, upstream_url: str) -> None:
         self.upstream = UpstreamClient(upstream_url, auth_scheme="Bearer", credential=CREDENTIAL,
@@ -93,7 +140,8 @@ class HttpxPassThrough:
         target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
         body = await _read_body(receive) if _has_body(scope) else None
         request = self.client.build_request(scope["method"], self.base + target.decode("ascii"),
-                                            headers=list(headers.items()), content=body or None)
+                                            headers=[(k.decode("latin-1"), v.decode("latin-1"))
+                                                     for k, v in headers.items], content=body or None)
         response = await self.client.send(request, stream=True)
         try:
             out = [(k, v) for k, v in response.headers.raw if k.lower() not in (b"connection", b"keep-alive",
@@ -140,9 +188,10 @@ def main() -> int:
     parser.add_argument("--upstream", required=True, help="upstream base URL, e.g. http://127.0.0.1:8081")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp")
+    parser.add_argument("--client", choices=("aiohttp", "httpx", "scopegate"), default="aiohttp")
     args = parser.parse_args()
-    app = PassThrough(args.upstream) if args.client == "aiohttp" else HttpxPassThrough(args.upstream)
+    apps = {"aiohttp": PassThrough, "httpx": HttpxPassThrough, "scopegate": ScopegateClientPassThrough}
+    app = apps[args.client](args.upstream)
     server = uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port))
     freeze_startup_heap()  # as `scopegate serve` does: the same server stack
     # Server.run, not asyncio.run(server.serve()): it honours the config's event loop ("auto":

@@ -1,30 +1,30 @@
 """The upstream client: forwards one authorized request and streams the answer back.
 
-aiohttp's client is used on this path because it measured several times faster than httpx
-here (DESIGN section 1). The target is passed with `encoded=True` so that yarl neither
-re-encodes nor normalizes it: the bytes forwarded are the bytes authorized. Redirects are never
-followed and responses are not decompressed (they are relayed as they came). Request headers
-are rebuilt from an allow-list the surface passes (`build_headers(allowed=...)`): only the
-headers a real client of that API needs reach the upstream, so nothing a client invents (an
-address, a region or instance to route to, a re-targeting URL, a credential) gets there; the
-upstream credential and the gateway's own X-Forwarded-* / X-Request-Id are set.
+It speaks HTTP/1.1 on kept-alive connections of its own (connections.py): measured with bench/,
+aiohttp's client took ~40% of the gateway's CPU per request; this one takes a fraction of that
+(the choice by measurement of DESIGN section 1; docs/performance.md). The target is sent byte for
+byte: the bytes forwarded are the bytes authorized. Redirects are never followed and answers are
+not decompressed (they are relayed as they came). Request headers are rebuilt from an allow-list
+the surface passes (`build_headers(allowed=...)`): only the headers a real client of that API
+needs reach the upstream, so nothing a client invents (an address, a region or instance to route
+to, a re-targeting URL, a credential) gets there; the upstream credential and the gateway's own
+X-Forwarded-* / X-Request-Id are set.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
+from gateway.errors import ConfigError, UpstreamUnavailable
+from gateway.upstream.connections import DROP_RESPONSE, ConnectionPool, OutgoingHeaders, UpstreamResponse
 
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+__all__ = ["DROP_RESPONSE", "GATEWAY_SET", "HOP_BY_HOP", "OutgoingHeaders", "UpstreamClient", "UpstreamResponse",
+           "ms_since"]
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -36,87 +36,72 @@ GATEWAY_SET = HOP_BY_HOP | frozenset({
     b"authorization", b"proxy-authorization", b"host", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"x-request-id", b"content-length",
 })
-DROP_RESPONSE = HOP_BY_HOP
-
-
-@dataclass
-class UpstreamResponse:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    content_length: int | None
-    response: aiohttp.ClientResponse
-    started: float
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.response.content.iter_any():
-            yield chunk
-
-    async def read_all(self, limit: int) -> bytes:
-        data = bytearray()
-        async for chunk in self.chunks():
-            data += chunk
-            if len(data) > limit:
-                raise UpstreamUnavailable(f"the upstream answer is larger than {limit} bytes and cannot be filtered")
-        return bytes(data)
-
-    def release(self) -> None:
-        self.response.release()
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_UNSENDABLE_IN_TARGET = (b" ", b"\r", b"\n", b"\x00", b"\t")
 
 
 class UpstreamClient:
     def __init__(self, base_url: str, *, auth_scheme: str, credential: str, connect_timeout_s: float,
                  read_timeout_s: float, basic_user: str | None = None) -> None:
         self.base = base_url.rstrip("/")
+        parts = urlsplit(self.base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"upstream URL {base_url!r} must start with http:// or https:// and name a host")
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        # The Host header: the URL's authority as written, without any user part.
+        self._authority = parts.netloc.rpartition("@")[2].encode("idna")
+        self._prefix = parts.path.encode("ascii")  # a base URL's own path (GraphQL's /graphql) goes first
         # An image registry takes the credential as HTTP basic auth (`x` / token, as docker logs in):
         # `basic_user` says so; every other upstream takes `<auth_scheme> <credential>`.
-        self._authorization = (f"{auth_scheme} {credential}" if basic_user is None else
-                               "Basic " + base64.b64encode(f"{basic_user}:{credential}".encode()).decode("ascii"))
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, connect=connect_timeout_s,
-                                              sock_read=read_timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        authorization = (f"{auth_scheme} {credential}" if basic_user is None else
+                         "Basic " + base64.b64encode(f"{basic_user}:{credential}".encode()).decode("ascii"))
+        self._authorization = authorization.encode("latin-1")
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._pool: ConnectionPool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        )
+        self._pool = ConnectionPool(host=self._host, port=self._port, tls=self._tls,
+                                    connect_timeout_s=self._connect_timeout_s, read_timeout_s=self._read_timeout_s)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def build_headers(self, client_headers: list[tuple[bytes, bytes]], *, allowed: frozenset[bytes], client_ip: str,
-                      scheme: str, request_id: str) -> CIMultiDict[str]:
+                      scheme: str, request_id: str) -> OutgoingHeaders:
         """The upstream request's headers: the client's headers named in `allowed` (lower-case names,
         the surface's allow-list) and not nominated hop-by-hop by its Connection header, then the
         credential and what the gateway asserts. Content-Length is never copied: the client sends
-        the body's framing, aiohttp writes the forwarded body's (from the bytes, or the surface sets
+        the body's framing, `send` writes the forwarded body's (from the bytes, or the surface sets
         it for a stream it passes through)."""
         named_by_connection: set[bytes] = set()
-        host = ""
+        host = b""
         for name, value in client_headers:
             if name == b"connection":
                 named_by_connection.update(v.strip().lower() for v in value.split(b","))
             elif name == b"host":
-                host = value.decode("latin-1")
-        headers: CIMultiDict[str] = CIMultiDict()
+                host = value
+        headers = OutgoingHeaders()
         for name, value in client_headers:
             if name in allowed and name not in GATEWAY_SET and name not in named_by_connection:
-                headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        headers["Authorization"] = self._authorization
-        headers["X-Forwarded-For"] = client_ip
-        headers["X-Forwarded-Proto"] = scheme
+                headers.add(name, value)
+        items = headers.items
+        items.append((b"authorization", self._authorization))
+        items.append((b"x-forwarded-for", client_ip.encode("latin-1")))
+        items.append((b"x-forwarded-proto", scheme.encode("latin-1")))
         if host:
-            headers["X-Forwarded-Host"] = host
-        headers["X-Request-Id"] = request_id
+            headers.add(b"x-forwarded-host", host)
+        items.append((b"x-request-id", request_id.encode("ascii")))
         return headers
 
     async def get_json(self, path: str, request_id: str) -> tuple[int, Any]:
         """GET a gateway-built path (never a client's) for the gateway's own checks."""
-        headers: CIMultiDict[str] = CIMultiDict({"Authorization": self._authorization, "Accept": "application/json",
-                                                  "X-Request-Id": request_id})
+        headers = OutgoingHeaders([(b"authorization", self._authorization), (b"accept", b"application/json"),
+                                   (b"x-request-id", request_id.encode("ascii"))])
         response = await self.send("GET", path.encode("ascii"), headers, None)
         try:
             body = await response.read_all(4 * 1024 * 1024)
@@ -127,34 +112,35 @@ class UpstreamClient:
         except ValueError:
             return response.status, None
 
-    async def send(self, method: str, target: bytes, headers: CIMultiDict[str],
+    async def send(self, method: str, target: bytes, headers: OutgoingHeaders,
                    body: bytes | AsyncIterator[bytes] | None) -> UpstreamResponse:
-        if self._session is None:
+        """Forward one request; the answer comes back once its head arrived (its body streams).
+        The request line carries the base URL's path and `target` exactly as given."""
+        pool = self._pool
+        if pool is None:
             raise UpstreamUnavailable("the upstream client is not started")
-        url = upstream_url(self.base, target)
-        started = time.perf_counter()
-        try:
-            response = await self._session.request(method, url, headers=headers, data=body, allow_redirects=False,
-                                                    compress=None)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise UpstreamTimeout("the upstream did not answer in time; retry later") from None
-        except (aiohttp.ClientError, OSError):
-            raise UpstreamUnavailable("the upstream refused or dropped the connection; retry later") from None
-        except asyncio.CancelledError:
-            raise
-        headers_out = [(k, v) for k, v in response.raw_headers if k.lower() not in DROP_RESPONSE]
-        return UpstreamResponse(response.status, headers_out, response.content_length, response, started)
-
-
-def upstream_url(base: str, target: bytes) -> URL:
-    """The upstream URL of an authorized target, which aiohttp sends byte for byte (`encoded=True`:
-    no re-encoding, no normalization). yarl drops an empty query, so a target ending in a bare '?'
-    keeps it as the last byte of the path: the upstream reads the target the gateway read."""
-    text = base + target.decode("ascii")
-    if text.endswith("?") and text.count("?") == 1:
-        url = URL(text[:-1], encoded=True)
-        return url.with_path(url.raw_path + "?", encoded=True)
-    return URL(text, encoded=True)
+        path = self._prefix + target
+        if not path.startswith(b"/"):
+            path = b"/" + path
+        for unsendable in _UNSENDABLE_IN_TARGET:  # canonicalize() never lets one through; never send one
+            if unsendable in path:
+                raise UpstreamUnavailable("the gateway built a request target it cannot send; nothing was forwarded")
+        head = [method.encode("ascii"), b" ", path, b" HTTP/1.1\r\nhost: ", self._authority, b"\r\n"]
+        length_given = False
+        for name, value in headers.items:
+            if name == b"content-length":
+                length_given = True
+            head += (name, b": ", value, b"\r\n")
+        if isinstance(body, bytes):
+            if not length_given:
+                head += (b"content-length: ", str(len(body)).encode("ascii"), b"\r\n")
+        elif body is not None:
+            if not length_given:
+                head.append(b"transfer-encoding: chunked\r\n")
+        elif method in _BODY_METHODS and not length_given:
+            head.append(b"content-length: 0\r\n")
+        head.append(b"\r\n")
+        return await pool.exchange(method, b"".join(head), body, length_given=length_given)
 
 
 def ms_since(started: float) -> float:

@@ -205,7 +205,7 @@ class RegistrySurface:
                 raise UpstreamUnavailable("the upstream registry refused the gateway's credential "
                                           "(upstream.token_env / upstream.token_file)")
             rewritten = locations.rewrite(response.headers, request, upstream_base=self.upstream.base,
-                                          forwarded_host=headers.get("X-Forwarded-Host", ""))
+                                          forwarded_host=headers.get("X-Forwarded-Host") or "")
             if rewritten.upload_id is not None and rewritten.upload_id != request.upload_id:
                 assert request.repo is not None
                 await self.store.remember(f"upload:{rewritten.upload_id}", request.repo,
