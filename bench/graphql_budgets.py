@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from baseline import PassThrough  # noqa: E402
+from baseline import ScopegateClientPassThrough as PassThrough  # noqa: E402  (the canned upstream replaces its client)
 from inprocess import CannedUpstream  # noqa: E402
 
 import bench  # noqa: E402
