@@ -15,10 +15,9 @@ from gateway.api.app import create_api_app
 from gateway.config import load_config
 from gateway.console.app import create_console_app
 from gateway.errors import ConfigError
-from gateway.server import freeze_startup_heap
+from gateway.server import OWN_PREFIXES, freeze_startup_heap
 from gateway.services import Services
 
-OWN_PREFIXES = ("/_gateway/", "/.well-known/")
 CONSOLE_PREFIX = "/_gateway/ui/"
 
 

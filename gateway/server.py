@@ -1,6 +1,6 @@
 """Running the gateway under uvicorn, with the limits a front door needs.
 
-`TargetProtocol` extends uvicorn's httptools protocol in three ways:
+`TargetProtocol` extends uvicorn's httptools protocol in these ways:
 - it keeps the request line's target as received in the scope extension
   `scopegate.request_target` (httptools parses absolute-form targets and drops fragments before
   the application sees them, so the gateway could not refuse them); `surfaces.http.request_target`
@@ -10,7 +10,9 @@
   idle or slow clients cannot hold the connection cap;
 - chunked trailers never join the request's headers (the scope gets its own copy);
 - the request line and headers together may not exceed `MAX_HEADER_BYTES` nor `MAX_HEADERS`
-  fields (httptools ignores uvicorn's h11 size setting), else 431.
+  fields (httptools ignores uvicorn's h11 size setting), else 431;
+- a proxied request (any path but the gateway's own API and console) runs in `OneWriteCycle`
+  (server_cycle.py), which writes an answer's head with its first body bytes.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ import asyncio
 import errno
 import gc
 import socket
+import urllib.parse
 from typing import Any
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.errors import ConfigError
+from gateway.server_cycle import OneWriteCycle
 
 HEADER_TIMEOUT_S = 5.0
+OWN_PREFIXES = ("/_gateway/", "/.well-known/")  # the gateway's own API and console (app.py)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
 
@@ -80,17 +87,48 @@ class TargetProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        """uvicorn's, but for the cycle it starts: a proxied request's answer goes out in one write
+        where it can (server_cycle.py); the gateway's own API and console keep uvicorn's cycle."""
         self._stop_header_timer()
         target = bytes(self.url)
-        super().on_headers_complete()
-        # super() created the scope and scheduled (not yet ran) the ASGI task: adding to the
-        # scope here is seen by the application.
-        if getattr(self, "scope", None) is not None:
-            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-            extensions["scopegate.request_target"] = target
-            # httptools reports chunked trailers through on_header, which appends to the list the
-            # scope shares: give the application its own copy, so trailers never become headers.
-            self.scope["headers"] = list(self.scope["headers"])
+        scope: Any = self.scope
+        parser = self.parser
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed = httptools.parse_url(self.url)
+        raw_path, path = parsed.path, parsed.path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = parsed.query or b""
+        # The request line's target as received; httptools reports chunked trailers through
+        # on_header, which appends to the list the scope shares: the application gets its own copy,
+        # so trailers never become headers.
+        scope["extensions"] = {"scopegate.request_target": target}
+        scope["headers"] = list(self.headers)
+        app = self.app
+        if self.limit_concurrency is not None and (len(self.connections) >= self.limit_concurrency
+                                                   or len(self.tasks) >= self.limit_concurrency):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        cycle_class = RequestResponseCycle if path.startswith(OWN_PREFIXES) else OneWriteCycle
+        existing = self.cycle
+        self.cycle = cycle_class(
+            scope=scope, transport=self.transport, flow=self.flow, logger=self.logger,
+            access_logger=self.access_logger, access_log=self.access_log,
+            default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(), on_response=self.on_response_complete)
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:  # pipelined: it waits for the answer before it
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
 
     def send_400_response(self, msg: str) -> None:
         if self._too_large:

@@ -172,10 +172,15 @@ class BodyStream:
 
 
 async def relay(send: Any, response: UpstreamResponse, request_id: str) -> None:
+    """The upstream's answer to the client as it arrives; the part that ends it says so, so that an
+    answer that arrived whole leaves in one write (gateway/server_cycle.py)."""
     headers = [*response.headers, (b"x-request-id", request_id.encode("ascii"))]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    async for chunk in response.chunks():
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    while (chunk := await response.next_chunk()) is not None:
+        ended = response.ended
+        await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+        if ended:
+            return
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -28,11 +28,15 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import cast
 
 import httptools
 
-from gateway.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream.headers import OutgoingHeaders
+from gateway.upstream.response import UpstreamResponse
+
+__all__ = ["ConnectionDropped", "ConnectionPool", "OutgoingHeaders", "UpstreamConnection", "UpstreamResponse"]
 
 # Hop-by-hop response headers (RFC 9110 section 7.6.1): the gateway frames its own answer.
 DROP_RESPONSE = frozenset({
@@ -44,139 +48,10 @@ MAX_IDLE = 512  # connections kept per upstream; more are closed when released
 HIGH_WATER = 256 * 1024  # answer bytes buffered before the upstream connection stops being read
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 NO_BODY_STATUS = (204, 304)
-_UNSAFE_IN_HEAD = (b"\r", b"\n", b"\x00")
 
 
 class ConnectionDropped(UpstreamUnavailable):
     """The upstream closed the connection before the head of its answer."""
-
-
-class OutgoingHeaders:
-    """An upstream request's headers as bytes, in order; names lower-case and compared that way.
-    Surfaces set (`headers["Content-Type"] = ...`, replacing), drop (`popall`) and read (`get`)."""
-
-    __slots__ = ("items",)
-
-    def __init__(self, items: list[tuple[bytes, bytes]] | None = None) -> None:
-        self.items: list[tuple[bytes, bytes]] = [] if items is None else items
-
-    def __setitem__(self, name: str, value: str) -> None:
-        key = name.lower().encode("latin-1")
-        self.items = [item for item in self.items if item[0] != key]
-        self.items.append((key, checked_value(value.encode("latin-1"))))
-
-    def add(self, name: bytes, value: bytes) -> None:
-        self.items.append((name, checked_value(value)))
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        key = name.lower().encode("latin-1")
-        for item_name, value in self.items:
-            if item_name == key:
-                return value.decode("latin-1")
-        return default
-
-    def popall(self, name: str, default: Any = None) -> Any:
-        key = name.lower().encode("latin-1")
-        found = [value.decode("latin-1") for item_name, value in self.items if item_name == key]
-        if not found:
-            return default
-        self.items = [item for item in self.items if item[0] != key]
-        return found
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-def checked_value(value: bytes) -> bytes:
-    """A header value that cannot end its line early: a CR, LF or NUL in it is refused (the
-    client's parser already refuses them; this guards what the gateway builds too)."""
-    for unsafe in _UNSAFE_IN_HEAD:
-        if unsafe in value:
-            raise BadRequest("a header value holds a line break or NUL; send each header on one line")
-    return value
-
-
-class UpstreamResponse:
-    """One upstream answer: status and headers once its head arrived, its body as it arrives.
-    `release()` hands the connection back (answer read to the end) or closes it."""
-
-    __slots__ = ("_body", "_buffered", "_complete", "_connection", "_error", "_head", "_waiter",
-                 "content_length", "headers", "started", "status")
-
-    def __init__(self, connection: UpstreamConnection, started: float) -> None:
-        self._connection = connection
-        self.started = started
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.content_length: int | None = None
-        self._head = False  # status and headers have arrived
-        self._body: list[bytes] = []
-        self._buffered = 0
-        self._complete = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    # What the connection reports, as the upstream's bytes are parsed.
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, error: BaseException) -> None:
-        if self._error is None and not self._complete:
-            self._error = error
-        self._wake()
-
-    async def _wait(self) -> None:
-        """Until the connection reports something, at most `read_timeout_s`."""
-        connection = self._connection
-        waiter = self._waiter = connection.loop.create_future()
-        timer = connection.loop.call_later(connection.pool.read_timeout_s, self._timed_out)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-
-    def _timed_out(self) -> None:
-        self._fail(UpstreamTimeout("the upstream did not answer in time; retry later"))
-        self._connection.close()
-
-    async def _wait_head(self) -> None:
-        while not self._head:
-            if self._error is not None:
-                raise self._error
-            await self._wait()
-
-    # What the surfaces use.
-    async def chunks(self) -> AsyncIterator[bytes]:
-        connection = self._connection
-        while True:
-            if self._body:
-                parts, self._body, self._buffered = self._body, [], 0
-                connection.resume_reading()
-                for part in parts:
-                    yield part
-            elif self._complete:
-                return
-            elif self._error is not None:
-                raise self._error
-            else:
-                await self._wait()
-
-    async def read_all(self, limit: int) -> bytes:
-        data = bytearray()
-        async for chunk in self.chunks():
-            data += chunk
-            if len(data) > limit:
-                raise UpstreamUnavailable(f"the upstream answer is larger than {limit} bytes and cannot be filtered")
-        return bytes(data)
-
-    def release(self) -> None:
-        self._connection.finished(self, reusable=self._complete and not self._body)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -197,6 +72,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+
+    @property
+    def read_timeout_s(self) -> float:
+        return self.pool.read_timeout_s
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
