@@ -47,6 +47,13 @@ class CannedResponse:
         self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
         self.content_length = len(BODY)
         self.started = time.perf_counter()
+        self.ended = False
+
+    async def next_chunk(self) -> bytes | None:
+        if self.ended:
+            return None
+        self.ended = True
+        return BODY
 
     async def chunks(self) -> AsyncIterator[bytes]:
         yield BODY
