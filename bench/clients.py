@@ -1,13 +1,14 @@
-"""The upstream HTTP client, chosen by measurement: aiohttp's client against httpx, one run.
+"""The upstream HTTP client, chosen by measurement: the gateway's own (gateway/upstream/client.py),
+aiohttp's and httpx, one run.
 
-Both clients talk to the same upstream (nginx when installed, else bench/upstream_server.py):
+All clients talk to the same upstream (nginx when installed, else bench/upstream_server.py):
 
 1. in process, the client alone: p50 latency of sequential requests (concurrency 1), and req/s
    plus the CPU time per request with 10 and 50 requests in flight (asyncio.gather over one
    shared client); httpx is measured with sniffio installed and, for the record, with sniffio
    hidden (httpcore then retries the failed import on every request);
-2. inside the proxy: bench/baseline.py (the gateway's server stack) with `--client aiohttp`
-   and with `--client httpx`, loaded by wrk (else the Python load generator) at concurrency 1,
+2. inside the proxy: bench/baseline.py (the gateway's server stack) with `--client scopegate`,
+   `--client aiohttp` and `--client httpx`, loaded by wrk (else the Python load generator) at concurrency 1,
    10 and 50, in interleaved rounds: req/s, p50/p99 and the proxy's CPU µs per request.
 
     bench/clients.py [--requests 3000] [--seconds 5] [--rounds 2] [--json out.json]
@@ -54,6 +55,27 @@ async def client_alone(kind: str, url: str, requests: int) -> dict[str, Any]:
                 assert response.status == 200
 
         close = session.close
+    elif kind == "scopegate":
+        from urllib.parse import urlsplit
+
+        from gateway.upstream.client import UpstreamClient
+        from gateway.upstream.headers import OutgoingHeaders
+
+        parts = urlsplit(url)
+        own = UpstreamClient(f"{parts.scheme}://{parts.netloc}", auth_scheme="Bearer", credential="bench",
+                             connect_timeout_s=5, read_timeout_s=30)
+        await own.start()
+        target = parts.path.encode()
+
+        async def get() -> None:
+            response = await own.send("GET", target, OutgoingHeaders(), None)
+            try:
+                await response.read_all(1 << 20)
+            finally:
+                response.release()
+            assert response.status == 200
+
+        close = own.close
     else:
         import httpx
 
@@ -136,14 +158,15 @@ def main() -> int:
         _upstream, upstream_url, results["upstream"] = bench.start_upstream(procs, folder, True)
         bench.log(f"upstream {results['upstream']}")
         alone: dict[str, Any] = {}
-        for name, kind, hide in (("aiohttp", "aiohttp", False), ("httpx", "httpx", False),
+        for name, kind, hide in (("scopegate", "scopegate", False), ("aiohttp", "aiohttp", False),
+                                 ("httpx", "httpx", False),
                                  ("httpx, sniffio hidden", "httpx", True)):
             alone[name] = client_alone_subprocess(kind, upstream_url + PATH, args.requests, hide)
             bench.log(f"  alone {name:22s} c=1 p50 {alone[name]['c1_p50_us']:6.0f} µs   c=10 "
                       f"{alone[name]['c10_rps']:7,.0f} req/s, {alone[name]['c10_cpu_us_per_request']:5.0f} µs CPU/req")
         results["alone"] = alone
         proxies: dict[str, tuple[bench.Proc, str]] = {}
-        for kind in ("aiohttp", "httpx"):
+        for kind in ("scopegate", "aiohttp", "httpx"):
             port = bench.free_port()
             proc = procs.start(f"proxy-{kind}", [bench.PYTHON, str(HERE / "baseline.py"), "--upstream", upstream_url,
                                                  "--port", str(port), "--client", kind])
@@ -154,7 +177,7 @@ def main() -> int:
         runs: dict[str, dict[int, list[Any]]] = {k: {c: [] for c in bench.CONCURRENCIES} for k in proxies}
         for round_index in range(args.rounds):
             for c in bench.CONCURRENCIES:
-                order = list(proxies) if round_index % 2 == 0 else list(reversed(proxies))
+                order = list(proxies)[round_index % 3:] + list(proxies)[:round_index % 3]
                 for kind in order:
                     proc, url = proxies[kind]
                     result = bench.check(bench.measure(proc, url + PATH, concurrency=c, seconds=args.seconds,
@@ -167,6 +190,9 @@ def main() -> int:
         results["proxy_ratio"] = {c: statistics.median(a.rps / h.rps for a, h in zip(runs["aiohttp"][c],
                                                                                      runs["httpx"][c], strict=True))
                                   for c in bench.CONCURRENCIES}
+        results["own_ratio"] = {c: statistics.median(o.rps / a.rps for o, a in zip(runs["scopegate"][c],
+                                                                                  runs["aiohttp"][c], strict=True))
+                                for c in bench.CONCURRENCIES}
     except KeyboardInterrupt:
         bench.log("interrupted")
         return 130
@@ -190,6 +216,8 @@ def main() -> int:
     text = bench.table(rows, ["what", "c=1 p50", "c=10 req/s", "c=10 CPU µs/req", "c=50 req/s", "c=50 CPU µs/req"])
     ratios = ", ".join(f"c={c} {r:.1f}x" for c, r in results["proxy_ratio"].items())
     text += f"\nproxy req/s, aiohttp / httpx (paired by round, median): {ratios}"
+    own = ", ".join(f"c={c} {r:.2f}x" for c, r in results["own_ratio"].items())
+    text += f"\nproxy req/s, the gateway's own client / aiohttp (paired by round, median): {own}"
     text += (f"\nversions: aiohttp {results['versions']['aiohttp']}, httpx {results['versions']['httpx']}, "
              f"sniffio {results['versions']['sniffio']}; upstream {results['upstream']}")
     results["table"] = text
