@@ -6,15 +6,18 @@ timeouts, malformed answers, streamed bodies with backpressure, and the target s
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from gateway.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.headers import OutgoingHeaders
+from tests.test_redis_store import make_certificates
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Upstream"], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}"
@@ -29,6 +32,7 @@ class Upstream:
     requests: list[bytes] = field(default_factory=list)  # each request's head
     server: asyncio.Server | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tls: ssl.SSLContext | None = None
 
     async def start(self) -> int:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -43,7 +47,7 @@ class Upstream:
             finally:
                 writer.close()
 
-        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=self.tls)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def read_head(self, reader: asyncio.StreamReader) -> bytes:
@@ -80,8 +84,8 @@ def _length(head: bytes) -> int:
     return 0
 
 
-async def client_for(port: int, *, read_timeout_s: float = 5.0) -> UpstreamClient:
-    client = UpstreamClient(f"http://127.0.0.1:{port}", auth_scheme="Bearer", credential="upstream-secret",
+async def client_for(port: int, *, read_timeout_s: float = 5.0, base: str = "http://127.0.0.1") -> UpstreamClient:
+    client = UpstreamClient(f"{base}:{port}", auth_scheme="Bearer", credential="upstream-secret",
                             connect_timeout_s=2, read_timeout_s=read_timeout_s)
     await client.start()
     return client
@@ -355,3 +359,31 @@ def test_headers_are_set_replaced_read_and_dropped_by_any_case_of_their_name() -
     given["content-type"] = "application/octet-stream"
     assert given.items == [(b"accept", b"*/*"), (b"content-type", b"application/octet-stream")]
     assert given.get("CONTENT-TYPE") == "application/octet-stream" and "Accept" in given
+
+
+def test_an_https_upstream_must_prove_its_name_before_the_credential_is_sent(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, cert, key = make_certificates(tmp_path / "tls")
+    other_ca, _, _ = make_certificates(tmp_path / "other")
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+
+    async def test() -> None:
+        upstream = Upstream(answer_each, tls=server_tls)
+        port = await upstream.start()
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # what ssl.create_default_context() trusts
+        client = await client_for(port, base="https://localhost")
+        assert (await fetch(client))[0] == 200
+        assert (await fetch(client))[0] == 200
+        assert upstream.connections == 1 and len(upstream.requests) == 2
+        assert upstream.requests[0].startswith(b"GET /v1/apps HTTP/1.1\r\nhost: localhost:%d\r\n" % port)
+        await client.close()
+        monkeypatch.setenv("SSL_CERT_FILE", str(other_ca))  # a certificate nobody trusts here
+        client = await client_for(port, base="https://localhost")
+        with pytest.raises(UpstreamUnavailable, match="refused or dropped"):
+            await fetch(client)
+        assert len(upstream.requests) == 2  # nothing (no credential) went to the unproven server
+        await client.close()
+        await upstream.stop()
+
+    run(test)
