@@ -265,6 +265,26 @@ def test_an_upstream_that_does_not_answer_times_out_and_a_malformed_answer_is_re
     run(test)
 
 
+def test_an_endless_answer_head_is_cut_off() -> None:
+    async def endless_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await upstream.read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-big: ")
+        for _ in range(64):
+            writer.write(b"a" * 16384)
+            await writer.drain()
+        await asyncio.sleep(1)
+
+    async def test() -> None:
+        upstream = Upstream(endless_header)
+        client = await client_for(await upstream.start())
+        with pytest.raises(UpstreamUnavailable, match="head is larger than"):
+            await fetch(client)
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
 def test_a_refused_connection_is_upstream_unavailable() -> None:
     async def test() -> None:
         upstream = Upstream(answer_each)

@@ -46,6 +46,7 @@ DROP_RESPONSE = frozenset({
 IDLE_S = 4.0  # a kept-alive connection idle longer is closed, not reused (uvicorn's own limit is 5 s)
 MAX_IDLE = 512  # connections kept per upstream; more are closed when released
 HIGH_WATER = 256 * 1024  # answer bytes buffered before the upstream connection stops being read
+MAX_HEAD_BYTES = 256 * 1024  # an answer's status line and headers, at most (aiohttp allowed less per line)
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 NO_BODY_STATUS = (204, 304)
 
@@ -66,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response: UpstreamResponse | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False  # the request was HEAD: its answer has no body whatever it says
+        self._head_bytes = 0  # bytes received before the answer's head was complete
         self._keep_alive = False
         self._informational = False
         self._framed = False  # Content-Length or chunked: the answer's end is known without a close
@@ -90,6 +92,12 @@ class UpstreamConnection(asyncio.Protocol):
         if parser is None or self.response is None:
             self.close()  # bytes nobody asked for: this connection cannot be trusted with another request
             return
+        response = self.response
+        if not response._head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._broken(UpstreamUnavailable(f"the upstream's answer head is larger than {MAX_HEAD_BYTES} bytes"))
+                return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -182,6 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response = response
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
+        self._head_bytes = 0
         self._keep_alive = False
         self._informational = False
         self._framed = False
