@@ -166,10 +166,13 @@ class TargetProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket; `reuse_port`: one of several on the same port (one per worker)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # Accepted connections inherit it: without it, a response written in two parts (headers,
     # body) waits ~40 ms for the client's delayed ACK (Nagle's algorithm).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -181,6 +184,13 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def bind_workers(host: str, port: int, workers: int) -> list[socket.socket]:
+    """One listening socket per worker, all on one port (server_workers.py says why)."""
+    first = bind(host, port, reuse_port=True)
+    port = first.getsockname()[1]
+    return [first, *(bind(host, port, reuse_port=True) for _ in range(workers - 1))]
 
 
 def _bind_advice(exc: OSError) -> str:
@@ -229,9 +239,11 @@ def uvicorn_config(app: Any, *, host: str, port: int, workers: int = 1, factory:
     )
 
 
-def serve_workers(*, host: str, port: int, workers: int) -> None:
-    # Each worker builds its own state from SCOPEGATE_CONFIG (set by the CLI).
-    from uvicorn.supervisors import Multiprocess
+def serve_workers(sockets: list[socket.socket]) -> None:
+    """Serve with one worker process per socket (`bind_workers`); each builds its own state from
+    SCOPEGATE_CONFIG (set by the CLI)."""
+    from gateway.server_workers import WorkerSockets
 
-    config = uvicorn_config("gateway.app:create_app", host=host, port=port, workers=workers, factory=True)
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    host, port = sockets[0].getsockname()[:2]
+    config = uvicorn_config("gateway.app:create_app", host=host, port=port, workers=len(sockets), factory=True)
+    WorkerSockets(config, sockets).run()

@@ -9,7 +9,7 @@ import sys
 from gateway.app import GatewayApp
 from gateway.config import Config
 from gateway.errors import ConfigError
-from gateway.server import bind, serve, serve_workers
+from gateway.server import bind, bind_workers, serve, serve_workers
 from gateway.services import Services
 
 
@@ -21,7 +21,10 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
             raise ConfigError("--workers needs a config file (--config or SCOPEGATE_CONFIG) that every worker reads")
         Services.build(config).audit.close()  # check the whole configuration once, before forking
         os.environ["SCOPEGATE_CONFIG"] = config.source
-        serve_workers(host=host, port=port, workers=args.workers)
+        sockets = bind_workers(host, port, args.workers)
+        print(f"scopegate listening on http://{host}:{sockets[0].getsockname()[1]} -> {config.upstream_url} "
+              f"({args.workers} workers)", file=sys.stderr, flush=True)
+        serve_workers(sockets)
         return 0
     services = Services.build(config)
     sock = bind(host, port)
