@@ -851,7 +851,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax.axis("off")
     text = "\n".join(f"{'OK ' if ln['status'] == 'met' else ('-- ' if ln['status'] == 'info' else '!! ')}"
                      f"{ln['metric']}\n      {ln['value']}  [{ln['budget']}]" for ln in results["budgets"])
-    ax.text(0, 1, text, va="top", family="monospace", fontsize=7.5)
+    # Two text lines per budget line; 7.5 pt fits 17 of them, more (the peers' lines) get smaller type.
+    ax.text(0, 1, text, va="top", family="monospace", fontsize=min(7.5, 7.5 * 17 / max(1, len(results["budgets"]))))
     ax.set_title("Budgets (DESIGN §14 / issue 7)")
     fig.suptitle(f"Scopegate bench {results['started']} ({results['machine']['cpus']} CPUs, "
                  f"{results['load_generator']})")
