@@ -199,12 +199,17 @@ def group_cpu_s(pgid: int) -> float:
     return total / tick
 
 
-def measure(proc: Proc | None, url: str, **load: Any) -> LoadResult:
-    """run_load, plus the server's CPU time per answered request (robust to a noisy machine)."""
+def measure(proc: Proc | None, url: str, upstream: Proc | None = None, **load: Any) -> LoadResult:
+    """run_load, plus the server's CPU time per answered request (robust to a noisy machine), and the
+    upstream's when `upstream` is given (what a proxy costs the server behind it)."""
     before = group_cpu_s(proc.pid) if proc is not None else 0.0
+    upstream_before = group_cpu_s(upstream.pid) if upstream is not None else 0.0
     result = run_load(url, **load)
     if proc is not None:
         result.cpu_us_per_request = (group_cpu_s(proc.pid) - before) * 1e6 / max(result.requests, 1)
+    if upstream is not None:
+        result.upstream_cpu_us_per_request = ((group_cpu_s(upstream.pid) - upstream_before) * 1e6
+                                              / max(result.requests, 1))
     return result
 
 
@@ -455,11 +460,13 @@ def check(result: LoadResult, what: str) -> LoadResult:
 
 def median_result(results: list[LoadResult]) -> dict[str, Any]:
     cpu = [r.cpu_us_per_request for r in results if r.cpu_us_per_request is not None]
+    upstream_cpu = [r.upstream_cpu_us_per_request for r in results if r.upstream_cpu_us_per_request is not None]
     return {
         "rps": statistics.median(r.rps for r in results),
         "p50_us": statistics.median(r.p50_us for r in results),
         "p99_us": statistics.median(r.p99_us for r in results),
         "cpu_us_per_request": statistics.median(cpu) if cpu else None,
+        "upstream_cpu_us_per_request": statistics.median(upstream_cpu) if upstream_cpu else None,
         "rounds": [r.to_json() for r in results],
     }
 
@@ -475,8 +482,9 @@ def http_matrix(urls: dict[str, str], servers: dict[str, Proc], token: str, seco
             order = names[round_index % len(names):] + names[:round_index % len(names)]
             for target in order:
                 options = {"token": token, **(load_options or {}).get(target, {})}
-                result = check(measure(servers.get(target), urls[target] + PATH, concurrency=c, seconds=seconds,
-                                       use_wrk=use_wrk, **options), f"{target} c={c}")
+                upstream = servers.get("direct") if target != "direct" else None
+                result = check(measure(servers.get(target), urls[target] + PATH, upstream, concurrency=c,
+                                       seconds=seconds, use_wrk=use_wrk, **options), f"{target} c={c}")
                 runs[target][c].append(result)
                 cpu = "" if result.cpu_us_per_request is None else f"  cpu {result.cpu_us_per_request:5.0f} µs/req"
                 log(f"  round {round_index + 1}/{rounds} {target:11s} c={c:<3d} {result.rps:9,.0f} req/s  "
@@ -741,8 +749,16 @@ def peers_report(results: dict[str, Any]) -> list[str]:
             continue
         lines.append(f"{peer}: {info['version']} — {info['what']}")
         lines.append(f"  injection rule: {info['rule']}")
-    for peer, ratios in results["http"].get("peer_ratio", {}).items():
+    http = results["http"]
+    for peer, ratios in http.get("peer_ratio", {}).items():
         lines.append(f"gateway / {peer} req/s: " + ", ".join(f"c={c} {ratios[c]:.2f}x" for c in CONCURRENCIES))
+    # What each proxy costs the upstream behind it (tokenizer: a TLS handshake and a connection per request).
+    c = 10
+    upstream_cpu = {t: http[t][c].get("upstream_cpu_us_per_request") for t in measured_targets(http) if t != "direct"}
+    if http.get("peer_ratio") and all(upstream_cpu.values()):
+        lines.append(f"upstream CPU per request behind each proxy, c={c}: "
+                     + ", ".join(f"{t} {v:.0f} µs" for t, v in upstream_cpu.items())
+                     + f" (direct: {http['direct'][c]['cpu_us_per_request']:.0f} µs)")
     return lines
 
 

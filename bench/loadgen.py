@@ -36,6 +36,7 @@ class LoadResult:
     errors: int
     non2xx: int
     cpu_us_per_request: float | None = None  # the server's CPU time per answer, filled by bench.py
+    upstream_cpu_us_per_request: float | None = None  # the upstream's, while a proxy was measured (bench.py)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
