@@ -177,7 +177,9 @@ def prepare_tokenizer(binary: Path, credential: str, upstream_host: str) -> Toke
     sealed = subprocess.run([str(binary), "seal", "-json", secret], env=env, capture_output=True, text=True,
                             timeout=30, check=False)
     if sealed.returncode != 0 or not sealed.stdout.strip():
-        raise RuntimeError(f"`tokenizer seal` failed (exit {sealed.returncode}): {sealed.stderr.strip()[-300:]}")
+        raise RuntimeError(f"`tokenizer seal` failed (exit {sealed.returncode}, "
+                           f"{'output' if sealed.stdout.strip() else 'no sealed secret printed'}): "
+                           f"{sealed.stderr.strip()[-300:]}")
     version = subprocess.run([str(binary), "version"], capture_output=True, text=True, timeout=30, check=False)
     token = sealed.stdout.strip()
     headers = {"Host": upstream_host, "Proxy-Tokenizer": token, "Proxy-Authorization": f"Bearer {client_secret}"}
