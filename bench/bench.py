@@ -5,8 +5,9 @@ baseline (bench/baseline.py: a bare pass-through proxy on the gateway's own serv
 upstream client), and the gateway with full authorization (`scopegate serve`). Then measures,
 with wrk (else a Python load generator):
 
-1. req/s and p50/p99 at concurrency 1, 10, 50 for direct, baseline and gateway (interleaved
-   rounds, medians over rounds);
+1. req/s and p50/p99 at concurrency 1, 10, 50 for direct, baseline and gateway, and the peers
+   (bench/peers.py: nginx as a credential-injecting reverse proxy, and superfly/tokenizer where its
+   binary is here; `--skip peers` leaves them out) in the same interleaved rounds, medians over rounds;
 2. the decision path alone, in process (bench/decision.py);
 3. the gateway's RSS before and after a soak of N requests (default 100,000);
 4. `scopegate serve --workers 2` against `--workers 1`;
@@ -46,6 +47,18 @@ sys.path.insert(0, str(HERE))
 
 import yaml  # noqa: E402
 from loadgen import LoadResult, run_load, wrk_available  # noqa: E402
+from peers import (  # noqa: E402
+    CHECKED_TLS,
+    CHECKED_UPSTREAM,
+    NGINX_PROXY_CONF,
+    PEERS,
+    credential_is_safe,
+    find_tokenizer,
+    peer_ratio_lines,
+    prepare_tokenizer,
+    proxy_get,
+    self_signed_cert,
+)
 
 PYTHON = sys.executable
 CREDENTIAL_ENV = "SG_BENCH_UPSTREAM_TOKEN"
@@ -186,12 +199,17 @@ def group_cpu_s(pgid: int) -> float:
     return total / tick
 
 
-def measure(proc: Proc | None, url: str, **load: Any) -> LoadResult:
-    """run_load, plus the server's CPU time per answered request (robust to a noisy machine)."""
+def measure(proc: Proc | None, url: str, upstream: Proc | None = None, **load: Any) -> LoadResult:
+    """run_load, plus the server's CPU time per answered request (robust to a noisy machine), and the
+    upstream's when `upstream` is given (what a proxy costs the server behind it)."""
     before = group_cpu_s(proc.pid) if proc is not None else 0.0
+    upstream_before = group_cpu_s(upstream.pid) if upstream is not None else 0.0
     result = run_load(url, **load)
     if proc is not None:
         result.cpu_us_per_request = (group_cpu_s(proc.pid) - before) * 1e6 / max(result.requests, 1)
+    if upstream is not None:
+        result.upstream_cpu_us_per_request = ((group_cpu_s(upstream.pid) - upstream_before) * 1e6
+                                              / max(result.requests, 1))
     return result
 
 
@@ -220,16 +238,21 @@ http {{
             return 200 '{body}';
         }}
     }}
-}}
+{extra}}}
 """
 
 
-def start_upstream(procs: Processes, folder: Path, use_nginx: bool) -> tuple[Proc, str, str]:
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+def start_upstream(procs: Processes, folder: Path, use_nginx: bool, extra: str = "") -> tuple[Proc, str, str]:
+    """`extra`: more server blocks for the nginx upstream's http {} (the peers' checked ports)."""
     port = free_port()
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    nginx = nginx_binary()
     if use_nginx and nginx:
         conf = folder / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(folder=folder, port=port, body=UPSTREAM_BODY))
+        conf.write_text(NGINX_CONF.format(folder=folder, port=port, body=UPSTREAM_BODY, extra=extra))
         version = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False).stderr.strip()
         proc = procs.start("nginx", [nginx, "-p", str(folder), "-e", str(folder / "nginx-error.log"),
                                      "-c", str(conf)])
@@ -297,6 +320,134 @@ def start_gateway(procs: Processes, name: str, config_path: Path, workers: int) 
     return proc, url
 
 
+# --- the peers -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerPlan:
+    """What the peers need before the upstream starts: its checked server blocks and their ports."""
+
+    credential: str
+    checked_port: int = 0
+    tls_port: int = 0
+    cert: Path | None = None
+    tokenizer: Path | None = None
+    tokenizer_from: str = ""
+    extra: str = ""
+    not_measured: dict[str, str] = field(default_factory=dict)  # peer -> why not
+
+
+@dataclass
+class PeerTargets:
+    urls: dict[str, str] = field(default_factory=dict)
+    servers: dict[str, Proc] = field(default_factory=dict)
+    load_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # run_load arguments per peer
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each is, for the JSON and the report
+
+
+def plan_peers(folder: Path, use_nginx: bool, credential: str) -> PeerPlan:
+    plan = PeerPlan(credential)
+    if not use_nginx or nginx_binary() is None:
+        for peer in PEERS:
+            plan.not_measured[peer] = "needs nginx as the upstream (--no-nginx given, or nginx is not installed)"
+        return plan
+    if not credential_is_safe(credential):
+        for peer in PEERS:
+            plan.not_measured[peer] = f"${CREDENTIAL_ENV} holds characters the peers' configurations would need escaped"
+        return plan
+    plan.checked_port = free_port()
+    tls = ""
+    plan.tokenizer, plan.tokenizer_from = find_tokenizer(REPO)
+    if plan.tokenizer is None:
+        plan.not_measured["tokenizer"] = f"not built here ({plan.tokenizer_from})"
+    else:
+        try:
+            plan.cert, key = self_signed_cert(folder)
+        except Exception as exc:  # an odd `cryptography`: tokenizer only needs it, the run goes on
+            plan.not_measured["tokenizer"] = f"no TLS certificate for its upstream: {exc}"
+            plan.tokenizer = None
+        else:
+            plan.tls_port = free_port()
+            tls = CHECKED_TLS.format(tls_port=plan.tls_port, cert=plan.cert, key=key)
+    plan.extra = CHECKED_UPSTREAM.format(plain_port=plan.checked_port, tls=tls, credential=credential,
+                                         body=UPSTREAM_BODY)
+    return plan
+
+
+def start_peers(procs: Processes, folder: Path, plan: PeerPlan, token: str) -> PeerTargets:
+    """Starts nginx-proxy and tokenizer (where planned) and checks each really injects the credential:
+    the checked upstream answers 401 without it. A peer that fails its check is left out, and says why."""
+    peers = PeerTargets()
+    for peer, reason in plan.not_measured.items():
+        peers.info[peer] = {"measured": False, "reason": reason}
+    if not plan.checked_port:
+        return peers
+    checked = f"http://127.0.0.1:{plan.checked_port}"
+    code, body = http_get(checked + PATH, token)  # the client's own token is not the credential
+    if code != 401:
+        raise RuntimeError(f"the checked upstream answered {code} to a request without the credential "
+                           f"(expected 401): {body[:200]!r}")
+    nginx = nginx_binary()
+    assert nginx is not None
+    port = free_port()
+    conf = folder / "nginx-proxy.conf"
+    conf.write_text(NGINX_PROXY_CONF.format(folder=folder, port=port, upstream_port=plan.checked_port,
+                                            credential=plan.credential))
+    proc = procs.start("nginx-proxy", [nginx, "-p", str(folder), "-e", str(folder / "nginx-proxy-error.log"),
+                                       "-c", str(conf)])
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url + PATH)
+    code, body = http_get(url + PATH, token)
+    version = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False).stderr.strip()
+    if code == 200 and body.decode(errors="replace") == UPSTREAM_BODY:
+        peers.urls["nginx-proxy"], peers.servers["nginx-proxy"] = url, proc
+        peers.info["nginx-proxy"] = {
+            "measured": True, "version": f"nginx {version.split('/')[-1]}",
+            "what": "reverse proxy, 1 worker, a keep-alive pool of 64 connections to the upstream, no client "
+                    "authentication",
+            "rule": f'proxy_set_header Authorization "Bearer <credential>" (${CREDENTIAL_ENV}) on every request'}
+    else:
+        procs.stop(proc)
+        peers.info["nginx-proxy"] = {
+            "measured": False, "reason": f"answered {code} (expected 200 with the upstream's body): {body[:200]!r}"}
+    if plan.tokenizer is None or plan.cert is None:
+        return peers
+    try:
+        setup = prepare_tokenizer(plan.tokenizer, plan.credential, f"127.0.0.1:{plan.tls_port}")
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        peers.info["tokenizer"] = {"measured": False, "reason": f"{plan.tokenizer_from}: {exc}"}
+        return peers
+    port = free_port()
+    proc = procs.start("tokenizer", [str(plan.tokenizer), "serve"], env=setup.env(port, plan.cert))
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/")  # not a proxy request: 400, "not that kind of server"
+    except RuntimeError as exc:
+        procs.stop(proc)
+        peers.info["tokenizer"] = {"measured": False, "reason": str(exc)}
+        return peers
+    target = f"http://127.0.0.1:{plan.tls_port}"  # http: tokenizer itself dials the upstream over TLS
+    code, body = proxy_get(port, target + PATH, setup.headers)
+    unauthenticated, _ = proxy_get(port, target + PATH,
+                                   {k: v for k, v in setup.headers.items() if k != "Proxy-Authorization"})
+    if code != 200 or body.decode(errors="replace") != UPSTREAM_BODY or unauthenticated != 407:
+        procs.stop(proc)
+        peers.info["tokenizer"] = {"measured": False, "reason": (
+            f"answered {code} with the sealed secret (expected 200 with the upstream's body: {body[:200]!r}) and "
+            f"{unauthenticated} without Proxy-Authorization (expected 407); log: {proc.tail(5)}")}
+        return peers
+    peers.urls["tokenizer"], peers.servers["tokenizer"] = target, proc
+    peers.load_options["tokenizer"] = {"token": None, "headers": setup.headers, "proxy": f"http://127.0.0.1:{port}"}
+    peers.info["tokenizer"] = {
+        "measured": True, "version": setup.version, "binary": plan.tokenizer_from,
+        "what": "Fly's forward proxy, as shipped: Go (GOMAXPROCS = all cores); `Connection: close` on every answer "
+                "(the client reconnects per request); a new TLS connection to the upstream per request",
+        "rule": (f"sealed secret {{inject_processor: {{token: <credential>}}, bearer_auth: {{digest: sha256(<client "
+                 f"secret>)}}, allowed_hosts: [{setup.upstream_host}]}}: sets Authorization: Bearer <credential> "
+                 f"(${CREDENTIAL_ENV}) for a client presenting Proxy-Authorization: Bearer <client secret>, towards "
+                 "that host only")}
+    return peers
+
+
 # --- measuring ---------------------------------------------------------------------------------------
 
 
@@ -309,17 +460,20 @@ def check(result: LoadResult, what: str) -> LoadResult:
 
 def median_result(results: list[LoadResult]) -> dict[str, Any]:
     cpu = [r.cpu_us_per_request for r in results if r.cpu_us_per_request is not None]
+    upstream_cpu = [r.upstream_cpu_us_per_request for r in results if r.upstream_cpu_us_per_request is not None]
     return {
         "rps": statistics.median(r.rps for r in results),
         "p50_us": statistics.median(r.p50_us for r in results),
         "p99_us": statistics.median(r.p99_us for r in results),
         "cpu_us_per_request": statistics.median(cpu) if cpu else None,
+        "upstream_cpu_us_per_request": statistics.median(upstream_cpu) if upstream_cpu else None,
         "rounds": [r.to_json() for r in results],
     }
 
 
 def http_matrix(urls: dict[str, str], servers: dict[str, Proc], token: str, seconds: float, rounds: int,
-                use_wrk: bool) -> dict[str, Any]:
+                use_wrk: bool, load_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`load_options`: run_load arguments of a target that override the defaults (a forward proxy's)."""
     runs: dict[str, dict[int, list[LoadResult]]] = {t: {c: [] for c in CONCURRENCIES} for t in urls}
     names = list(urls)
     for round_index in range(rounds):
@@ -327,11 +481,13 @@ def http_matrix(urls: dict[str, str], servers: dict[str, Proc], token: str, seco
             # Rotate the order each round so no target always runs right after the same one.
             order = names[round_index % len(names):] + names[:round_index % len(names)]
             for target in order:
-                result = check(measure(servers.get(target), urls[target] + PATH, concurrency=c, seconds=seconds,
-                                       token=token, use_wrk=use_wrk), f"{target} c={c}")
+                options = {"token": token, **(load_options or {}).get(target, {})}
+                upstream = servers.get("direct") if target != "direct" else None
+                result = check(measure(servers.get(target), urls[target] + PATH, upstream, concurrency=c,
+                                       seconds=seconds, use_wrk=use_wrk, **options), f"{target} c={c}")
                 runs[target][c].append(result)
                 cpu = "" if result.cpu_us_per_request is None else f"  cpu {result.cpu_us_per_request:5.0f} µs/req"
-                log(f"  round {round_index + 1}/{rounds} {target:9s} c={c:<3d} {result.rps:9,.0f} req/s  "
+                log(f"  round {round_index + 1}/{rounds} {target:11s} c={c:<3d} {result.rps:9,.0f} req/s  "
                     f"p50 {result.p50_us / 1000:6.3f} ms  p99 {result.p99_us / 1000:6.3f} ms{cpu}")
     matrix: dict[str, Any] = {t: {c: median_result(runs[t][c]) for c in CONCURRENCIES} for t in urls}
     # Ratios paired within a round (the two runs closest in time), then the median over rounds:
@@ -339,6 +495,13 @@ def http_matrix(urls: dict[str, str], servers: dict[str, Proc], token: str, seco
     matrix["paired_ratio"] = {c: statistics.median(g.rps / b.rps for g, b in zip(runs["gateway"][c],
                                                                                      runs["baseline"][c], strict=True))
                               for c in CONCURRENCIES}
+    # The gateway against each peer measured, paired the same way.
+    peer_ratio = {peer: {c: statistics.median(g.rps / p.rps for g, p in zip(runs["gateway"][c], runs[peer][c],
+                                                                             strict=True))
+                         for c in CONCURRENCIES}
+                  for peer in PEERS if peer in runs}
+    if peer_ratio:
+        matrix["peer_ratio"] = peer_ratio
     return matrix
 
 
@@ -566,6 +729,39 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(out)
 
 
+def measured_targets(http: dict[str, Any]) -> list[str]:
+    return [t for t in (*TARGETS, *PEERS) if t in http]
+
+
+def peers_report(results: dict[str, Any]) -> list[str]:
+    """What each peer is and injects, why one is missing, and the gateway's req/s against each."""
+    peers = results.get("peers")
+    if not peers:
+        return []
+    lines = [""]
+    for peer in PEERS:
+        info = peers.get(peer)
+        if info is None:
+            continue
+        if not info["measured"]:
+            lines.append(f"{peer}: {info['reason']}" if info["reason"].startswith("not built here")
+                         else f"{peer}: not measured: {info['reason']}")
+            continue
+        lines.append(f"{peer}: {info['version']} — {info['what']}")
+        lines.append(f"  injection rule: {info['rule']}")
+    http = results["http"]
+    for peer, ratios in http.get("peer_ratio", {}).items():
+        lines.append(f"gateway / {peer} req/s: " + ", ".join(f"c={c} {ratios[c]:.2f}x" for c in CONCURRENCIES))
+    # What each proxy costs the upstream behind it (tokenizer: a TLS handshake and a connection per request).
+    c = 10
+    upstream_cpu = {t: http[t][c].get("upstream_cpu_us_per_request") for t in measured_targets(http) if t != "direct"}
+    if http.get("peer_ratio") and all(upstream_cpu.values()):
+        lines.append(f"upstream CPU per request behind each proxy, c={c}: "
+                     + ", ".join(f"{t} {v:.0f} µs" for t, v in upstream_cpu.items())
+                     + f" (direct: {http['direct'][c]['cpu_us_per_request']:.0f} µs)")
+    return lines
+
+
 def report(results: dict[str, Any]) -> str:
     http = results["http"]
     parts = [f"Scopegate bench — {results['started']} — {results['machine']['cpus']} CPUs, "
@@ -574,13 +770,14 @@ def report(results: dict[str, Any]) -> str:
              ""]
     rows = []
     for c in CONCURRENCIES:
-        for target in TARGETS:
+        for target in measured_targets(http):
             m = http[target][c]
             cpu = m.get("cpu_us_per_request")
             rows.append([f"c={c}", target, f"{m['rps']:,.0f}", f"{m['p50_us'] / 1000:.3f}", f"{m['p99_us'] / 1000:.3f}",
                          f"{m['rps'] / http['baseline'][c]['rps']:.2f}", "-" if cpu is None else f"{cpu:.0f}"])
     parts.append(table(rows, ["conc", "target", "req/s", "p50 ms", "p99 ms", "x baseline", "server cpu µs/req"]))
     parts.append("(req/s, p50, p99: medians over rounds; budget ratios below: median of ratios paired within a round)")
+    parts += peers_report(results)
     decision = results.get("decision")
     if decision:
         parts.append("")
@@ -614,13 +811,19 @@ def chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     http = results["http"]
-    colors = {"direct": "#7f7f7f", "baseline": "#1f77b4", "gateway": "#d62728"}
+    colors = {"direct": "#7f7f7f", "baseline": "#1f77b4", "gateway": "#d62728", "nginx-proxy": "#2ca02c",
+              "tokenizer": "#9467bd"}
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    width = 0.27
+    targets = measured_targets(http)
+    width = 0.8 / len(targets)
     xs = range(len(CONCURRENCIES))
+
+    def offset(i: int) -> float:
+        return (i - (len(targets) - 1) / 2) * width
+
     ax = axes[0][0]
-    for i, target in enumerate(TARGETS):
-        ax.bar([x + (i - 1) * width for x in xs], [http[target][c]["rps"] for c in CONCURRENCIES], width,
+    for i, target in enumerate(targets):
+        ax.bar([x + offset(i) for x in xs], [http[target][c]["rps"] for c in CONCURRENCIES], width,
                label=target, color=colors[target])
     ax.set_xticks(list(xs), [f"c={c}" for c in CONCURRENCIES])
     ax.set_yscale("log")
@@ -628,10 +831,10 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax.set_title("Throughput")
     ax.legend()
     ax = axes[0][1]
-    for i, target in enumerate(TARGETS):
-        ax.bar([x + (i - 1) * width for x in xs], [http[target][c]["p50_us"] / 1000 for c in CONCURRENCIES], width,
+    for i, target in enumerate(targets):
+        ax.bar([x + offset(i) for x in xs], [http[target][c]["p50_us"] / 1000 for c in CONCURRENCIES], width,
                label=f"{target} p50", color=colors[target])
-        ax.scatter([x + (i - 1) * width for x in xs], [http[target][c]["p99_us"] / 1000 for c in CONCURRENCIES],
+        ax.scatter([x + offset(i) for x in xs], [http[target][c]["p99_us"] / 1000 for c in CONCURRENCIES],
                    marker="_", s=300, color="black", zorder=3, label="p99" if i == 0 else None)
     ax.set_xticks(list(xs), [f"c={c}" for c in CONCURRENCIES])
     ax.set_yscale("log")
@@ -664,7 +867,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax.axis("off")
     text = "\n".join(f"{'OK ' if ln['status'] == 'met' else ('-- ' if ln['status'] == 'info' else '!! ')}"
                      f"{ln['metric']}\n      {ln['value']}  [{ln['budget']}]" for ln in results["budgets"])
-    ax.text(0, 1, text, va="top", family="monospace", fontsize=7.5)
+    # Two text lines per budget line; 7.5 pt fits 17 of them, more (the peers' lines) get smaller type.
+    ax.text(0, 1, text, va="top", family="monospace", fontsize=min(7.5, 7.5 * 17 / max(1, len(results["budgets"]))))
     ax.set_title("Budgets (DESIGN §14 / issue 7)")
     fig.suptitle(f"Scopegate bench {results['started']} ({results['machine']['cpus']} CPUs, "
                  f"{results['load_generator']})")
@@ -690,7 +894,8 @@ def parse_args() -> argparse.Namespace:
                         help="largest token store for the decision path (BENCH_MAX_TOKENS; 100000)")
     parser.add_argument("--soak-concurrency", type=int, default=int(env("BENCH_SOAK_CONCURRENCY", "50")))
     parser.add_argument("--workers-concurrency", type=int, default=int(env("BENCH_WORKERS_CONCURRENCY", "50")))
-    parser.add_argument("--skip", action="append", default=[], choices=("decision", "soak", "workers", "graphql"),
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=("decision", "soak", "workers", "graphql", "peers"),
                         help="leave a part out (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also record the gateway under load with py-spy (collapsed stacks in bench/results/)")
@@ -744,7 +949,10 @@ def main() -> int:
             results["decision"] = asyncio.run(run_decision(args.decision_iterations,
                                                            max(1000, args.decision_iterations // 4),
                                                            args.max_tokens, log=log))
-        upstream, upstream_url, results["upstream"] = start_upstream(procs, folder, not args.no_nginx)
+        credential = os.environ.get(CREDENTIAL_ENV, "bench-upstream-credential")
+        plan = plan_peers(folder, not args.no_nginx, credential) if "peers" not in args.skip else None
+        upstream, upstream_url, results["upstream"] = start_upstream(procs, folder, not args.no_nginx,
+                                                                     plan.extra if plan else "")
         log(f"upstream: {results['upstream']} at {upstream_url}")
         base_port = free_port()
         baseline = procs.start("baseline", [PYTHON, str(HERE / "baseline.py"), "--upstream", upstream_url,
@@ -764,13 +972,24 @@ def main() -> int:
         if code != 401:
             raise RuntimeError(f"gateway answered {code} without a token (expected 401)")
         urls = {"direct": upstream_url, "baseline": baseline_url, "gateway": gateway_url}
+        servers = {"direct": upstream, "baseline": baseline, "gateway": gateway}
+        peers = PeerTargets()
+        if plan is not None:
+            peers = start_peers(procs, folder, plan, token)
+            results["peers"] = peers.info
+            for peer in PEERS:
+                info = peers.info.get(peer, {})
+                log(f"{peer}: " + (f"{info['version']}, {info['what']}, at {peers.urls[peer]}"
+                                   if info.get("measured") else info.get("reason", "?")))
+            urls.update(peers.urls)
+            servers.update(peers.servers)
         log("warm-up")
         for name, url in urls.items():
-            check(run_load(url + PATH, concurrency=10, seconds=2, token=token, use_wrk=use_wrk), f"warm-up {name}")
-        log(f"throughput and latency: {args.rounds} round(s) x {len(CONCURRENCIES)} concurrencies x 3 targets "
-            f"x {args.seconds:g}s")
-        servers = {"direct": upstream, "baseline": baseline, "gateway": gateway}
-        results["http"] = http_matrix(urls, servers, token, args.seconds, args.rounds, use_wrk)
+            options = {"token": token, **peers.load_options.get(name, {})}
+            check(run_load(url + PATH, concurrency=10, seconds=2, use_wrk=use_wrk, **options), f"warm-up {name}")
+        log(f"throughput and latency: {args.rounds} round(s) x {len(CONCURRENCIES)} concurrencies x {len(urls)} "
+            f"targets x {args.seconds:g}s")
+        results["http"] = http_matrix(urls, servers, token, args.seconds, args.rounds, use_wrk, peers.load_options)
         if "graphql" not in args.skip:
             log("GraphQL: POST /graphql (flyctl's ResolveImageForApp), gateway against the bare pass-through")
             gql = {"baseline": baseline_url, "gateway": gateway_url}
@@ -802,7 +1021,7 @@ def main() -> int:
                                use_wrk=use_wrk), f"warm-up {name}")
             results["workers"] = workers_compare(wurls, {"workers1": w1, "workers2": w2}, token, args.seconds,
                                                  max(args.rounds, 2), use_wrk, args.workers_concurrency)
-        results["budgets"] = budget_lines(results)
+        results["budgets"] = budget_lines(results) + peer_ratio_lines(results["http"], CONCURRENCIES)
         results["notes"] = diagnose(results)
         results["finished"] = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
         text = report(results)

@@ -36,6 +36,7 @@ class LoadResult:
     errors: int
     non2xx: int
     cpu_us_per_request: float | None = None  # the server's CPU time per answer, filled by bench.py
+    upstream_cpu_us_per_request: float | None = None  # the upstream's, while a proxy was measured (bench.py)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -47,20 +48,24 @@ def wrk_available() -> bool:
 
 def run_load(url: str, *, concurrency: int, seconds: float, token: str | None = None,
              tokens: list[str] | None = None, paths: list[str] | None = None, limit: int | None = None,
-             use_wrk: bool | None = None, body: bytes | None = None) -> LoadResult:
+             use_wrk: bool | None = None, body: bytes | None = None, headers: dict[str, str] | None = None,
+             proxy: str | None = None) -> LoadResult:
     """Closed-loop load on `url` for `seconds` (or until `limit` responses, when given); with `body`,
-    every request is a POST of it as application/json (a GraphQL request), else a GET."""
+    every request is a POST of it as application/json (a GraphQL request), else a GET. `headers` are
+    added to every request; with `proxy` (http://host:port of a forward proxy) the connections go
+    to the proxy and each request names `url` in absolute form (`GET http://host:port/path`)."""
     if use_wrk is None:
         use_wrk = wrk_available()
     if use_wrk:
         return _run_wrk(url, concurrency=concurrency, seconds=seconds, token=token, tokens=tokens, paths=paths,
-                        limit=limit, body=body)
+                        limit=limit, body=body, headers=headers, proxy=proxy)
     return asyncio.run(_run_python(url, concurrency=concurrency, seconds=seconds, token=token, tokens=tokens,
-                                   paths=paths, limit=limit, body=body))
+                                   paths=paths, limit=limit, body=body, headers=headers, proxy=proxy))
 
 
 def _run_wrk(url: str, *, concurrency: int, seconds: float, token: str | None, tokens: list[str] | None,
-             paths: list[str] | None, limit: int | None, body: bytes | None = None) -> LoadResult:
+             paths: list[str] | None, limit: int | None, body: bytes | None = None,
+             headers: dict[str, str] | None = None, proxy: str | None = None) -> LoadResult:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SG_")}
     with tempfile.TemporaryDirectory(prefix="sg-wrk-") as folder:
         if token:
@@ -76,9 +81,16 @@ def _run_wrk(url: str, *, concurrency: int, seconds: float, token: str | None, t
         if body is not None:
             (Path(folder) / "body").write_bytes(body)
             env["SG_BODY_FILE"] = str(Path(folder) / "body")
+        if headers:
+            (Path(folder) / "headers").write_text("".join(f"{k}: {v}\n" for k, v in headers.items()))
+            env["SG_HEADERS_FILE"] = str(Path(folder) / "headers")
+        connect = url
+        if proxy:
+            env["SG_REQUEST_TARGET"] = url  # the absolute URL goes in the request line, the socket to the proxy
+            connect = proxy
         # One wrk thread: on this 2-core machine every cycle wrk takes is one the server loses.
         command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-                   "--latency", "-s", str(WRK_SCRIPT), url]
+                   "--latency", "-s", str(WRK_SCRIPT), connect]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60,
                               check=False)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
@@ -92,7 +104,8 @@ def _run_wrk(url: str, *, concurrency: int, seconds: float, token: str | None, t
 
 
 async def _run_python(url: str, *, concurrency: int, seconds: float, token: str | None, tokens: list[str] | None,
-                      paths: list[str] | None, limit: int | None, body: bytes | None = None) -> LoadResult:
+                      paths: list[str] | None, limit: int | None, body: bytes | None = None,
+                      headers: dict[str, str] | None = None, proxy: str | None = None) -> LoadResult:
     import aiohttp
     from yarl import URL
 
@@ -106,15 +119,15 @@ async def _run_python(url: str, *, concurrency: int, seconds: float, token: str 
         while time.perf_counter() < deadline and (not limit or counters["sent"] < limit):
             i = counters["sent"]
             counters["sent"] += 1
-            headers = {} if body is None else {"Content-Type": "application/json"}
+            sent = dict(headers or {}) if body is None else {**(headers or {}), "Content-Type": "application/json"}
             chosen = tokens[i % len(tokens)] if tokens else token
             if chosen:
-                headers["Authorization"] = f"Bearer {chosen}"
+                sent["Authorization"] = f"Bearer {chosen}"
             target = origin + paths[i % len(paths)] if paths else url
             start = time.perf_counter_ns()
             try:
-                async with session.request("GET" if body is None else "POST", target, headers=headers,
-                                           data=body) as response:
+                async with session.request("GET" if body is None else "POST", target, headers=sent,
+                                           data=body, proxy=proxy) as response:
                     await response.read()
                     if not 200 <= response.status < 400:
                         counters["non2xx"] += 1

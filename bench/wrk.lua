@@ -5,6 +5,9 @@
 --   SG_TOKENS_FILE  a file with one token per line: rotated request by request (soak)
 --   SG_PATHS_FILE   a file with one path per line: rotated request by request (soak)
 --   SG_LIMIT        stop after this many responses (wrk runs one thread: -t1)
+--   SG_HEADERS_FILE extra headers, one "Name: value" per line, on every request
+--   SG_REQUEST_TARGET  the request target sent instead of the URL's path: an absolute URL
+--                   ("http://127.0.0.1:8443/v1/..."), when the URL given to wrk is a forward proxy
 --
 -- Without SG_TOKENS_FILE/SG_PATHS_FILE no `request` function is defined, so wrk sends a
 -- pre-built request and Lua costs nothing per request.
@@ -16,6 +19,16 @@ local function lines(path)
     if line ~= "" then out[#out + 1] = line end
   end
   return out
+end
+
+local request_target = os.getenv("SG_REQUEST_TARGET")
+if request_target ~= nil and request_target ~= "" then
+  wrk.path = request_target
+end
+
+for _, line in ipairs(lines(os.getenv("SG_HEADERS_FILE"))) do
+  local name, value = line:match("^([^:]+):%s*(.*)$")
+  if name ~= nil then wrk.headers[name] = value end
 end
 
 local token = os.getenv("SG_TOKEN")
