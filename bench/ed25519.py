@@ -4,17 +4,15 @@ Times, on the same key, message and signature (a real `sgt_` token minted by `To
 
 - the signature check alone: `cryptography` (OpenSSL, what pyjwt uses) against PyNaCl (libsodium),
   both its `VerifyKey.verify` and the `crypto_sign_open` binding under it;
-- the whole uncached verification, `TokenVerifier._verify_uncached`, and its parts (the
-  compact-form check, pyjwt's header read, the keyring's public key, `jwt.decode` with the
-  signature, the duplicate-claim check, building `Claims`), to show what pyjwt adds over a raw
-  verify;
-- a lean parse of the compact JWS (split, base64url-decode header and payload, `json.loads` of
-  both with the duplicate-key hook): what an own verifier would do instead of pyjwt around the
-  signature check.
+- the whole uncached verification as the gateway does it, `TokenVerifier._verify_uncached`
+  (its own strict compact-JWS parser and PyNaCl), against the path it replaced (pyjwt's
+  `get_unverified_header` and `jwt.decode` with cryptography, then the duplicate-claim check
+  and `Claims`), rebuilt here step by step;
+- the parts of both, to show what pyjwt adds over a raw verify.
 
 Each case runs in interleaved rounds; per case the best round's p50 and its per-op mean are
-reported (other work on a shared machine only ever adds time). PyNaCl is a bench-only import:
-without it the script says so and exits 0.
+reported (other work on a shared machine only ever adds time). Without PyNaCl the script says so
+and exits 0.
 
     python bench/ed25519.py [--iterations 3000] [--rounds 5] [--json out.json]
 """
@@ -33,6 +31,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+try:
+    import nacl
+    import nacl.bindings
+    import nacl.exceptions
+    import nacl.signing
+except ImportError:
+    # The gateway verifies with PyNaCl (a runtime dependency since this comparison), so without it
+    # neither side can be measured here.
+    print("bench/ed25519.py: PyNaCl is not installed, so there is nothing to compare `cryptography` with "
+          "(and the gateway, which verifies with it, cannot load); install it with "
+          "`.venv/bin/pip install pynacl` (or `pip install -e .`) and run again. Nothing measured.")
+    sys.exit(0)
 
 import cryptography
 import cryptography.exceptions
@@ -70,21 +81,37 @@ def _b64(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
-def lean_parse(raw: str) -> dict[str, Any]:
-    """The parsing an own compact-JWS verifier does around the signature check (no crypto)."""
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result = dict(pairs)
-        if len(result) != len(pairs):
-            raise ValueError("duplicate")
-        return result
-
+def own_parse(raw: str) -> dict[str, Any] | None:
+    """The gateway's parsing around the signature check (no crypto): three canonical segments."""
     header_b64, payload_b64, signature_b64 = raw.split(".")
-    header = json.loads(_b64(header_b64), object_pairs_hook=no_duplicates)
-    payload = json.loads(_b64(payload_b64), object_pairs_hook=no_duplicates)
-    _b64(signature_b64)
-    (header_b64 + "." + payload_b64).encode("ascii")
-    assert header["alg"] == "EdDSA"
-    return payload
+    tokens_module._segment_json(header_b64)
+    tokens_module._segment(signature_b64)
+    return tokens_module._segment_json(payload_b64)
+
+
+def reject_duplicate_claims(raw: str) -> None:
+    """The duplicate-claim check the pyjwt path needed after `jwt.decode` (pyjwt keeps the last)."""
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({k for k, _ in pairs}) != len(pairs):
+            raise ValueError("a claim twice")
+        return dict(pairs)
+
+    json.loads(jwt.utils.base64url_decode(raw.split(".")[1].encode("ascii")), object_pairs_hook=no_duplicates)
+
+
+def pyjwt_path(raw: str, keyring: Keyring, now: float, options: dict[str, Any]) -> object:
+    """The uncached verification before issue 19 part 3 (gateway/core/tokens.py at 1252616)."""
+    if not tokens_module._COMPACT_JWS.fullmatch(raw):
+        raise ValueError("malformed")
+    header = jwt.get_unverified_header(raw)
+    if header.get("alg") not in ALGORITHMS or any(name in header for name in tokens_module._FORBIDDEN_HEADERS):
+        raise ValueError("header")
+    key = keyring.verifying_key(header["kid"])
+    assert key is not None
+    payload = jwt.decode(raw, key.public_key, algorithms=ALGORITHMS, audience=AUDIENCE, issuer=ISSUER,
+                         options=options)
+    reject_duplicate_claims(raw)
+    return tokens_module._claims_from_payload(payload, now, issuer=ISSUER, audience=AUDIENCE)
 
 
 def main() -> int:
@@ -93,16 +120,6 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    try:
-        import nacl
-        import nacl.bindings
-        import nacl.exceptions
-        import nacl.signing
-    except ImportError:
-        print("bench/ed25519.py: PyNaCl is not installed, so there is nothing to compare `cryptography` with; "
-              "install it for the bench with `.venv/bin/pip install pynacl` and run again. Nothing measured.")
-        return 0
-
     keyring = Keyring.generate(Path(tempfile.mkdtemp(prefix="sg-ed25519-")) / "keyring.json")
     issuer = TokenIssuer(keyring, ISSUER, AUDIENCE)
     token, _ = issuer.mint(sub="ci:github:acme/web", name="bench-ed25519",
@@ -138,15 +155,16 @@ def main() -> int:
         "signature: cryptography Ed25519PublicKey.verify": lambda: public_key.verify(signature, message),
         "signature: PyNaCl VerifyKey.verify": lambda: verify_key.verify(message, signature),
         "signature: PyNaCl crypto_sign_open": lambda: nacl.bindings.crypto_sign_open(signed, public_bytes),
-        "whole: TokenVerifier._verify_uncached": lambda: verifier._verify_uncached(token, now),
+        "whole: TokenVerifier._verify_uncached (own parser, PyNaCl)": lambda: verifier._verify_uncached(token, now),
+        "whole: the pyjwt path it replaced (pyjwt, cryptography)": lambda: pyjwt_path(raw, keyring, now, options),
         "part: compact-form regex": lambda: tokens_module._COMPACT_JWS.fullmatch(raw),
         "part: jwt.get_unverified_header": lambda: jwt.get_unverified_header(raw),
-        "part: keyring key .public_key": lambda: key.public_key,
         "part: jwt.decode (with the signature)": lambda: jwt.decode(
             raw, public_key, algorithms=ALGORITHMS, audience=AUDIENCE, issuer=ISSUER, options=options),
-        "part: duplicate-claim check": lambda: tokens_module._reject_duplicate_claims(raw),
-        "part: Claims from the payload": lambda: tokens_module._claims_from_payload(payload, now),
-        "lean: parse header + payload, no pyjwt": lambda: lean_parse(raw),
+        "part: duplicate-claim check after jwt.decode": lambda: reject_duplicate_claims(raw),
+        "part: own parse of the three segments": lambda: own_parse(raw),
+        "part: Claims from the payload": lambda: tokens_module._claims_from_payload(
+            payload, now, issuer=ISSUER, audience=AUDIENCE),
     }
     print(f"Ed25519 verify and token verification, {args.rounds} rounds x {args.iterations:,} iterations, "
           f"best round per case; token {len(token)} bytes")
@@ -158,11 +176,15 @@ def main() -> int:
         print(f"{name:<{width}}  {row['p50_us']:8.1f}  {row['mean_us']:8.1f}")
     crypto = results["signature: cryptography Ed25519PublicKey.verify"]["p50_us"]
     sodium = results["signature: PyNaCl VerifyKey.verify"]["p50_us"]
-    whole = results["whole: TokenVerifier._verify_uncached"]["p50_us"]
-    pyjwt = results["part: jwt.decode (with the signature)"]["p50_us"]
-    print(f"cryptography / PyNaCl (signature alone): {crypto / sodium:.2f}x")
-    print(f"jwt.decode over the raw signature check: +{pyjwt - crypto:.1f} µs; the rest of _verify_uncached "
-          f"(header read, duplicate check, Claims): +{whole - pyjwt:.1f} µs")
+    own = results["whole: TokenVerifier._verify_uncached (own parser, PyNaCl)"]["p50_us"]
+    old = results["whole: the pyjwt path it replaced (pyjwt, cryptography)"]["p50_us"]
+    decode = results["part: jwt.decode (with the signature)"]["p50_us"]
+    header_read = results["part: jwt.get_unverified_header"]["p50_us"]
+    print(f"signature alone, cryptography / PyNaCl: {crypto / sodium:.2f}x ({crypto:.1f} / {sodium:.1f} µs)")
+    print(f"pyjwt over the raw signature check: jwt.decode +{decode - crypto:.1f} µs, get_unverified_header "
+          f"+{header_read:.1f} µs")
+    print(f"whole uncached verification, pyjwt path / own parser + PyNaCl: {old / own:.2f}x "
+          f"({old:.1f} / {own:.1f} µs)")
     print(f"versions: cryptography {cryptography.__version__}, PyNaCl {nacl.__version__}, pyjwt {jwt.__version__}")
     if args.json:
         args.json.write_text(json.dumps({"cases": results, "versions": {
