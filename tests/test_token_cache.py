@@ -108,11 +108,25 @@ def test_the_charge_covers_what_the_entries_really_hold(keyring: Keyring, tokens
     assert 0.95 * held <= charged <= 1.5 * held, (charged / len(tokens), held / len(tokens))
 
 
+def test_the_map_by_header_value_stays_within_its_part_of_the_budget(keyring: Keyring, tokens: list[str]) -> None:
+    verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, cache_bytes=4 * 1024 * 1024)  # 1/16 of it: 256 KiB
+    first = [verifier.verify_authorization([f"Bearer {token}".encode()]) for token in tokens]
+    assert 0 < verifier._recent_bytes <= 256 * 1024 and len(verifier._recent) < len(tokens)
+    assert verifier.cache_stats()["bytes"] <= verifier.cache_bytes
+    # Whatever the map dropped, the digest-keyed cache answers with the very same claims.
+    assert all(verifier.verify_authorization([f"Bearer {token}".encode()]) is claims
+               for token, claims in zip(tokens, first, strict=True))
+    assert verifier.cache_hits == len(tokens)
+
+
 def test_a_zero_budget_caches_nothing(keyring: Keyring, tokens: list[str]) -> None:
     verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, cache_bytes=0)
     for _ in range(3):
         assert verifier.verify(tokens[0]).name == "deploy-web-0"
     assert len(verifier._cache) == 0 and verifier.cache_hits == 0
+    for _ in range(3):
+        assert verifier.verify_authorization([f"Bearer {tokens[0]}".encode()]).name == "deploy-web-0"
+    assert len(verifier._recent) == 0 and verifier.cache_hits == 0
 
 
 def test_only_the_exact_token_is_served_from_the_cache(keyring: Keyring, tokens: list[str]) -> None:
@@ -145,7 +159,7 @@ def test_an_expired_token_is_refused_from_the_cache_at_both_doors(keyring: Keyri
             verifier.verify_authorization(header)
         with pytest.raises(Unauthenticated, match="expired"):
             verifier.verify(token)
-    assert len(verifier._cache) == 0
+    assert len(verifier._cache) == 0 and len(verifier._recent) == 0
 
 
 def registry_over(path: Path, keyring: Keyring, cache_bytes: int) -> TokenRegistry:
@@ -205,7 +219,7 @@ def test_sized_lru_accounts_every_put_pop_and_clear() -> None:
     cache.put("b", "y" * 100)
     assert cache.bytes == 2 * (base + 100)
     cache.put("a", "z" * 50)  # replaced: charged anew, and now the most recent
-    assert cache.bytes == 2 * base + 150 and list(cache._entries) == ["b", "a"]
+    assert cache.bytes == 2 * base + 150 and list(cache.entries) == ["b", "a"]
     assert cache.pop("b") == "y" * 100 and cache.bytes == base + 50
     assert cache.pop("b") is None and cache.bytes == base + 50
     cache.put("big", "w" * 2000)  # larger than the whole budget: never kept

@@ -526,6 +526,11 @@ def test_every_spelling_of_a_header_shares_the_token_s_one_cache_entry(keyring: 
         assert verifier.verify_authorization([b"bEaReR " + token.encode()]) is first
     assert verifier.verify_authorization([f"FlyV1 {token}".encode()]) is first
     assert len(verifier._cache) == 1 and cache_key(token) in verifier._cache
+    # Only the two plain spellings are remembered by their exact value too.
+    assert set(verifier._recent) == {f"Bearer {token}".encode(), f"FlyV1 {token}".encode()}
+    for odd in (f"Bearer {token} ", f"Bearer  {token}", f" Bearer {token}"):
+        assert verifier.verify_authorization([odd.encode()]) is first
+    assert len(verifier._recent) == 2
 
 
 def test_uncached_verification_honours_the_verifier_clock_for_expiry(keyring: Keyring) -> None:

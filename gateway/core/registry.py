@@ -213,7 +213,9 @@ class TokenRegistry:
         is being used (its `last_used_at` moves); False when it is only asked about (explain)."""
         if self.unavailable is not None:
             raise StateUnavailable(self.unavailable)
-        status = self._status.get(claims.jti)
+        status = self._status.entries.get(claims.jti)  # SizedLRU.get, inline (every request's path)
+        if status is not None:
+            self._status.entries.move_to_end(claims.jti)
         if (status is None or (status[0] is not claims and status[0] != claims)
                 or (self.lease_s is not None and time.monotonic() > self._fresh_until)):
             generation = self._generation

@@ -34,20 +34,20 @@ class SizedLRU(Generic[K, V]):
         self.max_bytes = max_bytes
         self._size_of = size_of
         self._entry_bytes = SLOT_BYTES + key_bytes
-        self._entries: OrderedDict[K, V] = OrderedDict()
+        self.entries: OrderedDict[K, V] = OrderedDict()  # read directly only by hot paths; change with put/pop
         self.bytes = 0
         self.evictions = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def __contains__(self, key: K) -> bool:
-        return key in self._entries
+        return key in self.entries
 
     def get(self, key: K) -> V | None:
-        value = self._entries.get(key)
+        value = self.entries.get(key)
         if value is not None:
-            self._entries.move_to_end(key)
+            self.entries.move_to_end(key)
         return value
 
     def put(self, key: K, value: V) -> None:
@@ -55,21 +55,21 @@ class SizedLRU(Generic[K, V]):
         charge = self._entry_bytes + self._size_of(value)
         if charge > self.max_bytes:
             return  # could never fit: not kept (a budget of 0 keeps nothing)
-        self._entries[key] = value
+        self.entries[key] = value
         self.bytes += charge
         while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
+            _, old = self.entries.popitem(last=False)
             self.bytes -= self._entry_bytes + self._size_of(old)
             self.evictions += 1
 
     def pop(self, key: K) -> V | None:
-        value = self._entries.pop(key, None)
+        value = self.entries.pop(key, None)
         if value is not None:
             self.bytes -= self._entry_bytes + self._size_of(value)
         return value
 
     def clear(self) -> None:
-        self._entries.clear()
+        self.entries.clear()
         self.bytes = 0
 
 
