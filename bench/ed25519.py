@@ -49,6 +49,7 @@ import cryptography
 import cryptography.exceptions
 import jwt
 
+from gateway.core import jws
 from gateway.core import tokens as tokens_module
 from gateway.core.grants import parse_grants
 from gateway.core.keyring import Keyring
@@ -84,9 +85,9 @@ def _b64(part: str) -> bytes:
 def own_parse(raw: str) -> dict[str, Any] | None:
     """The gateway's parsing around the signature check (no crypto): three canonical segments."""
     header_b64, payload_b64, signature_b64 = raw.split(".")
-    tokens_module._segment_json(header_b64)
-    tokens_module._segment(signature_b64)
-    return tokens_module._segment_json(payload_b64)
+    jws.segment_json(header_b64)
+    jws.segment(signature_b64)
+    return jws.segment_json(payload_b64)
 
 
 def reject_duplicate_claims(raw: str) -> None:

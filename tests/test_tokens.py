@@ -828,3 +828,24 @@ def test_two_processes_opening_an_older_store_at_once_both_open_it(tmp_path: Any
                  for _ in range(3)]
         errors = [proc.communicate(timeout=30)[1].decode() for proc in procs]
         assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+
+
+# --- unit: the compact JWS parts (gateway/core/jws.py) ------------------------------------------
+
+def test_a_segment_is_read_only_in_its_one_canonical_spelling() -> None:
+    from gateway.core.jws import segment, segment_json
+
+    data = bytes(range(64))
+    canonical = b64(data)  # 86 characters: the last carries 2 data bits and 4 zero bits
+    assert segment(canonical) == data
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(canonical[-1])
+    for other in (canonical + "==", canonical[:-1] + alphabet[last ^ 1], canonical[:-1] + alphabet[last ^ 8],
+                  canonical.replace("-", "+").replace("_", "/"), canonical[:-1], "é" + canonical[1:]):
+        if other != canonical:
+            assert segment(other) is None, other
+    assert segment_json(b64(b'{"a":1}')) == {"a": 1}
+    for not_an_object in (b"[1]", b"1", b'"a"', b"{", '{"a":1}'.encode("utf-16"), b'{"a":1}\xff'):
+        assert segment_json(b64(not_an_object)) is None
+    with pytest.raises(Unauthenticated, match="twice"):
+        segment_json(b64(b'{"a":1,"b":{"c":1,"c":2}}'))

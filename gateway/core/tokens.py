@@ -16,10 +16,7 @@ segment, JSON objects without repeated names, the header checked before the key 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import re
 import secrets
 import sys
@@ -33,6 +30,7 @@ import nacl.exceptions
 import nacl.signing
 
 from gateway.core.grants import Grant, GrantError, parse_grant
+from gateway.core.jws import segment, segment_json
 from gateway.core.keyring import Keyring, SigningKey
 from gateway.core.sized_cache import MIB, SLOT_BYTES, SizedLRU, str_bytes
 from gateway.errors import Unauthenticated
@@ -225,10 +223,10 @@ class TokenVerifier:
         raw = presented[len(PREFIX):]
         if not _COMPACT_JWS.fullmatch(raw):
             # One spelling per token: no padding, no standard-base64 alphabet, no whitespace
-            # (and `_segment` below refuses non-zero padding bits).
+            # (and `segment` below refuses non-zero padding bits: gateway/core/jws.py).
             raise Unauthenticated("token is malformed; present the token exactly as it was minted")
         header_b64, payload_b64, signature_b64 = raw.split(".")
-        header = _segment_json(header_b64)
+        header = segment_json(header_b64)
         if header is None:
             raise Unauthenticated("token is malformed; present the token exactly as it was minted")
         if header.get("alg") not in ALGORITHMS:
@@ -239,11 +237,11 @@ class TokenVerifier:
         key = self.keyring.verifying_key(kid) if isinstance(kid, str) else None
         if key is None:
             raise Unauthenticated("token was signed with a key this gateway does not know (retired or foreign)")
-        signature = _segment(signature_b64)
+        signature = segment(signature_b64)
         if signature is None or len(signature) != 64 or not self._signature_holds(
                 key, signature, raw[:len(header_b64) + 1 + len(payload_b64)].encode("ascii")):
             raise Unauthenticated("token signature or encoding is invalid")
-        payload = _segment_json(payload_b64)
+        payload = segment_json(payload_b64)
         if payload is None:
             raise Unauthenticated("token signature or encoding is invalid")
         for name in REQUIRED_CLAIMS:
@@ -303,38 +301,6 @@ def claims_bytes(claims: Claims) -> int:
 def grant_bytes(grant: Grant) -> int:
     # The scope kind is one of three literal strings, shared by every grant.
     return _GRANT_BYTES + sys.getsizeof(grant.role) + sys.getsizeof(grant.pattern)
-
-
-def _segment(text: str) -> bytes | None:
-    """A base64url segment's bytes, only when `text` is their one canonical spelling."""
-    try:
-        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        return None
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != text.encode("ascii"):
-        return None
-    return decoded
-
-
-def _segment_json(text: str) -> dict[str, Any] | None:
-    """A JSON object segment; a name given twice refuses the token (json.loads keeps the last of
-    two equal keys, another parser may keep the first: a token whose meaning depends on the
-    parser is refused)."""
-    decoded = _segment(text)
-    if decoded is None:
-        return None
-    try:  # UTF-8 only (json.loads of bytes would also take UTF-16 and UTF-32)
-        value = json.loads(decoded.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise Unauthenticated("token has a claim or header field twice; it was not minted by this gateway")
-    return result
 
 
 def _claims_from_payload(payload: dict[str, Any], now: float, *, issuer: str, audience: str,
