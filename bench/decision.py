@@ -15,13 +15,15 @@ Modes per size:
 - hot: one token presented over and over (caches warm) — the budget line (p50 <= 30 µs, flat);
   the nine cells measured in five interleaved rounds, each reported from its best round
   (the lowest p50; other work on the machine only adds);
-- working set: every token of the store presented in turn (caches warmed by one pass where
-  they can hold the set) — shows what happens when more tokens are active than the verified
-  token cache holds;
-- uncached costs for context: an Ed25519 verify with no cache, and one Casbin `enforce_ex`
-  per policy size (what a verdict cache miss costs).
+- working set: every token of the store presented in turn, after one warming pass (the
+  token caches are bounded by memory, `limits.token_cache_mb`, default 128 MiB: 100,000 tokens
+  fit) — the budget line "all N tokens in rotation" (p50 <= 30 µs); also reports what the two
+  token caches hold (entries, bytes charged per token) and the process RSS before and after
+  they filled;
+- uncached costs for context: a token verification with no cache, a registry check that reads
+  the SQLite store, and one Casbin `enforce_ex` per policy size (what a verdict cache miss costs).
 
-    python bench/decision.py [--iterations 20000] [--json out.json]
+    python bench/decision.py [--iterations 20000] [--max-tokens 100000] [--token-cache-mb 128] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from gateway.core.grants import parse_grants
 from gateway.core.keyring import Keyring
 from gateway.core.policy import PolicyEngine, decide
 from gateway.core.registry import TokenRegistry
-from gateway.core.tokens import Claims, TokenIssuer, TokenVerifier, bearer_token
+from gateway.core.sized_cache import MIB
+from gateway.core.tokens import DEFAULT_CACHE_BYTES, Claims, TokenIssuer, TokenVerifier, bearer_token
 from gateway.store import TokenRecord
 from gateway.store.sqlite import SqliteStore
 from gateway.surfaces.paths import canonicalize
@@ -129,10 +132,11 @@ class Bench:
                                         iat=c.iat, exp=c.exp))
         return store
 
-    def registry(self, store: SqliteStore, policy: PolicyEngine) -> TokenRegistry:
+    def registry(self, store: SqliteStore, policy: PolicyEngine,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> TokenRegistry:
         return TokenRegistry(store, self.issuer, known_roles=policy.roles,
                              environments=frozenset({"staging", "production"}), default_ttl_s=86400,
-                             max_ttl_s=86400 * 90)
+                             max_ttl_s=86400 * 90, cache_bytes=cache_bytes)
 
 
 async def time_path(verifier: TokenVerifier, registry: TokenRegistry, routes: RouteTable,
@@ -166,18 +170,30 @@ def summarize(samples: list[int]) -> dict[str, float]:
             "mean_us": statistics.fmean(ordered) / 1000, "iterations": len(ordered)}
 
 
-async def run(iterations: int, working_set_iterations: int, max_tokens: int, log: Any = print) -> dict[str, Any]:
+def rss_mib() -> float:
+    """This process's resident set (VmRSS), MiB; NaN where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+async def run(iterations: int, working_set_iterations: int, max_tokens: int, log: Any = print,
+              token_cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, Any]:
     # Stores on tmpfs when there is one: 100,000 inserts would otherwise wait on fsync for minutes.
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())  # noqa: S108
     folder = Path(tempfile.mkdtemp(prefix="sg-decision-", dir=base))
     try:
-        return await _run(folder, iterations, working_set_iterations, max_tokens, log)
+        return await _run(folder, iterations, working_set_iterations, max_tokens, log, token_cache_bytes)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _run(folder: Path, iterations: int, working_set_iterations: int, max_tokens: int,
-               log: Any) -> dict[str, Any]:
+               log: Any, token_cache_bytes: int) -> dict[str, Any]:
     sizes = tuple(n for n in TOKEN_SIZES if n <= max_tokens) or (max_tokens,)
     log(f"decision path: minting {max(sizes):,} tokens, writing policies of {', '.join(map(str, POLICY_SIZES))} lines")
     bench = Bench(folder, max(sizes))
@@ -221,28 +237,41 @@ async def _run(folder: Path, iterations: int, working_set_iterations: int, max_t
             results["hot"].append(row)
             log(f"  hot          tokens={tokens:>7,} policy={lines:>6,}: p50 {row['p50_us']:6.1f} µs  "
                 f"p99 {row['p99_us']:6.1f} µs  (rounds: {', '.join(f'{v:.1f}' for v in chunk_p50s[(tokens, lines)])})")
+        cells.clear()  # the hot cells' caches are not part of what the working set's RSS shows
+        gc.collect()
         for tokens in sizes:
-            # Working set: every token of the store in turn, 1,000-line policy.
+            # Working set: every token of the store in turn, 1,000-line policy, after one warming
+            # pass of the same path (it fills both token caches as far as their budget allows).
             policy = bench.policies[1_000]
-            verifier = TokenVerifier(bench.keyring, ISSUER, AUDIENCE)
-            registry = bench.registry(stores[tokens], policy)
             headers = [f"Bearer {m.token}".encode() for m in bench.tokens[:tokens]]
-            for minted in bench.tokens[:tokens]:  # registry records warm (cheap: no signature check)
-                await registry.check(minted.claims)
-            if tokens <= verifier.cache_size:
-                await time_path(verifier, registry, bench.routes, environments, policy, headers, tokens)
+            rss_before = rss_mib()
+            verifier = TokenVerifier(bench.keyring, ISSUER, AUDIENCE, cache_bytes=token_cache_bytes)
+            registry = bench.registry(stores[tokens], policy, token_cache_bytes)
+            await time_path(verifier, registry, bench.routes, environments, policy, headers, tokens)
+            gc.collect()
+            rss_after = rss_mib()
             samples = await time_path(verifier, registry, bench.routes, environments, policy, headers,
                                       max(working_set_iterations, min(tokens, iterations)))
-            row = {"tokens": tokens, "policy_lines": 1_000, "verifier_cache_size": verifier.cache_size,
-                   **summarize(samples)}
+            stats = verifier.cache_stats()
+            row = {"tokens": tokens, "policy_lines": 1_000, "token_cache_mb": token_cache_bytes / MIB,
+                   "verifier_cache_entries": stats["entries"], "verifier_cache_evictions": stats["evictions"],
+                   "verifier_bytes_per_token": stats["bytes"] / max(1, stats["entries"]),
+                   "registry_cache_entries": len(registry._status),
+                   "registry_bytes_per_token": registry._status.bytes / max(1, len(registry._status)),
+                   "rss_mib_before": rss_before, "rss_mib_after": rss_after, **summarize(samples)}
             results["working_set"].append(row)
             log(f"  working set  tokens={tokens:>7,} policy={1_000:>6,}: p50 {row['p50_us']:6.1f} µs  "
-                f"p99 {row['p99_us']:6.1f} µs (verified-token cache holds {verifier.cache_size:,})")
+                f"p99 {row['p99_us']:6.1f} µs; token caches ({token_cache_bytes / MIB:.0f} MiB each) hold "
+                f"{stats['entries']:,} verified ({row['verifier_bytes_per_token']:.0f} B charged per token) and "
+                f"{len(registry._status):,} records ({row['registry_bytes_per_token']:.0f} B); RSS "
+                f"{rss_before:.1f} -> {rss_after:.1f} MiB (+{rss_after - rss_before:.1f})")
+            del verifier, registry, headers
+            gc.collect()
     finally:
         for store in stores.values():
             await store.close()
     # Uncached costs, for context: what each cache saves.
-    uncached_verifier = TokenVerifier(bench.keyring, ISSUER, AUDIENCE, cache_size=0)
+    uncached_verifier = TokenVerifier(bench.keyring, ISSUER, AUDIENCE, cache_bytes=0)
     token = bench.tokens[0].token
     samples = []
     for _ in range(300):
@@ -250,6 +279,18 @@ async def _run(folder: Path, iterations: int, working_set_iterations: int, max_t
         uncached_verifier.verify(token)
         samples.append(time.perf_counter_ns() - t0)
     results["uncached"]["verify_p50_us"] = percentile(sorted(samples), 50)
+    # A registry check that misses its cache reads the token's record from SQLite.
+    store = SqliteStore(folder / f"state-{sizes[-1]}.db")
+    try:
+        uncached_registry = bench.registry(store, bench.policies[10], 0)
+        samples = []
+        for minted in bench.tokens[:300]:
+            t0 = time.perf_counter_ns()
+            await uncached_registry.check(minted.claims)
+            samples.append(time.perf_counter_ns() - t0)
+        results["uncached"]["registry_check_p50_us"] = percentile(sorted(samples), 50)
+    finally:
+        await store.close()
     for lines in POLICY_SIZES:
         enforcer = getattr(bench.policies[lines], "_enforcer", None)
         if enforcer is None:
@@ -264,7 +305,8 @@ async def _run(folder: Path, iterations: int, working_set_iterations: int, max_t
     results["overheads"] = per_request_overheads(folder, max(2_000, iterations // 4))
     log("  other per-request work, p50: " + ", ".join(f"{k.removesuffix('_p50_us')} {v:.1f} µs"
                                                     for k, v in results["overheads"].items()))
-    log(f"  uncached: Ed25519 verify p50 {results['uncached']['verify_p50_us']:.0f} µs; casbin enforce_ex p50 "
+    log(f"  uncached: token verification p50 {results['uncached']['verify_p50_us']:.0f} µs; registry check "
+        f"reading SQLite p50 {results['uncached']['registry_check_p50_us']:.0f} µs; casbin enforce_ex p50 "
         + ", ".join(f"{results['uncached'].get(f'casbin_enforce_p50_us_{n}', float('nan')):,.0f} µs at {n:,} lines"
                     for n in POLICY_SIZES))
     return results
@@ -321,9 +363,12 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--working-set-iterations", type=int, default=5_000)
     parser.add_argument("--max-tokens", type=int, default=100_000)
+    parser.add_argument("--token-cache-mb", type=int, default=DEFAULT_CACHE_BYTES // MIB,
+                        help="budget of each token cache, as limits.token_cache_mb (default: the gateway's)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    results = asyncio.run(run(args.iterations, args.working_set_iterations, args.max_tokens))
+    results = asyncio.run(run(args.iterations, args.working_set_iterations, args.max_tokens,
+                              token_cache_bytes=args.token_cache_mb * MIB))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

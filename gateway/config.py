@@ -86,6 +86,7 @@ class Config:
     audit_redis_maxlen: int = 100_000
     limits_max_body_bytes: int = 10 * 1024 * 1024
     limits_max_blob_bytes: int = 10 * 1024 * 1024 * 1024  # image layers pushed through the registry surface
+    limits_token_cache_mb: int = 128  # each of the verified-token cache and the registry's record cache
     rate_limit_requests_per_second: float = 0.0
     rate_limit_burst: int = 0
     rate_limit_roles: tuple[RoleRateLimit, ...] = ()
@@ -200,7 +201,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
               "prefix": ("store_prefix", parsers.key_prefix)},
     "audit": {"sinks": ("audit_sinks", parsers.sinks), "redis_maxlen": ("audit_redis_maxlen", parsers.positive_int)},
     "limits": {"max_body_bytes": ("limits_max_body_bytes", parsers.positive_int),
-               "max_blob_bytes": ("limits_max_blob_bytes", parsers.positive_int)},
+               "max_blob_bytes": ("limits_max_blob_bytes", parsers.positive_int),
+               "token_cache_mb": ("limits_token_cache_mb", parsers.cache_megabytes)},
     "rate_limit": {
         "requests_per_second": ("rate_limit_requests_per_second", parsers.non_negative_float),
         "burst": ("rate_limit_burst", parsers.non_negative_int),

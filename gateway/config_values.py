@@ -42,6 +42,18 @@ def non_negative_int(value: Any) -> int:
     return number
 
 
+def cache_megabytes(value: Any) -> int:
+    """A cache budget in MiB: 1 to 65,536 (a larger number is most likely bytes given for MiB)."""
+    try:
+        number = whole(value)
+    except ValueError:
+        raise ValueError("expected a whole number of MiB, e.g. 128") from None
+    if not 1 <= number <= 65_536:
+        raise ValueError(f"expected a whole number of MiB from 1 to 65536 (64 GiB), e.g. 128; got {number} "
+                         "(the unit is MiB, not bytes)")
+    return number
+
+
 def port(value: Any) -> int:
     number = whole(value)
     if not 0 <= number <= 65535:

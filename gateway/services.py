@@ -27,6 +27,7 @@ from gateway.core.policy import PolicyEngine
 from gateway.core.ratelimit import DerivationLimit, RateLimits
 from gateway.core.registry import TokenRegistry
 from gateway.core.rules import ProducedAction
+from gateway.core.sized_cache import MIB
 from gateway.core.tokens import TokenIssuer, TokenVerifier
 from gateway.errors import ConfigError, StateUnavailable
 from gateway.metrics import GatewayMetrics
@@ -88,8 +89,11 @@ class Services:
                                  default_ttl_s=config.tokens_default_ttl_s,
                                  max_ttl_s=config.tokens_max_ttl_s, max_children=config.tokens_max_children,
                                  derivations=DerivationLimit(store.rate_buckets,
-                                                             config.rate_limit_derivations_per_minute))
-        authorizer = Authorizer(TokenVerifier(keyring, config.tokens_issuer, config.tokens_audience), registry,
+                                                             config.rate_limit_derivations_per_minute),
+                                 cache_bytes=config.limits_token_cache_mb * MIB)
+        verifier = TokenVerifier(keyring, config.tokens_issuer, config.tokens_audience,
+                                 cache_bytes=config.limits_token_cache_mb * MIB)
+        authorizer = Authorizer(verifier, registry,
                                 EnvironmentResolver(tuple((r.app, r.env) for r in config.environment_rules),
                                                     config.environment_default),
                                 rate_limits(config, store))

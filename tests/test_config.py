@@ -61,6 +61,7 @@ KEY_FIELDS: dict[str, str] = {
     "ui.secure_cookie": "ui_secure_cookie",
     "limits.max_body_bytes": "limits_max_body_bytes",
     "limits.max_blob_bytes": "limits_max_blob_bytes",
+    "limits.token_cache_mb": "limits_token_cache_mb",
     "rate_limit.requests_per_second": "rate_limit_requests_per_second",
     "rate_limit.burst": "rate_limit_burst",
     "rate_limit.derivations_per_minute": "rate_limit_derivations_per_minute",
@@ -116,6 +117,7 @@ OVERRIDES: dict[str, tuple[str, object]] = {
     "ui.secure_cookie": ("always", "always"),
     "limits.max_body_bytes": ("2048", 2048),
     "limits.max_blob_bytes": ("1073741824", 1073741824),
+    "limits.token_cache_mb": ("32", 32),
     "rate_limit.requests_per_second": ("12.5", 12.5),
     "rate_limit.burst": ("20", 20),
     "rate_limit.derivations_per_minute": ("0", 0),
@@ -375,6 +377,11 @@ def test_no_file_means_defaults_in_the_working_directory(tmp_path: Path, monkeyp
         ({"limits": {"max_body_bytes": -1}}, "limits.max_body_bytes"),
         ({"limits": {"max_body_bytes": 0}}, "limits.max_body_bytes"),
         ({"limits": {"max_body_bytes": "10MB"}}, "limits.max_body_bytes"),
+        ({"limits": {"token_cache_mb": 0}}, "limits.token_cache_mb"),
+        ({"limits": {"token_cache_mb": -64}}, "limits.token_cache_mb"),
+        ({"limits": {"token_cache_mb": "128MB"}}, "limits.token_cache_mb"),
+        ({"limits": {"token_cache_mb": 1.5}}, "limits.token_cache_mb"),
+        ({"limits": {"token_cache_mb": 134217728}}, "limits.token_cache_mb"),
         ({"tokens": {"default_ttl": "forever"}}, "tokens.default_ttl"),
         ({"tokens": {"max_ttl": "0s"}}, "tokens.max_ttl"),
         ({"tokens": {"max_ttl": "-1d"}}, "tokens.max_ttl"),
@@ -619,3 +626,15 @@ def test_credential_is_not_in_the_config_repr(tmp_path: Path, monkeypatch: pytes
     config = build({"upstream": {"token_env": "SG_CFG_TEST_CREDENTIAL"}}, tmp_path)
     assert config.upstream_credential() == CREDENTIAL
     assert CREDENTIAL not in repr(config)
+
+
+def test_token_cache_budget_defaults_to_128_mib_and_says_its_unit_when_wrong(tmp_path: Path) -> None:
+    assert build({}, tmp_path).limits_token_cache_mb == 128
+    assert build({"limits": {"token_cache_mb": 16}}, tmp_path).limits_token_cache_mb == 16
+    message = config_error({"limits": {"token_cache_mb": 134217728}}, tmp_path)
+    assert message.startswith("bad value for limits.token_cache_mb:"), message
+    assert "MiB" in message and "not bytes" in message and "134217728" in message, message
+    message = config_error({}, tmp_path, {"SCOPEGATE_LIMITS__TOKEN_CACHE_MB": "0"})
+    assert "limits.token_cache_mb" in message and "from 1 to 65536" in message, message
+    message = config_error({"limits": {"token_cache_mb": "lots"}}, tmp_path)
+    assert "limits.token_cache_mb" in message and "whole number of MiB" in message, message

@@ -186,6 +186,20 @@ def duplicate_claim(claim: str, value: Any, *, escaped_name: str | None = None) 
     return build
 
 
+def duplicate_header_field(f: Forge) -> Forged:
+    """A header naming `kid` twice (the first an unknown key): which one counts depends on the parser."""
+    payload = f.payload()
+    header = b'{"alg":"EdDSA","kid":"no-such-kid-0000","kid":"' + f.keyring.active.kid.encode() + b'"}'
+    signing_input = f"{b64(header)}.{b64(compact(payload))}"
+    signature = f.keyring.active.private_key.sign(signing_input.encode("ascii"))
+    return Forged(f"{PREFIX}{signing_input}.{b64(signature)}", _jti(payload))
+
+
+def utf16_payload(f: Forge) -> Forged:
+    payload = f.payload()
+    return Forged(f.sign(f.header(), json.dumps(payload).encode("utf-16")), _jti(payload))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -207,6 +221,9 @@ FORGED: list[Case] = [
     Case("x5c header", with_header(x5c=["MIIB"]), "header"),
     Case("crit header (extension pyjwt does not know)", with_header(crit=["exp"]), "header|malformed"),
     Case("crit header (b64, an extension pyjwt knows)", with_header(crit=["b64"], b64=True), "header"),
+    Case("b64 header without crit", with_header(b64=True), "header"),
+    Case("header field kid twice", duplicate_header_field, "twice"),
+    Case("payload in UTF-16 (JSON allows it, one spelling per token does not)", utf16_payload, "encoding"),
     Case("kid unknown", with_header(kid="no-such-kid-0000"), "key"),
     Case("kid path traversal", with_header(kid="../../etc/passwd"), "key"),
     Case("kid missing", without_kid, "key"),
@@ -403,7 +420,11 @@ def test_token_minted_for_another_audience_or_issuer_is_refused(keyring: Keyring
             verifier.verify(token)
 
 
-# --- unit: the verify cache -------------------------------------------------------------------
+# --- unit: the verify cache (its memory bound: tests/test_token_cache.py) -----------------------
+
+def cache_key(token: str) -> bytes:
+    return hashlib.sha256(token.encode("ascii")).digest()
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -440,7 +461,7 @@ def test_cache_evicts_an_expired_token(keyring: Keyring) -> None:
         verifier.verify(token)
     assert_unauthenticated(caught.value, "expired")
     assert verifier.cache_hits == 2
-    assert token not in verifier._cache
+    assert cache_key(token) not in verifier._cache
 
 
 def test_expired_token_stays_refused_after_cache_eviction(keyring: Keyring) -> None:
@@ -495,26 +516,21 @@ def test_clearing_the_cache_forgets_headers_too(keyring: Keyring) -> None:
     assert verifier.cache_hits == 0
 
 
-def test_only_plain_header_spellings_are_remembered(keyring: Keyring) -> None:
+def test_every_spelling_of_a_header_shares_the_token_s_one_cache_entry(keyring: Keyring) -> None:
     verifier = TokenVerifier(keyring, ISSUER, AUDIENCE)
     token, _ = TokenIssuer(keyring, ISSUER, AUDIENCE).mint(
         sub="test:user", name="header", grants=(parse_grant(GRANT),), ttl_s=60)
-    for spaces in range(1, 200):  # extra spaces are accepted, and parsed every time
-        assert verifier.verify_authorization([b"Bearer" + b" " * (spaces * 300) + token.encode()]).name == "header"
-        assert verifier.verify_authorization([b"bEaReR " + token.encode()]).name == "header"
-    assert set(verifier._by_header) == set()
-    verifier.verify_authorization([f"Bearer {token}".encode()])
-    verifier.verify_authorization([f"FlyV1 {token}".encode()])
-    assert set(verifier._by_header) == {f"Bearer {token}".encode(), f"FlyV1 {token}".encode()}
-
-
-def test_the_header_cache_is_bounded(keyring: Keyring) -> None:
-    verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, cache_size=5)
-    issuer = TokenIssuer(keyring, ISSUER, AUDIENCE)
-    for index in range(23):
-        token, _ = issuer.mint(sub="test:user", name=f"t{index}", grants=(parse_grant(GRANT),), ttl_s=60)
-        verifier.verify_authorization([f"Bearer {token}".encode()])
-        assert len(verifier._by_header) <= 5 and len(verifier._cache) <= 5
+    first = verifier.verify_authorization([f"Bearer {token}".encode()])
+    for spaces in range(1, 200):  # extra spaces are accepted, parsed every time, and add no entry
+        assert verifier.verify_authorization([b"Bearer" + b" " * (spaces * 300) + token.encode()]) is first
+        assert verifier.verify_authorization([b"bEaReR " + token.encode()]) is first
+    assert verifier.verify_authorization([f"FlyV1 {token}".encode()]) is first
+    assert len(verifier._cache) == 1 and cache_key(token) in verifier._cache
+    # Only the two plain spellings are remembered by their exact value too.
+    assert set(verifier._recent) == {f"Bearer {token}".encode(), f"FlyV1 {token}".encode()}
+    for odd in (f"Bearer {token} ", f"Bearer  {token}", f" Bearer {token}"):
+        assert verifier.verify_authorization([odd.encode()]) is first
+    assert len(verifier._recent) == 2
 
 
 def test_uncached_verification_honours_the_verifier_clock_for_expiry(keyring: Keyring) -> None:
@@ -524,26 +540,6 @@ def test_uncached_verification_honours_the_verifier_clock_for_expiry(keyring: Ke
     clock.now += 3600
     with pytest.raises(Unauthenticated):
         TokenVerifier(keyring, ISSUER, AUDIENCE, clock=clock).verify(token)
-
-
-def test_cache_stays_bounded_by_cache_size(keyring: Keyring) -> None:
-    verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, cache_size=3)
-    issuer = TokenIssuer(keyring, ISSUER, AUDIENCE)
-    tokens = [issuer.mint(sub="test:user", name=f"t{i}", grants=(parse_grant(GRANT),), ttl_s=600)[0]
-              for i in range(8)]
-    for token in tokens:
-        verifier.verify(token)
-        assert len(verifier._cache) <= 3
-    assert len(verifier._cache) == 3
-    # The oldest were evicted: verifying them again is not a cache hit...
-    for token in tokens[:5]:
-        verifier.verify(token)
-    assert verifier.cache_hits == 0
-    assert len(verifier._cache) == 3
-    # ...while the most recent ones are still served from the cache.
-    for token in tokens[2:5]:
-        verifier.verify(token)
-    assert verifier.cache_hits == 3
 
 
 def test_clear_cache_forces_verification_again(keyring: Keyring) -> None:
@@ -832,3 +828,24 @@ def test_two_processes_opening_an_older_store_at_once_both_open_it(tmp_path: Any
                  for _ in range(3)]
         errors = [proc.communicate(timeout=30)[1].decode() for proc in procs]
         assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+
+
+# --- unit: the compact JWS parts (gateway/core/jws.py) ------------------------------------------
+
+def test_a_segment_is_read_only_in_its_one_canonical_spelling() -> None:
+    from gateway.core.jws import segment, segment_json
+
+    data = bytes(range(64))
+    canonical = b64(data)  # 86 characters: the last carries 2 data bits and 4 zero bits
+    assert segment(canonical) == data
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(canonical[-1])
+    for other in (canonical + "==", canonical[:-1] + alphabet[last ^ 1], canonical[:-1] + alphabet[last ^ 8],
+                  canonical.replace("-", "+").replace("_", "/"), canonical[:-1], "é" + canonical[1:]):
+        if other != canonical:
+            assert segment(other) is None, other
+    assert segment_json(b64(b'{"a":1}')) == {"a": 1}
+    for not_an_object in (b"[1]", b"1", b'"a"', b"{", '{"a":1}'.encode("utf-16"), b'{"a":1}\xff'):
+        assert segment_json(b64(not_an_object)) is None
+    with pytest.raises(Unauthenticated, match="twice"):
+        segment_json(b64(b'{"a":1,"b":{"c":1,"c":2}}'))

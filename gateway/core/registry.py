@@ -10,14 +10,15 @@ process is seen at once.
 from __future__ import annotations
 
 import difflib
+import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from gateway.core.grants import Grant, GrantError, parse_grants
 from gateway.core.ratelimit import DerivationLimit
-from gateway.core.tokens import Claims, TokenIssuer
+from gateway.core.sized_cache import SizedLRU, str_bytes
+from gateway.core.tokens import DEFAULT_CACHE_BYTES, Claims, TokenIssuer, claims_bytes
 from gateway.durations import format_duration
 from gateway.errors import (
     BadRequest,
@@ -30,7 +31,7 @@ from gateway.errors import (
 )
 from gateway.store import TokenRecord, TokenStore
 
-_CACHE_LIMIT = 100_000
+Status = tuple[Claims, str | None, int]
 MAX_DEPTH = 8  # levels of attenuation below a root token (the chain claim grows with each)
 
 
@@ -44,7 +45,7 @@ class TokenRegistry:
     def __init__(self, store: TokenStore, issuer: TokenIssuer, *, known_roles: Callable[[], set[str]],
                  environments: frozenset[str], default_ttl_s: int, max_ttl_s: int,
                  max_children: int | None = None, derivations: DerivationLimit | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.store = store
         self.issuer = issuer
         self.known_roles = known_roles
@@ -56,8 +57,11 @@ class TokenRegistry:
         self.max_children = max_children  # live tokens derived from one root token, at most
         self.derivations = derivations  # how fast tokens may be derived (attenuation, exchange)
         self.clock = clock
-        # jti -> (the claims checked against the record, why they are refused or None, record exp)
-        self._status: OrderedDict[str, tuple[Claims, str | None, int]] = OrderedDict()
+        # jti -> (the claims checked against the record, why they are refused or None, record exp),
+        # bounded by memory (config `limits.token_cache_mb`), least recently used out. The key is
+        # the claims' own jti string and the claims are usually the verified-token cache's, but
+        # each entry is charged for them all the same: the bound holds whatever the other cache does.
+        self._status: SizedLRU[str, Status] = SizedLRU(cache_bytes, _status_bytes)
         self._cursor = "0"
         self._last_used: dict[str, int] = {}
         # Fail closed while the store is known to be down (set by the sync loop), and trust
@@ -140,7 +144,7 @@ class TokenRegistry:
         revoked = await self.store.revoke(jti, reason=reason, at=int(self.clock()))
         self._generation += 1
         for item in revoked:
-            self._status.pop(item, None)
+            self._status.pop(item)
         return revoked
 
     async def rotate(self, jti: str, *, grace_s: int) -> MintedToken:
@@ -171,7 +175,7 @@ class TokenRegistry:
                                  parent=old.parent, root=old.root, rotated_from=jti, chain=tuple(chain))
         await self.store.shorten(jti, exp=now + grace_s)
         self._generation += 1
-        self._status.pop(jti, None)
+        self._status.pop(jti)
         return minted
 
     async def attenuate(self, parent: Claims, *, grants: list[str], ttl_s: int | None, name: str | None,
@@ -209,7 +213,9 @@ class TokenRegistry:
         is being used (its `last_used_at` moves); False when it is only asked about (explain)."""
         if self.unavailable is not None:
             raise StateUnavailable(self.unavailable)
-        status = self._status.get(claims.jti)
+        status = self._status.entries.get(claims.jti)  # SizedLRU.get, inline (every request's path)
+        if status is not None:
+            self._status.entries.move_to_end(claims.jti)
         if (status is None or (status[0] is not claims and status[0] != claims)
                 or (self.lease_s is not None and time.monotonic() > self._fresh_until)):
             generation = self._generation
@@ -217,7 +223,8 @@ class TokenRegistry:
             if record is None:
                 raise Unauthenticated(f"token '{claims.name}' is not registered with this gateway "
                                       "(was it minted for another store?); ask for a new one")
-            status = (claims, _refusal_of(claims, record), record.exp)
+            exp = claims.exp if record.exp == claims.exp else record.exp  # one int object when they agree
+            status = (claims, _refusal_of(claims, record), exp)
             # A change that arrived while the store was being read may postdate what was read:
             # then the answer serves this request but is not cached.
             if generation == self._generation:
@@ -232,10 +239,8 @@ class TokenRegistry:
         if use:
             self._last_used[claims.jti] = now
 
-    def _remember(self, jti: str, status: tuple[Claims, str | None, int]) -> None:
-        self._status[jti] = status
-        if len(self._status) > _CACHE_LIMIT:
-            self._status.popitem(last=False)
+    def _remember(self, jti: str, status: Status) -> None:
+        self._status.put(jti, status)
 
     def forget_all(self) -> None:
         self._generation += 1
@@ -263,13 +268,19 @@ class TokenRegistry:
         elif changed:
             self._generation += 1
             for jti in changed:
-                self._status.pop(jti, None)
+                self._status.pop(jti)
         self._cursor = cursor
         self.unavailable = None
         self._fresh_until = time.monotonic() + (self.lease_s or 0.0)
         if self._last_used:
             pending, self._last_used = self._last_used, {}
             await self.store.touch(pending)
+
+
+def _status_bytes(status: Status) -> int:
+    claims, refused, exp = status
+    return (sys.getsizeof(status) + claims_bytes(claims) + str_bytes(refused)
+            + (0 if exp is claims.exp else sys.getsizeof(exp)))
 
 
 def _refusal_of(claims: Claims, record: TokenRecord) -> str | None:

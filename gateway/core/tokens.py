@@ -2,38 +2,53 @@
 
 Minting signs the DESIGN section 3 claims with the keyring's active key. Verification is
 strict and never trusts the token to say how it should be checked: only `EdDSA`, only keys from
-our own keyring (by `kid`), no `jku`/`jwk`/`x5u`/`x5c`/`crit` headers, exact `iss` and `aud`,
+our own keyring (by `kid`), no `jku`/`jwk`/`x5u`/`x5c`/`crit`/`b64` headers, exact `iss` and `aud`,
 and every claim required. Whether the token is still registered and not revoked is the store's
 question (`registry.py`), asked after this one.
 
-Verified tokens are cached by their string (bounded, expiry-aware) because an Ed25519 verify
-costs ~0.2 ms and every request would pay it.
+Verified tokens are cached by a SHA-256 digest of their exact bytes (bounded by memory,
+least recently used out, expiry-aware) because a verification costs ~60-90 µs (~40 of them the
+Ed25519 check, done with libsodium through PyNaCl: ~2x OpenSSL's, bench/ed25519.py) and every
+request would pay it. The compact JWS is parsed here rather than by pyjwt (which added ~55 µs
+per token around the signature check) and as strictly: one canonical base64url spelling per
+segment, JSON objects without repeated names, the header checked before the key is chosen.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import re
 import secrets
+import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import nacl.exceptions
+import nacl.signing
 
 from gateway.core.grants import Grant, GrantError, parse_grant
-from gateway.core.keyring import Keyring
+from gateway.core.jws import segment, segment_json
+from gateway.core.keyring import Keyring, SigningKey
+from gateway.core.sized_cache import MIB, SLOT_BYTES, SizedLRU, str_bytes
 from gateway.errors import Unauthenticated
 
 PREFIX = "sgt_"
 ALGORITHMS = ["EdDSA"]
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "jti", "iat", "nbf", "exp", "name", "grants")
-_FORBIDDEN_HEADERS = ("jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "crit")
+_FORBIDDEN_HEADERS = ("jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "crit", "b64")
 MAX_TOKEN_BYTES = 8192
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 LEEWAY_S = 5
+# The verified-token cache's default budget (config `limits.token_cache_mb`): a token with a few
+# grants holds ~580 bytes (tracemalloc; ~635 charged), so 100,000 in use take ~64 MB of it.
+DEFAULT_CACHE_BYTES = 128 * MIB
+_KEY_BYTES = 65  # a 32-byte bytes object (the SHA-256 digest)
+_sha256 = hashlib.sha256
+_CLAIMS_BYTES = 112  # a slotted Claims of 12 fields, with its garbage-collector header
+_GRANT_BYTES = 64  # a slotted Grant of 3 fields, with its garbage-collector header
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,57 +117,102 @@ class TokenIssuer:
 
 
 class TokenVerifier:
+    """Verifies `sgt_` tokens, remembering verified claims by a SHA-256 digest of the exact token.
+
+    The cache is bounded by bytes (`cache_bytes`, config `limits.token_cache_mb`), least recently
+    used first out, so that every token in use fits whatever their number; entries past their
+    `exp` are refused and dropped when met. A digest key needs the exact same token bytes (a
+    second preimage of SHA-256) and costs 32 bytes instead of the token's ~450. In front of it, a
+    small map by the exact `Authorization` value (up to 1 MiB of them, dropped whole when full)
+    answers the tokens presented again and again without hashing them (~1 µs a request).
+    """
+
     def __init__(self, keyring: Keyring, issuer: str, audience: str, *,
-                 clock: Callable[[], float] = time.time, cache_size: int = 10_000) -> None:
+                 clock: Callable[[], float] = time.time, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.keyring = keyring
         self.issuer = issuer
         self.audience = audience
         self.clock = clock
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, Claims] = OrderedDict()
-        # The same claims by the raw Authorization header value that presented them, so that a
-        # repeated header skips parsing too (bounded alike, dropped whole when full).
-        self._by_header: dict[bytes, Claims] = {}
+        self.cache_bytes = cache_bytes
+        self._recent_max = min(MIB, cache_bytes // 16)
+        self._cache: SizedLRU[bytes, Claims] = SizedLRU(cache_bytes - cache_bytes // 8 - self._recent_max,
+                                                        self._claims_bytes, key_bytes=_KEY_BYTES)
+        # Parsed grants by their text, shared by every cached token that carries them (tokens
+        # minted for one purpose carry the same few grants): up to 1/8 of the budget.
+        self._grants: dict[str, Grant] = {}
+        self._grants_bytes = 0
+        # The same claims by the plain header value that presented them (`Bearer <token>` or
+        # `FlyV1 <token>`, exactly), so that a token presented again skips the digest too.
+        self._recent: dict[bytes, Claims] = {}
+        self._recent_bytes = 0
+        self._sodium_keys: dict[str, tuple[SigningKey, nacl.signing.VerifyKey]] = {}
         self.cache_hits = 0
+
+    def cache_stats(self) -> dict[str, int]:
+        return {"entries": len(self._cache), "bytes": self._cache.bytes + self._grants_bytes + self._recent_bytes,
+                "max_bytes": self.cache_bytes, "evictions": self._cache.evictions}
 
     def clear_cache(self) -> None:
         self._cache.clear()
-        self._by_header = {}
+        self._grants_bytes = self._recent_bytes = 0
+        self._grants = {}
+        self._recent = {}
+        self._sodium_keys = {}
 
     def verify_authorization(self, header_values: list[bytes]) -> Claims:
-        """`verify(bearer_token(header_values))`, remembered by the header value."""
-        if len(header_values) == 1:
-            cached = self._by_header.get(header_values[0])
-            if cached is not None:
-                if cached.exp > self.clock() - LEEWAY_S:
-                    self.cache_hits += 1
-                    return cached
-                del self._by_header[header_values[0]]  # expired: `verify` below says so
+        """`verify(bearer_token(header_values))`; a plain `Bearer sgt_...` or `FlyV1 sgt_...` value
+        whose token is cached is answered without parsing the header."""
+        if len(header_values) != 1:
+            return self.verify(bearer_token(header_values))  # refuses it
+        value = header_values[0]
+        cached = self._recent.get(value)
+        if cached is not None:
+            if cached.exp > self.clock() - LEEWAY_S:
+                self.cache_hits += 1
+                return cached
+            del self._recent[value]  # expired: `verify` below says so
+        start = 7 if value.startswith(b"Bearer sgt_") else 6 if value.startswith(b"FlyV1 sgt_") else 0
+        if start and len(value) - start <= MAX_TOKEN_BYTES:
+            # A hit means the rest of the value is exactly a token verified before, which is what
+            # bearer_token would return for it (a token holds no space, comma or non-ASCII byte).
+            key = _sha256(value[start:]).digest()
+            entries = self._cache.entries
+            cached = entries.get(key)
+            if cached is not None and cached.exp > self.clock() - LEEWAY_S:
+                entries.move_to_end(key)  # SizedLRU.get, inline: many requests take this path
+                self.cache_hits += 1
+                self._remember_header(value, cached)
+                return cached
         presented = bearer_token(header_values)
         claims = self.verify(presented)
-        # Only the plain spellings are remembered, so a key is never much larger than a token
-        # (bearer_token accepts extra spaces and any case of the scheme; those are just parsed).
-        value = header_values[0]  # one value: bearer_token refuses more
-        encoded = presented.encode("ascii")
-        if value == b"Bearer " + encoded or value == b"FlyV1 " + encoded:
-            if len(self._by_header) >= self.cache_size:
-                self._by_header = {}
-            self._by_header[value] = claims
+        if start and len(value) - start == len(presented) and value.endswith(presented.encode("ascii")):
+            self._remember_header(value, claims)  # only the plain spellings: a key is never much larger
         return claims
+
+    def _remember_header(self, value: bytes, claims: Claims) -> None:
+        cost = sys.getsizeof(value) + SLOT_BYTES
+        if self._recent_bytes + cost > self._recent_max:
+            self._recent = {}
+            self._recent_bytes = 0
+            if cost > self._recent_max:
+                return
+        self._recent[value] = claims
+        self._recent_bytes += cost
 
     def verify(self, presented: str) -> Claims:
         now = self.clock()
-        cached = self._cache.get(presented)
+        if len(presented) > MAX_TOKEN_BYTES or not presented.isascii():
+            return self._verify_uncached(presented, now)  # refuses it: never cached
+        key = _sha256(presented.encode("ascii")).digest()
+        cached = self._cache.get(key)
         if cached is not None:
             if cached.exp <= now - LEEWAY_S:
-                del self._cache[presented]
+                self._cache.pop(key)
                 raise Unauthenticated(f"token '{cached.name}' has expired; ask for a new one")
             self.cache_hits += 1
             return cached
         claims = self._verify_uncached(presented, now)
-        self._cache[presented] = claims
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(key, claims)
         return claims
 
     def _verify_uncached(self, presented: str, now: float) -> Claims:
@@ -162,12 +222,13 @@ class TokenVerifier:
             raise Unauthenticated("token must start with 'sgt_'; present the token exactly as it was minted")
         raw = presented[len(PREFIX):]
         if not _COMPACT_JWS.fullmatch(raw):
-            # One spelling per token: no padding, no standard-base64 alphabet, no whitespace.
+            # One spelling per token: no padding, no standard-base64 alphabet, no whitespace
+            # (and `segment` below refuses non-zero padding bits: gateway/core/jws.py).
             raise Unauthenticated("token is malformed; present the token exactly as it was minted")
-        try:
-            header = jwt.get_unverified_header(raw)
-        except jwt.InvalidTokenError:
-            raise Unauthenticated("token is malformed; present the token exactly as it was minted") from None
+        header_b64, payload_b64, signature_b64 = raw.split(".")
+        header = segment_json(header_b64)
+        if header is None:
+            raise Unauthenticated("token is malformed; present the token exactly as it was minted")
         if header.get("alg") not in ALGORITHMS:
             raise Unauthenticated("token uses an algorithm this gateway does not accept")
         if any(name in header for name in _FORBIDDEN_HEADERS):
@@ -176,41 +237,76 @@ class TokenVerifier:
         key = self.keyring.verifying_key(kid) if isinstance(kid, str) else None
         if key is None:
             raise Unauthenticated("token was signed with a key this gateway does not know (retired or foreign)")
+        signature = segment(signature_b64)
+        if signature is None or len(signature) != 64 or not self._signature_holds(
+                key, signature, raw[:len(header_b64) + 1 + len(payload_b64)].encode("ascii")):
+            raise Unauthenticated("token signature or encoding is invalid")
+        payload = segment_json(payload_b64)
+        if payload is None:
+            raise Unauthenticated("token signature or encoding is invalid")
+        for name in REQUIRED_CLAIMS:
+            if name not in payload:
+                raise Unauthenticated(f"token lacks the required claim {name!r}")
+        # Exact strings only: a list audience (RFC 7519 allows one) is refused too.
+        if payload["aud"] != self.audience or not isinstance(payload["aud"], str):
+            raise Unauthenticated("token was issued for another audience")
+        if payload["iss"] != self.issuer or not isinstance(payload["iss"], str):
+            raise Unauthenticated("token was issued by another issuer")
+        return _claims_from_payload(payload, now, issuer=self.issuer, audience=self.audience,
+                                    grant_of=self._grant)
+
+    def _signature_holds(self, key: SigningKey, signature: bytes, message: bytes) -> bool:
+        # libsodium (PyNaCl) rather than OpenSSL (cryptography): ~2x faster (bench/ed25519.py).
+        known = self._sodium_keys.get(key.kid)
+        if known is None or known[0] is not key:
+            known = self._sodium_keys[key.kid] = (key, nacl.signing.VerifyKey(key.public_bytes()))
         try:
-            # Times are checked below against this verifier's clock, not pyjwt's.
-            payload = jwt.decode(
-                raw, key.public_key, algorithms=ALGORITHMS, audience=self.audience, issuer=self.issuer,
-                options={"require": list(REQUIRED_CLAIMS), "strict_aud": True, "verify_exp": False,
-                         "verify_nbf": False, "verify_iat": False},
-            )
-        except jwt.InvalidAudienceError:
-            raise Unauthenticated("token was issued for another audience") from None
-        except jwt.InvalidIssuerError:
-            raise Unauthenticated("token was issued by another issuer") from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise Unauthenticated(f"token lacks the required claim {exc.claim!r}") from None
-        except jwt.InvalidTokenError:
-            raise Unauthenticated("token signature or encoding is invalid") from None
-        _reject_duplicate_claims(raw)
-        return _claims_from_payload(payload, now)
+            known[1].verify(message, signature)
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            return False
+        return True
+
+    def _grant(self, text: str) -> Grant:
+        grant = self._grants.get(text)
+        if grant is None:
+            grant = parse_grant(text)
+            cost = grant_bytes(grant) + sys.getsizeof(text) + SLOT_BYTES
+            if self._grants_bytes + cost <= self.cache_bytes // 8:  # beyond that: charged per token
+                self._grants[text] = grant
+                self._grants_bytes += cost
+        return grant
+
+    def _claims_bytes(self, claims: Claims) -> int:
+        """What one cached Claims holds that no other entry shares (grants from the shared pool are
+        charged once, to the pool)."""
+        total = claims_bytes(claims)
+        for grant in claims.grants:
+            if self._grants.get(str(grant)) is not grant:
+                total += grant_bytes(grant)
+        return total
 
 
-def _reject_duplicate_claims(raw: str) -> None:
-    # json.loads keeps the last of two equal keys; another parser may keep the first. A token
-    # whose meaning depends on the parser is refused.
-    body = raw.split(".")[1]
-    decoded = jwt.utils.base64url_decode(body.encode("ascii"))
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        if len(keys) != len(set(keys)):
-            raise Unauthenticated("token has a claim twice; it was not minted by this gateway")
-        return dict(pairs)
-
-    json.loads(decoded, object_pairs_hook=no_duplicates)
+def claims_bytes(claims: Claims) -> int:
+    """Bytes of a Claims object and the values it alone holds (its issuer and audience strings are
+    the verifier's own; its grants are counted by the caller)."""
+    total = _CLAIMS_BYTES + sum(str_bytes(text) for text in (claims.sub, claims.jti, claims.name, claims.parent,
+                                                              claims.root))
+    total += sys.getsizeof(claims.exp) + (0 if claims.nbf is claims.iat else sys.getsizeof(claims.nbf))
+    total += sys.getsizeof(claims.iat) + sys.getsizeof(claims.grants)
+    for level in claims.chain:
+        total += sys.getsizeof(level) + sum(grant_bytes(grant) for grant in level)
+    return total
 
 
-def _claims_from_payload(payload: dict[str, Any], now: float) -> Claims:
+def grant_bytes(grant: Grant) -> int:
+    # The scope kind is one of three literal strings, shared by every grant.
+    return _GRANT_BYTES + sys.getsizeof(grant.role) + sys.getsizeof(grant.pattern)
+
+
+def _claims_from_payload(payload: dict[str, Any], now: float, *, issuer: str, audience: str,
+                         grant_of: Callable[[str], Grant] = parse_grant) -> Claims:
+    """The Claims of a verified payload whose `iss` and `aud` equal `issuer` and `audience` (the
+    verifier's own strings are kept, one copy for every token)."""
     def text(name: str) -> str:
         value = payload[name]
         if not isinstance(value, str) or not value:
@@ -231,7 +327,7 @@ def _claims_from_payload(payload: dict[str, Any], now: float) -> Claims:
     if not isinstance(grants_raw, list) or not grants_raw or not all(isinstance(g, str) for g in grants_raw):
         raise Unauthenticated("token claim 'grants' must be a non-empty list of grant strings")
     try:
-        grants = tuple(parse_grant(g) for g in grants_raw)
+        grants = tuple(grant_of(g) for g in grants_raw)
     except GrantError:
         raise Unauthenticated("token carries a grant this gateway cannot parse") from None
     parent, root = payload.get("parent"), payload.get("root")
@@ -242,9 +338,12 @@ def _claims_from_payload(payload: dict[str, Any], now: float) -> Claims:
     chain = _chain(payload.get("chain"), parent)
     if len(text("jti")) < 22:
         raise Unauthenticated("token claim 'jti' is too short to be one of ours")
-    return Claims(iss=text("iss"), aud=text("aud"), sub=text("sub"), jti=text("jti"), iat=number("iat"),
-                  nbf=number("nbf"), exp=number("exp"), name=text("name"), grants=grants, parent=parent,
-                  root=root, chain=chain)
+    if text("iss") != issuer or text("aud") != audience:
+        raise Unauthenticated("token was issued by another issuer or for another audience")
+    iat = number("iat")
+    nbf = iat if number("nbf") == iat else number("nbf")  # one int object where they agree (most tokens)
+    return Claims(iss=issuer, aud=audience, sub=text("sub"), jti=text("jti"), iat=iat, nbf=nbf, exp=number("exp"),
+                  name=text("name"), grants=grants, parent=parent, root=root, chain=chain)
 
 
 def _chain(value: Any, parent: str | None) -> tuple[tuple[Grant, ...], ...]:
