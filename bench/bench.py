@@ -45,6 +45,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+import profile_layers  # noqa: E402
 import yaml  # noqa: E402
 from loadgen import LoadResult, run_load, wrk_available  # noqa: E402
 from peers import (  # noqa: E402
@@ -72,10 +73,12 @@ UPSTREAM_BODY = '{"machines":[{"id":"148e","name":"web-1","state":"started","reg
 DECISION_P50_US = 30.0
 DECISION_FLAT_RATIO = 1.5  # "flat": the slowest size's p50 within 1.5x of the fastest's
 RPS_RATIO_DESIGN = 0.85
-RPS_RATIO_ISSUE = 1.0
-ADDED_P50_MS = 0.3
+RPS_RATIO_ISSUE = 1.2  # issue 19: a leaner forwarding path than the simplest proxy (issue 7 asked 1.0x)
+P99_RATIO = 1.5  # issue 19: gateway p99 at c=50 within 1.5x of the baseline's
+ADDED_P50_MS = 0.15  # issue 19 (DESIGN section 14: 0.3 ms)
+ADDED_P50_MS_DESIGN = 0.3
 RSS_GROWTH_MB = 50.0
-WORKERS_RATIO = 1.6
+WORKERS_RATIO = 1.7  # issue 19 (issue 7: 1.6x)
 
 
 def log(message: str) -> None:
@@ -671,12 +674,16 @@ def budget_lines(results: dict[str, Any]) -> list[dict[str, str]]:
         if ratio >= RPS_RATIO_ISSUE:
             verdict = "met"
         elif ratio >= RPS_RATIO_DESIGN:
-            verdict = f"met §14; issue 7 gap {RPS_RATIO_ISSUE - ratio:.2f}"
+            verdict = f"met §14; issue 19 gap {RPS_RATIO_ISSUE - ratio:.2f}"
         else:
-            verdict = f"NOT MET (gap {RPS_RATIO_DESIGN - ratio:.2f})"
+            verdict = f"NOT MET (gap {RPS_RATIO_ISSUE - ratio:.2f})"
         lines.append({"metric": f"gateway / baseline req/s, c={c}", "value": f"{ratio:.2f}x ({g:,.0f} / {b:,.0f})",
-                      "budget": f">= {RPS_RATIO_DESIGN:.2f}x §14, >= {RPS_RATIO_ISSUE:.1f}x issue 7",
+                      "budget": f">= {RPS_RATIO_ISSUE:.1f}x issue 19 (§14: {RPS_RATIO_DESIGN:.2f}x)",
                       "status": verdict})
+    gp99, bp99 = http["gateway"][50]["p99_us"], http["baseline"][50]["p99_us"]
+    lines.append({"metric": "p99 at c=50, gateway / baseline", "value": f"{gp99 / bp99:.2f}x ({gp99 / 1000:.1f} / "
+                                                                     f"{bp99 / 1000:.1f} ms)",
+                  "budget": f"<= {P99_RATIO}x issue 19", "status": status(gp99 / bp99 <= P99_RATIO)})
     gcpu, bcpu = http["gateway"][10]["cpu_us_per_request"], http["baseline"][10]["cpu_us_per_request"]
     if gcpu and bcpu:
         lines.append({"metric": "server CPU per request, gateway / baseline, c=10",
@@ -686,13 +693,12 @@ def budget_lines(results: dict[str, Any]) -> list[dict[str, str]]:
     gateway = http["gateway"][1]["p50_us"] / 1000
     baseline = http["baseline"][1]["p50_us"] / 1000
     lines.append({"metric": "added p50 at c=1: gateway - direct", "value": f"{gateway - direct:.3f} ms",
-                  "budget": f"<= {ADDED_P50_MS} ms", "status": status(gateway - direct <= ADDED_P50_MS)})
+                  "budget": f"<= {ADDED_P50_MS} ms issue 19 (§14: {ADDED_P50_MS_DESIGN} ms)",
+                  "status": status(gateway - direct <= ADDED_P50_MS)})
     lines.append({"metric": "added p50 at c=1: baseline - direct (server stack alone)",
-                  "value": f"{baseline - direct:.3f} ms", "budget": f"(<= {ADDED_P50_MS} ms)",
-                  "status": status(baseline - direct <= ADDED_P50_MS)})
+                  "value": f"{baseline - direct:.3f} ms", "budget": "info", "status": "info"})
     lines.append({"metric": "added p50 at c=1: gateway - baseline (authorization alone)",
-                  "value": f"{gateway - baseline:.3f} ms", "budget": f"(<= {ADDED_P50_MS} ms)",
-                  "status": status(gateway - baseline <= ADDED_P50_MS)})
+                  "value": f"{gateway - baseline:.3f} ms", "budget": "info", "status": "info"})
     if "soak" in results:
         s = results["soak"]
         lines.append({"metric": f"RSS growth over a {s['requests']:,}-request soak",
@@ -799,6 +805,9 @@ def report(results: dict[str, Any]) -> str:
         parts += ["", "note: " + note]
     if results.get("profile_top"):
         parts += ["", "gateway profile under c=10 (py-spy, own time, top frames):", *results["profile_top"]]
+    if results.get("profile_layers"):
+        parts += ["", f"the same profile by layer (bench/profile_layers.py, {results['profile_samples']} samples):",
+                  *results["profile_layers"]]
     return "\n".join(parts)
 
 
@@ -1006,6 +1015,10 @@ def main() -> int:
             out = args.results / f"gateway-profile-{started.strftime('%Y%m%d-%H%M%S')}.txt"
             log(f"profile: py-spy on the gateway for {args.seconds:g}s at c=10 -> {out}")
             results["profile_top"] = profile(gateway, gateway_url, token, args.seconds, use_wrk, out)
+            if out.exists():
+                total, by_layer = profile_layers.shares(out)
+                results["profile_layers"] = [f"{share * 100:5.1f}%  {layer}" for layer, share in by_layer]
+                results["profile_samples"] = total
             results["profile_file"] = str(out)
         procs.stop(baseline)
         if "workers" not in args.skip:
