@@ -130,6 +130,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         response = self.response
         if response is not None:
+            if response._head:  # a second answer nobody asked for: it must neither rewrite the first nor stay
+                raise UpstreamUnavailable("the upstream sent more than one answer to one request")
             response.headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -157,6 +159,10 @@ class UpstreamConnection(asyncio.Protocol):
                 headers.append((name, value))
         response.status, response.headers, response.content_length = status, headers, length
         self._framed = length is not None or chunked or status in NO_BODY_STATUS
+        if (self._head_only or status in NO_BODY_STATUS) and (length or chunked):
+            # An answer without a body that announces one: if the upstream sends it after all, late,
+            # it would be read as the next request's answer. This connection is not reused.
+            self._keep_alive = False
         response._head = True
         if self._head_only:
             self._parser = None  # it would wait for the body a HEAD answer announces but never sends
