@@ -144,6 +144,8 @@ class UpstreamConnection(asyncio.Protocol):
         if response is None or parser is None:
             return
         status = parser.get_status_code()
+        if not 100 <= status <= 599:  # no status line for it, and no meaning
+            raise UpstreamUnavailable(f"the upstream answered with status {status}, outside 100-599")
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: not the answer
             self._informational = True
             return

@@ -151,3 +151,12 @@ def test_bytes_after_an_answer_never_rewrite_it_nor_stay_for_the_next_request(
     assert "x-not-yours" not in answer.headers
     send(gateway, request("GET", MACHINES, token=token))
     assert upstream.connections == 2
+
+
+@pytest.mark.parametrize("status", [b"600", b"999", b"099"])
+def test_an_answer_status_outside_100_to_599_is_a_502_not_a_dropped_connection(
+        scripted: Start, status: bytes) -> None:
+    gateway, token, _ = scripted(answering(b"HTTP/1.1 " + status + b" Odd\r\ncontent-length: 2\r\n\r\n{}"))
+    answer = send(gateway, request("GET", MACHINES, token=token))
+    assert answer.status == 502, answer
+    assert CREDENTIAL.encode() not in answer.body
