@@ -309,6 +309,33 @@ def test_an_endless_answer_head_is_cut_off() -> None:
     run(test)
 
 
+def test_endless_trailers_are_cut_off_like_an_endless_head_and_never_kept() -> None:
+    """A chunked answer's trailers are headers too: without a bound, an upstream that keeps sending
+    them grows the gateway's memory for the whole read timeout (hundreds of MB a second on loopback)."""
+    async def endless_trailers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await upstream.read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")
+        for _ in range(64):
+            writer.write(b"x-trailer: " + b"a" * 16384 + b"\r\n")
+            await writer.drain()
+        await asyncio.sleep(10)
+
+    async def test() -> None:
+        upstream = Upstream(endless_trailers)
+        client = await client_for(await upstream.start(), read_timeout_s=5)
+        response = await client.send("GET", b"/v1/apps", headers(), None)
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailable, match="larger than"):
+            await response.read_all(1024)
+        assert time.monotonic() - started < 4
+        assert response.headers == []  # trailers never join the headers (transfer-encoding is hop-by-hop)
+        response.release()
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
 def test_a_refused_connection_is_upstream_unavailable() -> None:
     async def test() -> None:
         upstream = Upstream(answer_each)

@@ -102,8 +102,10 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._broken(UpstreamUnavailable("the upstream switched protocols, which the gateway never asks for"))
-        except httptools.HttpParserError:
-            self._broken(UpstreamUnavailable("the upstream sent a malformed HTTP answer; retry later"))
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__  # what a callback below raised, when one did
+            self._broken(refused if isinstance(refused, UpstreamUnavailable) else
+                         UpstreamUnavailable("the upstream sent a malformed HTTP answer; retry later"))
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
@@ -136,8 +138,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
-        if response is not None:
-            response.headers.append((name.lower(), value))
+        if response is None:
+            return
+        if response._head:  # a chunked answer's trailers: never relayed, bounded with the head
+            self._head_bytes += len(name) + len(value)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise UpstreamUnavailable(f"the upstream's answer head and trailers are larger than {MAX_HEAD_BYTES} "
+                                          "bytes")
+            return
+        response.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         response, parser = self.response, self._parser
