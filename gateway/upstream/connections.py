@@ -165,6 +165,8 @@ class UpstreamConnection(asyncio.Protocol):
             if name == b"content-length":
                 length = int(value) if value.strip().isdigit() else None
             elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":  # relayed without it, a coded body would pass as plain
+                    raise UpstreamUnavailable("the upstream used a transfer coding the gateway does not relay")
                 chunked = True
             if name not in DROP_RESPONSE:
                 headers.append((name, value))
@@ -181,6 +183,8 @@ class UpstreamConnection(asyncio.Protocol):
         response._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._informational:  # llhttp reads one for 104-199: it would join the final answer's body
+            raise UpstreamUnavailable("the upstream sent a body with an informational (1xx) answer")
         response = self.response
         if response is None or response._complete:
             self._keep_alive = False  # bytes after the end: never reuse this connection

@@ -160,3 +160,20 @@ def test_an_answer_status_outside_100_to_599_is_a_502_not_a_dropped_connection(
     answer = send(gateway, request("GET", MACHINES, token=token))
     assert answer.status == 502, answer
     assert CREDENTIAL.encode() not in answer.body
+
+
+@pytest.mark.parametrize("answer", [
+    # a transfer coding other than chunked: relayed without it, the client would take gzip for the body
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n\x1f\x8b",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n\x1f\x8b",
+    # an informational answer with a body (llhttp reads one for 104-199): it joined the final answer's
+    b"HTTP/1.1 150 Odd\r\ncontent-length: 6\r\n\r\nextra!HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+])
+def test_an_answer_the_gateway_cannot_relay_as_it_came_is_a_502(scripted: Start, answer: bytes) -> None:
+    def once(read_head: Callable[[], bytes | None], write: Callable[[bytes], None]) -> None:
+        if read_head() is not None:
+            write(answer)
+
+    gateway, token, _ = scripted(once)
+    answer_ = send(gateway, request("GET", MACHINES, token=token))
+    assert (answer_.status, answer_.error) == (502, "upstream_unavailable"), answer_
