@@ -10,7 +10,8 @@ answer of known length goes out in one write too.
 Everything else is as uvicorn does it: the status line, the framing (Content-Length when given,
 else chunked; none for HEAD, 204 and 304), `connection: close` when the connection will not be
 kept alive, the checks on header names and values (one pass over all of them instead of a regex
-search per header), errors for a body longer or shorter than its Content-Length.
+search per header), errors for a body longer or shorter than its Content-Length. One difference:
+the Content-Length of a 204 or 304 is not waited for, as for HEAD (uvicorn failed the answer).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, ST
 
 class OneWriteCycle(RequestResponseCycle):
     _head: bytes | None = None  # the answer's head, written with the first body bytes
+    _bodyless = False  # 204 and 304 answers have no body, whatever Content-Length they state
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
@@ -46,6 +48,7 @@ class OneWriteCycle(RequestResponseCycle):
     def _start(self, status: int, headers: Any) -> None:
         self.response_started = True
         self.waiting_for_100_continue = False
+        self._bodyless = status in (204, 304)
         headers = [*self.default_headers, *headers]
         names = b"-".join(name for name, _ in headers)  # '-' is allowed in a name, a tab in a value
         if HEADER_RE.search(names):
@@ -76,7 +79,7 @@ class OneWriteCycle(RequestResponseCycle):
 
     def _body(self, body: bytes, more_body: bool) -> None:
         head, self._head = self._head, None
-        if self.scope["method"] == "HEAD":
+        if self.scope["method"] == "HEAD" or self._bodyless:  # a length they state is the representation's
             self.expected_content_length = 0
             out = head or b""
         elif self.chunked_encoding:

@@ -23,7 +23,7 @@ from gateway.config import load_config
 from gateway.core.keyring import Keyring
 from gateway.services import Services
 from tests.conftest import CREDENTIAL_ENV, RunningGateway, write_config
-from tests.security.harness import CREDENTIAL, request, send
+from tests.security.harness import CREDENTIAL, converse, request, send
 from tests.servers import RecordingUpstream, ServerThread
 
 MACHINES = b"/v1/apps/web-staging/machines"
@@ -177,3 +177,15 @@ def test_an_answer_the_gateway_cannot_relay_as_it_came_is_a_502(scripted: Start,
     gateway, token, _ = scripted(once)
     answer_ = send(gateway, request("GET", MACHINES, token=token))
     assert (answer_.status, answer_.error) == (502, "upstream_unavailable"), answer_
+
+
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+def test_a_bodyless_answer_that_states_its_representation_length_is_relayed_whole(scripted: Start,
+                                                                                  status: bytes) -> None:
+    """RFC 9110 section 8.6 lets a 304 (and a HEAD answer) carry the length of the body it does not
+    send: the relay must end the answer, not fail as 'shorter than Content-Length' and drop the
+    client's kept-alive connection."""
+    gateway, token, _ = scripted(answering(b"HTTP/1.1 " + status + b"\r\ncontent-length: 16\r\netag: \"v1\"\r\n\r\n"))
+    raw = converse(gateway.port, request("GET", MACHINES, token=token, close=False)
+                   + request("GET", MACHINES, token=token), timeout=3)
+    assert raw.count(b"HTTP/1.1 " + status) == 2, raw
