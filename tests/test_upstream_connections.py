@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream import connections
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.headers import OutgoingHeaders
 from tests.test_redis_store import make_certificates
@@ -330,6 +331,34 @@ def test_endless_trailers_are_cut_off_like_an_endless_head_and_never_kept() -> N
         assert time.monotonic() - started < 4
         assert response.headers == []  # trailers never join the headers (transfer-encoding is hop-by-hop)
         response.release()
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
+def test_idle_connections_are_closed_once_past_their_idle_limit_even_when_no_request_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a burst, the pool held every connection it opened (up to MAX_IDLE) open for as long as
+    the upstream kept it: only a request popping one noticed it was stale, and the most recently
+    used ones are popped first."""
+    monkeypatch.setattr(connections, "IDLE_S", 0.2)
+    closed: list[int] = []
+
+    async def answer_then_note_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                     upstream: Upstream) -> None:
+        try:
+            await answer_each(reader, writer, upstream)
+        finally:
+            closed.append(1)
+
+    async def test() -> None:
+        upstream = Upstream(answer_then_note_close)
+        client = await client_for(await upstream.start())
+        await asyncio.gather(*(fetch(client) for _ in range(3)))
+        assert upstream.connections == 3
+        await asyncio.sleep(0.8)
+        assert len(closed) == 3
         await client.close()
         await upstream.stop()
 

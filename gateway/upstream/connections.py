@@ -275,6 +275,7 @@ class ConnectionPool:
         self.read_timeout_s = read_timeout_s
         self.idle: list[UpstreamConnection] = []
         self.open = True
+        self._sweeper: asyncio.TimerHandle | None = None  # closes idle connections past IDLE_S
 
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection, and whether it was kept alive from an earlier request."""
@@ -305,11 +306,29 @@ class ConnectionPool:
         if self.open and len(self.idle) < MAX_IDLE:
             connection.idle_since = self.loop.time()
             self.idle.append(connection)
+            if self._sweeper is None:
+                self._sweeper = self.loop.call_later(IDLE_S, self._sweep)
         else:
             connection.close()
 
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        keep = []
+        for connection in self.idle:
+            if connection.closed or now - connection.idle_since >= IDLE_S:
+                connection.close()
+            else:
+                keep.append(connection)
+        self.idle = keep
+        if keep:
+            self._sweeper = self.loop.call_later(IDLE_S, self._sweep)
+
     def close(self) -> None:
         self.open = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         idle, self.idle = self.idle, []
         for connection in idle:
             connection.close()
