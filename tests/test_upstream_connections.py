@@ -177,6 +177,35 @@ def test_a_reused_connection_the_upstream_closed_is_retried_once_for_a_get_never
     run(test)
 
 
+def test_the_retry_after_a_dropped_reused_connection_is_one_and_on_a_fresh_connection() -> None:
+    """With several idle connections the upstream has dropped unseen (it restarted, say), the retry
+    took the next idle one, and the next: one GET (or PUT, DELETE) went to the upstream once per
+    idle connection instead of at most twice."""
+    async def answer_then_drop_the_next(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                        upstream: Upstream) -> None:
+        await upstream.read_head(reader)
+        await asyncio.sleep(0.05)  # the burst below opens three connections
+        writer.write(OK)
+        await writer.drain()
+        await upstream.read_head(reader)
+        writer.transport.abort()
+
+    async def test() -> None:
+        upstream = Upstream(lambda r, w, u: answer_then_drop_the_next(r, w, u) if u.connections <= 3
+                            else answer_each(r, w, u))
+        client = await client_for(await upstream.start())
+        await asyncio.gather(*(fetch(client) for _ in range(3)))
+        assert upstream.connections == 3
+        del upstream.requests[:]
+        assert (await fetch(client, "DELETE", b"/v1/apps/x/machines/1"))[0] == 200
+        assert [r.split(b" ")[0] for r in upstream.requests] == [b"DELETE", b"DELETE"]
+        assert upstream.connections == 4
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
 @pytest.mark.parametrize(("answer", "body"), [
     (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n", b"abcdefg"),
     (b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc", b"abc"),

@@ -338,8 +338,11 @@ class ConnectionPool:
         """Send one request (its head already encoded, framing headers included) and return its
         answer once the answer's head arrived."""
         replayable = method in REPLAYABLE and not isinstance(body, AsyncIterator)
+        retried = False
         while True:
-            connection, reused = await self.acquire()
+            # The retry goes on a new connection: another idle one may be just as dead, and the
+            # request would go once per idle connection.
+            connection, reused = (await self.connect(), False) if retried else await self.acquire()
             response = UpstreamResponse(connection, time.perf_counter())
             connection.begin(response, head_only=method == "HEAD")
             try:
@@ -355,6 +358,7 @@ class ConnectionPool:
             except ConnectionDropped:
                 connection.finished(response, reusable=False)
                 if reused and replayable:
+                    retried = True
                     continue  # the upstream closed a kept-alive connection as it was reused: once more, fresh
                 raise
             except BaseException:
