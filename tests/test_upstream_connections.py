@@ -394,6 +394,36 @@ def test_idle_connections_are_closed_once_past_their_idle_limit_even_when_no_req
     run(test)
 
 
+def test_a_head_split_across_reads_is_not_refused_for_the_body_that_follows_it() -> None:
+    """The head's size was counted with every byte read until the head was complete, body included:
+    a head that arrived in two reads, the second one carrying the start of a large body (a layer,
+    a long listing), was refused as 'larger than 256 KiB'."""
+    body = b"x" * 300_000
+
+    async def split_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await upstream.read_head(reader)  # a large answer first: the socket's receive buffer grows
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body) * 20, body * 20))
+        await writer.drain()
+        await upstream.read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-le")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"ngth: 300000\r\n\r\n" + body)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def test() -> None:
+        upstream = Upstream(split_head)
+        client = await client_for(await upstream.start())
+        await fetch(client)
+        status, _, got = await fetch(client)
+        assert (status, len(got)) == (200, len(body))
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
 def test_a_refused_connection_is_upstream_unavailable() -> None:
     async def test() -> None:
         upstream = Upstream(answer_each)

@@ -93,11 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: this connection cannot be trusted with another request
             return
         response = self.response
-        if not response._head:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._broken(UpstreamUnavailable(f"the upstream's answer head is larger than {MAX_HEAD_BYTES} bytes"))
-                return
+        head_pending = not response._head
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -106,6 +102,14 @@ class UpstreamConnection(asyncio.Protocol):
             refused = exc.__context__  # what a callback below raised, when one did
             self._broken(refused if isinstance(refused, UpstreamUnavailable) else
                          UpstreamUnavailable("the upstream sent a malformed HTTP answer; retry later"))
+        else:
+            # Counted after parsing, only while the head is incomplete: the read that completes it may
+            # carry much of the body too. httptools buffers a partial header: one read past the limit.
+            if head_pending and not response._head:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._broken(UpstreamUnavailable(
+                        f"the upstream's answer head is larger than {MAX_HEAD_BYTES} bytes"))
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
