@@ -8,7 +8,9 @@ fraction of the CPU per request (docs/performance.md).
 
 What it does, and deliberately nothing more:
 - one request at a time per connection, no pipelining; a connection goes back to the pool only
-  after its answer was read to the end, framed and kept alive by the upstream;
+  after its answer was read to the end, framed and kept alive by the upstream, with no bytes after
+  it, and not after a HEAD, 204 or 304 answer announcing a body (sent late, it would answer the
+  next request); idle connections are closed after IDLE_S;
 - the request target is sent byte for byte as authorized (no re-encoding, no normalization);
 - a body is bytes (Content-Length from them), a stream (chunked, or passed through as the client
   framed it when the caller sets Content-Length), or nothing;
