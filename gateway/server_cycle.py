@@ -21,6 +21,11 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, RequestResponseCycle
 
 
+class ClientDisconnected(OSError):
+    """Raised to a sender of a streamed answer's body whose client has left (as ASGI allows), so
+    that it stops reading what it relays (surfaces/http.py `relay`)."""
+
+
 class OneWriteCycle(RequestResponseCycle):
     _head: bytes | None = None  # the answer's head, written with the first body bytes
     _bodyless = False  # 204 and 304 answers have no body, whatever Content-Length they state
@@ -29,6 +34,8 @@ class OneWriteCycle(RequestResponseCycle):
         if self.flow.write_paused and not self.disconnected:
             await self.flow.drain()
         if self.disconnected:
+            if message.get("more_body"):  # more would follow: the sender stops instead (uvicorn returns)
+                raise ClientDisconnected("the client disconnected")
             return
         kind = message["type"]
         if not self.response_started:

@@ -189,3 +189,41 @@ def test_a_bodyless_answer_that_states_its_representation_length_is_relayed_whol
     raw = converse(gateway.port, request("GET", MACHINES, token=token, close=False)
                    + request("GET", MACHINES, token=token), timeout=3)
     assert raw.count(b"HTTP/1.1 " + status) == 2, raw
+
+
+def test_a_client_that_leaves_mid_answer_stops_the_download_from_the_upstream(scripted: Start) -> None:
+    """The relay kept reading the upstream's answer to its end after the client had left (sends to a
+    gone client return silently): asking for a large layer and hanging up at once made the gateway
+    download all of it, for nobody, as many times as a client asked."""
+    stopped: list[float] = []
+    chunk = b"x" * 65536
+
+    def endless(read_head: Callable[[], bytes | None], write: Callable[[bytes], None]) -> None:
+        if read_head() is None:
+            return
+        write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n")
+        deadline = time.monotonic() + 8
+        try:
+            while time.monotonic() < deadline:
+                write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                time.sleep(0.005)
+        except OSError:
+            stopped.append(time.monotonic())
+            raise
+
+    gateway, token, _ = scripted(endless)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as client:
+        client.sendall(request("GET", MACHINES, token=token))
+        assert client.recv(65536).startswith(b"HTTP/1.1 200 ")
+    left = time.monotonic()
+    assert wait_until(lambda: bool(stopped), 4), "the gateway kept reading the answer after its client left"
+    assert stopped[0] - left < 4
+
+
+def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
