@@ -12,13 +12,19 @@ else chunked; none for HEAD, 204 and 304), `connection: close` when the connecti
 kept alive, the checks on header names and values (one pass over all of them instead of a regex
 search per header), errors for a body longer or shorter than its Content-Length. One difference:
 the Content-Length of a 204 or 304 is not waited for, as for HEAD (uvicorn failed the answer).
+And for a relayed answer: a client that takes none of it for SEND_STALL_S is cut off, and a body
+part that more would follow raises ClientDisconnected once the client left (uvicorn returns), so
+the relay stops reading the upstream.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, RequestResponseCycle
+
+SEND_STALL_S = 60.0  # a client that takes none of an answer for this long is cut off (nginx's send_timeout)
 
 
 class ClientDisconnected(OSError):
@@ -32,7 +38,12 @@ class OneWriteCycle(RequestResponseCycle):
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()
+            try:
+                async with asyncio.timeout(SEND_STALL_S):
+                    await self.flow.drain()
+            except TimeoutError:  # it would hold the relay, its buffers and an upstream connection for ever
+                self.transport.abort()  # close() would wait for the buffer the client does not take
+                self.disconnected = True
         if self.disconnected:
             if message.get("more_body"):  # more would follow: the sender stops instead (uvicorn returns)
                 raise ClientDisconnected("the client disconnected")

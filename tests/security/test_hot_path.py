@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import server_cycle
 from gateway.app import GatewayApp
 from gateway.config import load_config
 from gateway.core.keyring import Keyring
@@ -227,3 +228,31 @@ def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
             return True
         time.sleep(0.02)
     return condition()
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_releases_the_upstream(
+        scripted: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backpressure held the relay as long as the client took nothing: a client that asked for a
+    large answer and never read it pinned a task, buffers and a connection holding the upstream
+    credential, for ever (uvicorn has no send timeout)."""
+    monkeypatch.setattr(server_cycle, "SEND_STALL_S", 0.5)
+    stopped: list[float] = []
+    chunk = b"x" * 65536
+
+    def endless(read_head: Callable[[], bytes | None], write: Callable[[bytes], None]) -> None:
+        if read_head() is None:
+            return
+        write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n")
+        try:
+            for _ in range(4096):  # 256 MiB at most
+                write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        except OSError:
+            stopped.append(time.monotonic())
+            raise
+
+    gateway, token, _ = scripted(endless)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(request("GET", MACHINES, token=token))
+        assert client.recv(1024).startswith(b"HTTP/1.1 200 ")
+        assert wait_until(lambda: bool(stopped), 8), "the relay still waits for a client that reads nothing"
