@@ -10,23 +10,43 @@ answer of known length goes out in one write too.
 Everything else is as uvicorn does it: the status line, the framing (Content-Length when given,
 else chunked; none for HEAD, 204 and 304), `connection: close` when the connection will not be
 kept alive, the checks on header names and values (one pass over all of them instead of a regex
-search per header), errors for a body longer or shorter than its Content-Length.
+search per header), errors for a body longer or shorter than its Content-Length. One difference:
+the Content-Length of a 204 or 304 is not waited for, as for HEAD (uvicorn failed the answer).
+And for a relayed answer: a client that takes none of it for SEND_STALL_S is cut off, and a body
+part that more would follow raises ClientDisconnected once the client left (uvicorn returns), so
+the relay stops reading the upstream.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, RequestResponseCycle
 
+SEND_STALL_S = 60.0  # a client that takes none of an answer for this long is cut off (nginx's send_timeout)
+
+
+class ClientDisconnected(OSError):
+    """Raised to a sender of a streamed answer's body whose client has left (as ASGI allows), so
+    that it stops reading what it relays (surfaces/http.py `relay`)."""
+
 
 class OneWriteCycle(RequestResponseCycle):
     _head: bytes | None = None  # the answer's head, written with the first body bytes
+    _bodyless = False  # 204 and 304 answers have no body, whatever Content-Length they state
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()
+            try:
+                async with asyncio.timeout(SEND_STALL_S):
+                    await self.flow.drain()
+            except TimeoutError:  # it would hold the relay, its buffers and an upstream connection for ever
+                self.transport.abort()  # close() would wait for the buffer the client does not take
+                self.disconnected = True
         if self.disconnected:
+            if message.get("more_body"):  # more would follow: the sender stops instead (uvicorn returns)
+                raise ClientDisconnected("the client disconnected")
             return
         kind = message["type"]
         if not self.response_started:
@@ -46,6 +66,7 @@ class OneWriteCycle(RequestResponseCycle):
     def _start(self, status: int, headers: Any) -> None:
         self.response_started = True
         self.waiting_for_100_continue = False
+        self._bodyless = status in (204, 304)
         headers = [*self.default_headers, *headers]
         names = b"-".join(name for name, _ in headers)  # '-' is allowed in a name, a tab in a value
         if HEADER_RE.search(names):
@@ -76,7 +97,7 @@ class OneWriteCycle(RequestResponseCycle):
 
     def _body(self, body: bytes, more_body: bool) -> None:
         head, self._head = self._head, None
-        if self.scope["method"] == "HEAD":
+        if self.scope["method"] == "HEAD" or self._bodyless:  # a length they state is the representation's
             self.expected_content_length = 0
             out = head or b""
         elif self.chunked_encoding:

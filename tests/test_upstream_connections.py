@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream import connections
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.headers import OutgoingHeaders
 from tests.test_redis_store import make_certificates
@@ -176,6 +177,35 @@ def test_a_reused_connection_the_upstream_closed_is_retried_once_for_a_get_never
     run(test)
 
 
+def test_the_retry_after_a_dropped_reused_connection_is_one_and_on_a_fresh_connection() -> None:
+    """With several idle connections the upstream has dropped unseen (it restarted, say), the retry
+    took the next idle one, and the next: one GET (or PUT, DELETE) went to the upstream once per
+    idle connection instead of at most twice."""
+    async def answer_then_drop_the_next(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                        upstream: Upstream) -> None:
+        await upstream.read_head(reader)
+        await asyncio.sleep(0.05)  # the burst below opens three connections
+        writer.write(OK)
+        await writer.drain()
+        await upstream.read_head(reader)
+        writer.transport.abort()
+
+    async def test() -> None:
+        upstream = Upstream(lambda r, w, u: answer_then_drop_the_next(r, w, u) if u.connections <= 3
+                            else answer_each(r, w, u))
+        client = await client_for(await upstream.start())
+        await asyncio.gather(*(fetch(client) for _ in range(3)))
+        assert upstream.connections == 3
+        del upstream.requests[:]
+        assert (await fetch(client, "DELETE", b"/v1/apps/x/machines/1"))[0] == 200
+        assert [r.split(b" ")[0] for r in upstream.requests] == [b"DELETE", b"DELETE"]
+        assert upstream.connections == 4
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
 @pytest.mark.parametrize(("answer", "body"), [
     (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n", b"abcdefg"),
     (b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc", b"abc"),
@@ -220,19 +250,43 @@ def test_an_answer_delimited_by_close_is_read_to_the_end_and_its_connection_not_
     run(test)
 
 
-def test_a_head_answer_announcing_a_length_ends_at_its_head_and_the_connection_serves_the_next() -> None:
+def test_a_head_answer_ends_at_its_head_and_one_announcing_a_body_leaves_its_connection() -> None:
+    """A HEAD answer has no body whatever its Content-Length says. One that announces a body is not
+    trusted with the next request: an upstream that sent that body anyway, late, would have its
+    bytes read as the next request's answer (another client's)."""
+    leftover = b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nnot yours"
+
+    async def late_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await upstream.read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n")
+        await writer.drain()
+        await upstream.read_head(reader)  # only if the connection was reused
+        writer.write(leftover)
+        await asyncio.sleep(0.2)
+        writer.write(OK)
+        await writer.drain()
+
     async def test() -> None:
-        upstream = Upstream(lambda r, w, u: answer_each(r, w, u, b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"))
+        upstream = Upstream(lambda r, w, u: late_body(r, w, u) if u.connections == 1 else answer_each(r, w, u))
         client = await client_for(await upstream.start())
         status, got_headers, body = await fetch(client, "HEAD")
         assert (status, body, dict(got_headers)[b"content-length"]) == (200, b"", b"1234")
-        status, _, body = await fetch(client, "HEAD")
-        assert (status, body) == (200, b"")
+        assert await fetch(client) == (200, [(b"content-length", b"2"), (b"content-type", b"application/json")], b"{}")
+        assert upstream.connections == 2
+        await client.close()
+        await upstream.stop()
+
+    async def empty() -> None:
+        upstream = Upstream(lambda r, w, u: answer_each(r, w, u, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"))
+        client = await client_for(await upstream.start())
+        for _ in range(2):
+            assert (await fetch(client, "HEAD"))[::2] == (200, b"")
         assert upstream.connections == 1
         await client.close()
         await upstream.stop()
 
     run(test)
+    run(empty)
 
 
 def test_an_upstream_that_does_not_answer_times_out_and_a_malformed_answer_is_refused() -> None:
@@ -279,6 +333,91 @@ def test_an_endless_answer_head_is_cut_off() -> None:
         client = await client_for(await upstream.start())
         with pytest.raises(UpstreamUnavailable, match="head is larger than"):
             await fetch(client)
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
+def test_endless_trailers_are_cut_off_like_an_endless_head_and_never_kept() -> None:
+    """A chunked answer's trailers are headers too: without a bound, an upstream that keeps sending
+    them grows the gateway's memory for the whole read timeout (hundreds of MB a second on loopback)."""
+    async def endless_trailers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await upstream.read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")
+        for _ in range(64):
+            writer.write(b"x-trailer: " + b"a" * 16384 + b"\r\n")
+            await writer.drain()
+        await asyncio.sleep(10)
+
+    async def test() -> None:
+        upstream = Upstream(endless_trailers)
+        client = await client_for(await upstream.start(), read_timeout_s=5)
+        response = await client.send("GET", b"/v1/apps", headers(), None)
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailable, match="larger than"):
+            await response.read_all(1024)
+        assert time.monotonic() - started < 4
+        assert response.headers == []  # trailers never join the headers (transfer-encoding is hop-by-hop)
+        response.release()
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
+def test_idle_connections_are_closed_once_past_their_idle_limit_even_when_no_request_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a burst, the pool held every connection it opened (up to MAX_IDLE) open for as long as
+    the upstream kept it: only a request popping one noticed it was stale, and the most recently
+    used ones are popped first."""
+    monkeypatch.setattr(connections, "IDLE_S", 0.2)
+    closed: list[int] = []
+
+    async def answer_then_note_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                     upstream: Upstream) -> None:
+        try:
+            await answer_each(reader, writer, upstream)
+        finally:
+            closed.append(1)
+
+    async def test() -> None:
+        upstream = Upstream(answer_then_note_close)
+        client = await client_for(await upstream.start())
+        await asyncio.gather(*(fetch(client) for _ in range(3)))
+        assert upstream.connections == 3
+        await asyncio.sleep(0.8)
+        assert len(closed) == 3
+        await client.close()
+        await upstream.stop()
+
+    run(test)
+
+
+def test_a_head_split_across_reads_is_not_refused_for_the_body_that_follows_it() -> None:
+    """The head's size was counted with every byte read until the head was complete, body included:
+    a head that arrived in two reads, the second one carrying the start of a large body (a layer,
+    a long listing), was refused as 'larger than 256 KiB'."""
+    body = b"x" * 300_000
+
+    async def split_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await upstream.read_head(reader)  # a large answer first: the socket's receive buffer grows
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body) * 20, body * 20))
+        await writer.drain()
+        await upstream.read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-le")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"ngth: 300000\r\n\r\n" + body)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def test() -> None:
+        upstream = Upstream(split_head)
+        client = await client_for(await upstream.start())
+        await fetch(client)
+        status, _, got = await fetch(client)
+        assert (status, len(got)) == (200, len(body))
         await client.close()
         await upstream.stop()
 

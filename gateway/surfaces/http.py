@@ -173,12 +173,16 @@ class BodyStream:
 
 async def relay(send: Any, response: UpstreamResponse, request_id: str) -> None:
     """The upstream's answer to the client as it arrives; the part that ends it says so, so that an
-    answer that arrived whole leaves in one write (gateway/server_cycle.py)."""
+    answer that arrived whole leaves in one write (gateway/server_cycle.py). A client that left
+    stops it: the rest of the answer is not read (its connection is closed, not reused)."""
     headers = [*response.headers, (b"x-request-id", request_id.encode("ascii"))]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     while (chunk := await response.next_chunk()) is not None:
         ended = response.ended
-        await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+        try:
+            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+        except OSError:  # the client left (server_cycle.py): stop reading; release() closes the upstream's
+            return
         if ended:
             return
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -8,7 +8,9 @@ fraction of the CPU per request (docs/performance.md).
 
 What it does, and deliberately nothing more:
 - one request at a time per connection, no pipelining; a connection goes back to the pool only
-  after its answer was read to the end, framed and kept alive by the upstream;
+  after its answer was read to the end, framed and kept alive by the upstream, with no bytes after
+  it, and not after a HEAD, 204 or 304 answer announcing a body (sent late, it would answer the
+  next request); idle connections are closed after IDLE_S;
 - the request target is sent byte for byte as authorized (no re-encoding, no normalization);
 - a body is bytes (Content-Length from them), a stream (chunked, or passed through as the client
   framed it when the caller sets Content-Length), or nothing;
@@ -93,17 +95,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: this connection cannot be trusted with another request
             return
         response = self.response
-        if not response._head:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._broken(UpstreamUnavailable(f"the upstream's answer head is larger than {MAX_HEAD_BYTES} bytes"))
-                return
+        head_pending = not response._head
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._broken(UpstreamUnavailable("the upstream switched protocols, which the gateway never asks for"))
-        except httptools.HttpParserError:
-            self._broken(UpstreamUnavailable("the upstream sent a malformed HTTP answer; retry later"))
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__  # what a callback below raised, when one did
+            self._broken(refused if isinstance(refused, UpstreamUnavailable) else
+                         UpstreamUnavailable("the upstream sent a malformed HTTP answer; retry later"))
+        else:
+            # Counted after parsing, only while the head is incomplete: the read that completes it may
+            # carry much of the body too. httptools buffers a partial header: one read past the limit.
+            if head_pending and not response._head:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._broken(UpstreamUnavailable(
+                        f"the upstream's answer head is larger than {MAX_HEAD_BYTES} bytes"))
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
@@ -130,18 +138,29 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         response = self.response
         if response is not None:
+            if response._head:  # a second answer nobody asked for: it must neither rewrite the first nor stay
+                raise UpstreamUnavailable("the upstream sent more than one answer to one request")
             response.headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
-        if response is not None:
-            response.headers.append((name.lower(), value))
+        if response is None:
+            return
+        if response._head:  # a chunked answer's trailers: never relayed, bounded with the head
+            self._head_bytes += len(name) + len(value)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise UpstreamUnavailable(f"the upstream's answer head and trailers are larger than {MAX_HEAD_BYTES} "
+                                          "bytes")
+            return
+        response.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         response, parser = self.response, self._parser
         if response is None or parser is None:
             return
         status = parser.get_status_code()
+        if not 100 <= status <= 599:  # no status line for it, and no meaning
+            raise UpstreamUnavailable(f"the upstream answered with status {status}, outside 100-599")
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: not the answer
             self._informational = True
             return
@@ -152,11 +171,17 @@ class UpstreamConnection(asyncio.Protocol):
             if name == b"content-length":
                 length = int(value) if value.strip().isdigit() else None
             elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":  # relayed without it, a coded body would pass as plain
+                    raise UpstreamUnavailable("the upstream used a transfer coding the gateway does not relay")
                 chunked = True
             if name not in DROP_RESPONSE:
                 headers.append((name, value))
         response.status, response.headers, response.content_length = status, headers, length
         self._framed = length is not None or chunked or status in NO_BODY_STATUS
+        if (self._head_only or status in NO_BODY_STATUS) and (length or chunked):
+            # An answer without a body that announces one: if the upstream sends it after all, late,
+            # it would be read as the next request's answer. This connection is not reused.
+            self._keep_alive = False
         response._head = True
         if self._head_only:
             self._parser = None  # it would wait for the body a HEAD answer announces but never sends
@@ -164,6 +189,8 @@ class UpstreamConnection(asyncio.Protocol):
         response._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._informational:  # llhttp reads one for 104-199: it would join the final answer's body
+            raise UpstreamUnavailable("the upstream sent a body with an informational (1xx) answer")
         response = self.response
         if response is None or response._complete:
             self._keep_alive = False  # bytes after the end: never reuse this connection
@@ -254,6 +281,7 @@ class ConnectionPool:
         self.read_timeout_s = read_timeout_s
         self.idle: list[UpstreamConnection] = []
         self.open = True
+        self._sweeper: asyncio.TimerHandle | None = None  # closes idle connections past IDLE_S
 
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection, and whether it was kept alive from an earlier request."""
@@ -284,11 +312,29 @@ class ConnectionPool:
         if self.open and len(self.idle) < MAX_IDLE:
             connection.idle_since = self.loop.time()
             self.idle.append(connection)
+            if self._sweeper is None:
+                self._sweeper = self.loop.call_later(IDLE_S, self._sweep)
         else:
             connection.close()
 
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        keep = []
+        for connection in self.idle:
+            if connection.closed or now - connection.idle_since >= IDLE_S:
+                connection.close()
+            else:
+                keep.append(connection)
+        self.idle = keep
+        if keep:
+            self._sweeper = self.loop.call_later(IDLE_S, self._sweep)
+
     def close(self) -> None:
         self.open = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         idle, self.idle = self.idle, []
         for connection in idle:
             connection.close()
@@ -298,8 +344,11 @@ class ConnectionPool:
         """Send one request (its head already encoded, framing headers included) and return its
         answer once the answer's head arrived."""
         replayable = method in REPLAYABLE and not isinstance(body, AsyncIterator)
+        retried = False
         while True:
-            connection, reused = await self.acquire()
+            # The retry goes on a new connection: another idle one may be just as dead, and the
+            # request would go once per idle connection.
+            connection, reused = (await self.connect(), False) if retried else await self.acquire()
             response = UpstreamResponse(connection, time.perf_counter())
             connection.begin(response, head_only=method == "HEAD")
             try:
@@ -315,6 +364,7 @@ class ConnectionPool:
             except ConnectionDropped:
                 connection.finished(response, reusable=False)
                 if reused and replayable:
+                    retried = True
                     continue  # the upstream closed a kept-alive connection as it was reused: once more, fresh
                 raise
             except BaseException:
