@@ -37,7 +37,24 @@ CREDENTIAL = "baseline-upstream-credential"
 HOP_BY_HOP = (b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade")
 
 
-class PassThrough:
+class _PassThroughApp:
+    """ASGI: starts and stops its client with the server, hands every HTTP request to `forward`."""
+
+    async def _start(self) -> None: ...
+
+    async def _stop(self) -> None: ...
+
+    async def forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise NotImplementedError
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send, self._start, self._stop)
+        elif scope["type"] == "http":
+            await self.forward(scope, receive, send)
+
+
+class PassThrough(_PassThroughApp):
     """ASGI: forward every request upstream with aiohttp's client, relay the answer."""
 
     def __init__(self, upstream_url: str) -> None:
@@ -54,12 +71,7 @@ class PassThrough:
         if self.session is not None:
             await self.session.close()
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send, self._start, self._stop)
-            return
-        if scope["type"] != "http":
-            return
+    async def forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert self.session is not None
         request_id = uuid.uuid4().hex
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k in MACHINES_HEADERS]
@@ -78,19 +90,20 @@ class PassThrough:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-class ScopegateClientPassThrough:
+class ScopegateClientPassThrough(_PassThroughApp):
     """The same pass-through with the gateway's own upstream client (bench/clients.py only)."""
 
     def __init__(self, upstream_url: str) -> None:
         self.upstream = UpstreamClient(upstream_url, auth_scheme="Bearer", credential=CREDENTIAL,
                                        connect_timeout_s=5, read_timeout_s=75)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send, self.upstream.start, self.upstream.close)
-            return
-        if scope["type"] != "http":
-            return
+    async def _start(self) -> None:
+        await self.upstream.start()
+
+    async def _stop(self) -> None:
+        await self.upstream.close()
+
+    async def forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         request_id = uuid.uuid4().hex
         headers = self.upstream.build_headers(scope["headers"], allowed=MACHINES_HEADERS,
                                               client_ip=(scope.get("client") or ("", 0))[0],
@@ -108,7 +121,7 @@ class ScopegateClientPassThrough:
             response.release()
 
 
-class HttpxPassThrough:
+class HttpxPassThrough(_PassThroughApp):
     """The same pass-through with httpx.AsyncClient as the upstream client (bench/clients.py only)."""
 
     def __init__(self, upstream_url: str) -> None:
@@ -127,12 +140,7 @@ class HttpxPassThrough:
     async def _stop(self) -> None:
         await self.client.aclose()
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send, self._start, self._stop)
-            return
-        if scope["type"] != "http":
-            return
+    async def forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         request_id = uuid.uuid4().hex
         headers = self.helper.build_headers(scope["headers"], allowed=MACHINES_HEADERS,
                                             client_ip=(scope.get("client") or ("", 0))[0],

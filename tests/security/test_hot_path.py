@@ -197,28 +197,38 @@ def test_a_client_that_leaves_mid_answer_stops_the_download_from_the_upstream(sc
     gone client return silently): asking for a large layer and hanging up at once made the gateway
     download all of it, for nobody, as many times as a client asked."""
     stopped: list[float] = []
-    chunk = b"x" * 65536
-
-    def endless(read_head: Callable[[], bytes | None], write: Callable[[bytes], None]) -> None:
-        if read_head() is None:
-            return
-        write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n")
-        deadline = time.monotonic() + 8
-        try:
-            while time.monotonic() < deadline:
-                write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                time.sleep(0.005)
-        except OSError:
-            stopped.append(time.monotonic())
-            raise
-
-    gateway, token, _ = scripted(endless)
+    gateway, token, _ = scripted(endless_answer(stopped, seconds=8, pause=0.005))
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as client:
         client.sendall(request("GET", MACHINES, token=token))
         assert client.recv(65536).startswith(b"HTTP/1.1 200 ")
     left = time.monotonic()
     assert wait_until(lambda: bool(stopped), 4), "the gateway kept reading the answer after its client left"
     assert stopped[0] - left < 4
+
+
+def endless_answer(stopped: list[float], *, seconds: float, pause: float,
+                   limit: int = 4096) -> Callable[[Callable[[], bytes | None], Callable[[bytes], None]], None]:
+    """An upstream script: a chunked answer of 64 KiB parts (at most `limit` of them, for at most
+    `seconds`) that notes in `stopped` when the gateway stopped taking it."""
+    chunk = b"x" * 65536
+
+    def endless(read_head: Callable[[], bytes | None], write: Callable[[bytes], None]) -> None:
+        if read_head() is None:
+            return
+        write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n")
+        deadline = time.monotonic() + seconds
+        try:
+            for _ in range(limit):
+                if time.monotonic() >= deadline:
+                    return
+                write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if pause:
+                    time.sleep(pause)
+        except OSError:
+            stopped.append(time.monotonic())
+            raise
+
+    return endless
 
 
 def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
@@ -237,20 +247,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_releases_the_upstream(
     credential, for ever (uvicorn has no send timeout)."""
     monkeypatch.setattr(server_cycle, "SEND_STALL_S", 0.5)
     stopped: list[float] = []
-    chunk = b"x" * 65536
-
-    def endless(read_head: Callable[[], bytes | None], write: Callable[[bytes], None]) -> None:
-        if read_head() is None:
-            return
-        write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n")
-        try:
-            for _ in range(4096):  # 256 MiB at most
-                write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        except OSError:
-            stopped.append(time.monotonic())
-            raise
-
-    gateway, token, _ = scripted(endless)
+    gateway, token, _ = scripted(endless_answer(stopped, seconds=60, pause=0))  # 256 MiB at most
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.sendall(request("GET", MACHINES, token=token))
