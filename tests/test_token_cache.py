@@ -212,6 +212,39 @@ def test_the_registry_cache_is_bounded_by_memory_and_still_answers(tmp_path: Pat
     asyncio.run(work())
 
 
+def test_the_registry_charge_covers_tokens_with_many_grants_of_their_own(tmp_path: Path, keyring: Keyring) -> None:
+    """The registry's bound must hold alone (whatever the verifier keeps): once the verifier's shared
+    pool of grants is full or cleared (a keyring reload), each record's claims hold their own grants.
+    A child token of `viewer@app:*` may carry ~250 literal app grants in 8 KiB: ~45 KB of Grant
+    objects that a charge of the Claims alone (~2.6 KB) would let through ~17 times over."""
+    async def work() -> None:
+        registry = TokenRegistry(SqliteStore(tmp_path / "state.db"), TokenIssuer(keyring, ISSUER, AUDIENCE),
+                                 known_roles=lambda: {"viewer"}, environments=frozenset({"staging"}),
+                                 default_ttl_s=3600, max_ttl_s=86400, cache_bytes=64 * 1024 * 1024)
+        verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, cache_bytes=1024 * 1024)  # a pool of 128 KiB
+        minted = [await registry.mint(grants=[f"viewer@app:a{t:02d}x{i:03d}" for i in range(250)], ttl_s=600,
+                                      name=f"wide-{t}", subject="ci:x") for t in range(30)]
+        await registry.check(verifier.verify(minted[0].token))
+        registry.forget_all()
+        verifier.clear_cache()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for item in minted:
+                await registry.check(verifier.verify(item.token))
+            verifier.clear_cache()  # the verifier lets go of them all: only the registry holds them now
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert len(registry._status) == len(minted)
+        assert registry._status.bytes >= 0.95 * held, (registry._status.bytes, held)
+        await registry.store.close()
+
+    asyncio.run(work())
+
+
 def test_sized_lru_accounts_every_put_pop_and_clear() -> None:
     cache: SizedLRU[str, str] = SizedLRU(1000, len, key_bytes=10)
     base = cache._entry_bytes

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from gateway.core.grants import Grant, GrantError, parse_grants
 from gateway.core.ratelimit import DerivationLimit
 from gateway.core.sized_cache import SizedLRU, str_bytes
-from gateway.core.tokens import DEFAULT_CACHE_BYTES, Claims, TokenIssuer, claims_bytes
+from gateway.core.tokens import DEFAULT_CACHE_BYTES, Claims, TokenIssuer, claims_bytes, grant_bytes
 from gateway.durations import format_duration
 from gateway.errors import (
     BadRequest,
@@ -278,9 +278,11 @@ class TokenRegistry:
 
 
 def _status_bytes(status: Status) -> int:
+    # The grants too: the verifier's shared pool may be full or cleared (a keyring reload), and a
+    # token may carry hundreds of its own; this bound must hold whatever the verifier keeps.
     claims, refused, exp = status
-    return (sys.getsizeof(status) + claims_bytes(claims) + str_bytes(refused)
-            + (0 if exp is claims.exp else sys.getsizeof(exp)))
+    return (sys.getsizeof(status) + claims_bytes(claims) + sum(grant_bytes(grant) for grant in claims.grants)
+            + str_bytes(refused) + (0 if exp is claims.exp else sys.getsizeof(exp)))
 
 
 def _refusal_of(claims: Claims, record: TokenRecord) -> str | None:
