@@ -162,6 +162,24 @@ def test_an_expired_token_is_refused_from_the_cache_at_both_doors(keyring: Keyri
     assert len(verifier._cache) == 0 and len(verifier._recent) == 0
 
 
+def test_an_expired_header_leaves_the_map_by_header_value_with_its_bytes(keyring: Keyring) -> None:
+    """The map by header value is dropped whole when its bytes reach its share of the budget: an
+    entry that leaves because its token expired must give its bytes back, or short-lived tokens
+    (CI's) inflate the count until the map is dropped for nothing and `cache_stats` overstates it."""
+    clock = Clock()
+    verifier = TokenVerifier(keyring, ISSUER, AUDIENCE, clock=clock)
+    issuer = TokenIssuer(keyring, ISSUER, AUDIENCE, clock=clock)
+    for i in range(3):
+        token, _ = issuer.mint(sub="ci:x", name=f"short-{i}", grants=GRANTS, ttl_s=60)
+        header = [f"Bearer {token}".encode()]
+        verifier.verify_authorization(header)
+        assert len(verifier._recent) == 1 and verifier._recent_bytes > 0
+        clock.now += 60 + 6
+        with pytest.raises(Unauthenticated, match="expired"):
+            verifier.verify_authorization(header)
+        assert len(verifier._recent) == 0 and verifier._recent_bytes == 0
+
+
 def registry_over(path: Path, keyring: Keyring, cache_bytes: int) -> TokenRegistry:
     return TokenRegistry(SqliteStore(path), TokenIssuer(keyring, ISSUER, AUDIENCE),
                          known_roles=lambda: {"viewer", "deployer"}, environments=frozenset({"staging"}),

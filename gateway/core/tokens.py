@@ -171,6 +171,7 @@ class TokenVerifier:
                 self.cache_hits += 1
                 return cached
             del self._recent[value]  # expired: `verify` below says so
+            self._recent_bytes -= sys.getsizeof(value) + SLOT_BYTES
         start = 7 if value.startswith(b"Bearer sgt_") else 6 if value.startswith(b"FlyV1 sgt_") else 0
         if start and len(value) - start <= MAX_TOKEN_BYTES:
             # A hit means the rest of the value is exactly a token verified before, which is what
