@@ -127,6 +127,13 @@ def duplicated(claim: str, value: Any, spelled: str | None = None) -> Build:
     return build
 
 
+def nested_header(f: Forge) -> str:
+    """A header 2,500 arrays deep, within the 8 KiB (json.loads raises RecursionError): refused, not a 500."""
+    header = compact(f.header())[:-1] + b',"x":' + b"[" * 2500 + b"]" * 2500 + b"}"
+    signing_input = f"{b64(header)}.{b64(compact(f.payload()))}"
+    return f"{PREFIX}{signing_input}.{b64(f.keyring.active.private_key.sign(signing_input.encode('ascii')))}"
+
+
 def pem(f: Forge) -> bytes:
     return f.keyring.active.public_key.public_bytes(serialization.Encoding.PEM,
                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -184,6 +191,7 @@ FORGED = [
     Forged("crit naming exp", signed({"crit": ["exp"]}), "header|malformed"),
     Forged("crit empty list", signed({"crit": []}), "header|malformed"),
     Forged("b64 false (unencoded payload) with crit", signed({"b64": False, "crit": ["b64"]}), "header|malformed"),
+    Forged("header nested 2,500 deep", nested_header, "malformed"),
     # time
     Forged("expired just past the leeway", signed(iat=NOW - 600, nbf=NOW - 600, exp=NOW - 6), "expired"),
     Forged("expired long ago", signed(iat=NOW - 90 * 86400, nbf=NOW - 90 * 86400, exp=NOW - 86400), "expired"),
@@ -286,6 +294,23 @@ def flip_middle(signature: str) -> str:
     return signature[:i] + ALPHABET[ALPHABET.index(signature[i]) ^ 0b100000] + signature[i + 1:]
 
 
+ED25519_ORDER = 2**252 + 27742317777372353535851937790883648493
+
+
+def scalar_plus_order(signature: str) -> str:
+    """The same signature with S + L for S: valid for a verifier that reduces S instead of refusing
+    a non-canonical one (the classic Ed25519 malleability; RFC 8032 requires 0 <= S < L)."""
+    raw = base64.urlsafe_b64decode(signature + "==")
+    s = int.from_bytes(raw[32:], "little") + ED25519_ORDER
+    return b64(raw[:32] + s.to_bytes(32, "little"))
+
+
+def r_sign_flipped(signature: str) -> str:
+    raw = bytearray(base64.urlsafe_b64decode(signature + "=="))
+    raw[31] ^= 0x80
+    return b64(bytes(raw))
+
+
 def segment(token: str, index: int, change: Callable[[str], str]) -> str:
     parts = token[len(PREFIX):].split(".")
     parts[index] = change(parts[index])
@@ -303,6 +328,10 @@ MALLEATED: list[tuple[str, Callable[[str], str]]] = [
      lambda t: with_signature(t, lambda s: s.translate(STANDARD_ALPHABET))),
     ("signature padding bits flipped", lambda t: with_signature(t, flip_padding_bits)),
     ("signature bit flipped in the middle", lambda t: with_signature(t, flip_middle)),
+    ("signature's S plus the group order (non-canonical)", lambda t: with_signature(t, scalar_plus_order)),
+    ("signature's R with its sign bit flipped", lambda t: with_signature(t, r_sign_flipped)),
+    ("signature with a zero byte appended", lambda t: with_signature(
+        t, lambda s: b64(base64.urlsafe_b64decode(s + "==") + b"\0"))),
     ("signature truncated by one character", lambda t: with_signature(t, lambda s: s[:-1])),
     ("signature with a character appended", lambda t: with_signature(t, lambda s: s + "A")),
     ("payload re-encoded with padding", lambda t: segment(t, 1, pad)),
@@ -368,6 +397,9 @@ PRESENTED: list[tuple[str, Callable[[str], bytes]]] = [
     ("access_token key percent-encoded", lambda t: request("GET", TARGET + b"?access%5Ftoken=" + t.encode())),
     ("two Authorization headers, both valid",
      lambda t: request("GET", TARGET, token=t, headers=[(b"Authorization", b"Bearer " + t.encode())])),
+    ("two Authorization headers, names in other cases",
+     lambda t: request("GET", TARGET, headers=[(b"AUTHORIZATION", b"Bearer " + t.encode()),
+                                               (b"authorization", b"FlyV1 " + t.encode())])),
     ("a valid Authorization and an empty one", lambda t: request("GET", TARGET, token=t,
                                                                   headers=[(b"Authorization", b"")])),
     ("two credentials in one header, comma-separated",
