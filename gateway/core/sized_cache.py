@@ -3,7 +3,7 @@
 The token caches (verified claims, registry records) must hold every token in use, however many
 there are, and still be bounded: a count bound either wastes memory or thrashes, depending on how
 big each entry is. Each entry is charged `size_of(value)` plus a fixed per-entry overhead (the key
-and the mapping's own slot), measured with tracemalloc (tests/test_sized_cache.py checks the
+and the mapping's own slot), measured with tracemalloc (tests/test_token_cache.py checks the
 charge against what tracemalloc sees); `size_of` must be a pure function of the value, since it
 is asked again when the entry leaves.
 """
