@@ -160,13 +160,19 @@ def assert_token_absent(got: Received, token: str) -> None:
 # --- a gateway per module ---------------------------------------------------------------------
 
 @contextlib.contextmanager
-def running_gateway(folder: Path, **sections: dict[str, Any]) -> Iterator[RunningGateway]:
-    """A recording upstream and a gateway (the real uvicorn stack) in front of it."""
+def running_gateway(folder: Path, *, upstream_urls: dict[str, str] | None = None,
+                    **sections: dict[str, Any]) -> Iterator[RunningGateway]:
+    """A recording upstream and a gateway (the real uvicorn stack) in front of it. `upstream_urls`:
+    upstream keys set to the recording upstream's URL plus the given suffix (another surface's
+    upstream, `{"graphql_url": "/graphql"}`)."""
     recorder = RecordingUpstream()
     recorder_server = ServerThread(recorder).start()
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+            if upstream_urls:
+                sections["upstream"] = {**sections.get("upstream", {}),
+                                        **{key: recorder_server.url + suffix for key, suffix in upstream_urls.items()}}
             gateway = start_gateway(folder, recorder, recorder_server, **sections)
             try:
                 yield gateway

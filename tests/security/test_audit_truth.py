@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import CREDENTIAL_ENV, RunningGateway, start_gateway
-from tests.security.harness import CREDENTIAL, Answer, audit_record, request, reset, wait_for
-from tests.servers import RecordingUpstream, Reply, ServerThread, raw_request
+from tests.conftest import RunningGateway
+from tests.security.harness import Answer, audit_record, request, reset, running_gateway, wait_for
+from tests.servers import Reply, raw_request
 
 LIMIT = 4096
 METADATA = b"/v1/apps/web-staging/machines/m1/metadata/role"  # no constraint: read only to be forwarded
@@ -28,20 +28,9 @@ BLOB_DIGEST = "sha256:" + hashlib.sha256(b"layer").hexdigest()
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    recorder = RecordingUpstream()
-    server = ServerThread(recorder).start()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-            running = start_gateway(tmp_path_factory.mktemp("sec-audit-truth"), recorder, server,
-                                    upstream={"registry_url": server.url},
-                                    limits={"max_body_bytes": LIMIT, "max_blob_bytes": LIMIT})
-            try:
-                yield running
-            finally:
-                running.server.stop()
-    finally:
-        server.stop()
+    with running_gateway(tmp_path_factory.mktemp("sec-audit-truth"), upstream_urls={"registry_url": ""},
+                         limits={"max_body_bytes": LIMIT, "max_blob_bytes": LIMIT}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

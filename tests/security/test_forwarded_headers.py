@@ -22,9 +22,9 @@ from gateway.surfaces.machines.surface import MACHINES_HEADERS
 from gateway.surfaces.registry.surface import REGISTRY_HEADERS
 from gateway.surfaces.rest.surface import REST_HEADERS
 from gateway.upstream.client import GATEWAY_SET
-from tests.conftest import CREDENTIAL_ENV, RunningGateway, start_gateway
-from tests.security.harness import CREDENTIAL, INJECTED, request, reset, send
-from tests.servers import Received, RecordingUpstream, ServerThread
+from tests.conftest import RunningGateway
+from tests.security.harness import CREDENTIAL, INJECTED, request, reset, running_gateway, send
+from tests.servers import Received
 
 # Client-IP, routing and re-targeting headers the red team sent, and a few more of the kind.
 OFF_THE_LIST = [
@@ -63,19 +63,9 @@ SURFACES = [
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    recorder = RecordingUpstream()
-    server = ServerThread(recorder).start()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-            running = start_gateway(tmp_path_factory.mktemp("sec-forwarded-headers"), recorder, server, upstream={
-                "graphql_url": f"{server.url}/graphql", "api_url": server.url, "registry_url": server.url})
-            try:
-                yield running
-            finally:
-                running.server.stop()
-    finally:
-        server.stop()
+    with running_gateway(tmp_path_factory.mktemp("sec-forwarded-headers"),
+                         upstream_urls={"graphql_url": "/graphql", "api_url": "", "registry_url": ""}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
